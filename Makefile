@@ -1,0 +1,32 @@
+# Two entry points do all set-up on a fresh machine: `make demo` (main job) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export DS_ACCELERATOR := cpu
+export OMP_NUM_THREADS := 1
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test bench clean
+
+venv: $(VENV)/.installed
+
+# torch first (the local CPU wheel), then the exact lock without resolution, then the package itself.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q --no-deps -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) launch/train_qa.py $(DEMO_ARGS)
+
+clean:
+	rm -rf $(VENV) .cache outputs

@@ -1,0 +1,13 @@
+"""Sparse-gradient fine-tuning (SparseGrad, GradDrop) for distributed engines."""
+from .config import SparseGradConfig
+from .graddrop import GradDropConfig, GradualUnfreezing, apply_graddrop
+from .model import SparseGradModel, get_sparsegrad_model
+
+__all__ = [
+    "SparseGradConfig",
+    "SparseGradModel",
+    "get_sparsegrad_model",
+    "GradDropConfig",
+    "apply_graddrop",
+    "GradualUnfreezing",
+]

@@ -1,0 +1,81 @@
+"""HOSVD bases from streamed Gram matrices.
+
+The HOSVD factor matrices of the stack {G_s} (s over layers of one type and calibration steps) are the
+eigenvectors of the mode Grams  sum_s G_s G_s^T  (output side, P) and  sum_s G_s^T G_s  (input side, Q).
+Accumulating those Grams needs O(m^2 + n^2) memory instead of the O(S*m*n) stack, and ranks combine
+them with one all-reduce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Bases:
+    """Orthogonal output-side P (m x m) and input-side R (n x n) with G~ = P^T G R."""
+
+    P: torch.Tensor
+    R: torch.Tensor
+
+    def rotate(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.P.T.to(grad.dtype) @ grad @ self.R.to(grad.dtype)
+
+
+def eigenbasis(gram: torch.Tensor) -> torch.Tensor:
+    """Eigenvectors of a symmetric PSD matrix as columns, by descending eigenvalue, with a canonical sign.
+
+    The sign rule (largest-magnitude entry of each vector positive) makes the result identical on every
+    rank and across runs, whatever sign LAPACK happens to return.
+    """
+    sym = 0.5 * (gram + gram.T)
+    _, vectors = torch.linalg.eigh(sym.double())
+    vectors = vectors.flip(-1)
+    pivots = vectors.abs().argmax(dim=0)
+    signs = torch.sign(vectors[pivots, torch.arange(vectors.shape[1])])
+    signs[signs == 0] = 1
+    return vectors * signs
+
+
+class GramAccumulator:
+    """Streams the two mode Grams of the gradients seen for each key (a layer type or a layer name)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype
+        self.out_gram: dict[str, torch.Tensor] = {}
+        self.in_gram: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+
+    def add(self, key: str, grad: torch.Tensor) -> None:
+        g = grad.detach().to(self.dtype)
+        if key not in self.out_gram:
+            self.out_gram[key] = torch.zeros(g.shape[0], g.shape[0], dtype=self.dtype, device=g.device)
+            self.in_gram[key] = torch.zeros(g.shape[1], g.shape[1], dtype=self.dtype, device=g.device)
+            self.count[key] = 0
+        self.out_gram[key].addmm_(g, g.T)
+        self.in_gram[key].addmm_(g.T, g)
+        self.count[key] += 1
+
+    def all_reduce(self) -> None:
+        """Sum the Grams over all ranks (no-op without an initialised process group)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for key in sorted(self.out_gram):  # same order on every rank
+            dist.all_reduce(self.out_gram[key])
+            dist.all_reduce(self.in_gram[key])
+
+    def bases(self, input_convention: str = "textbook") -> dict[str, Bases]:
+        """P, R for every key. ``reference`` uses R = Q^T, the authors' convention."""
+        result = {}
+        for key in self.out_gram:
+            P = eigenbasis(self.out_gram[key])
+            Q = eigenbasis(self.in_gram[key])
+            R = Q if input_convention == "textbook" else Q.T.contiguous()
+            result[key] = Bases(P=P, R=R)
+        return result
+
+
+def identity_bases(m: int, n: int, dtype=torch.float32, device=None) -> Bases:
+    return Bases(P=torch.eye(m, dtype=dtype, device=device), R=torch.eye(n, dtype=dtype, device=device))

@@ -1,0 +1,141 @@
+"""SparseGradConfig: what to convert, how many entries to train, and how the bases are built.
+
+Validated on construction so a bad value fails before any model is touched; JSON round trip so the
+config travels with saved adapters (``adapter_config.json``) the way PEFT configs do.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+LLAMA_TARGETS = ["up_proj", "down_proj"]
+# BERT's attention output is also called `output.dense`: a regex keeps only the MLP pair.
+BERT_TARGETS = r".*layer\.\d+\.(intermediate|output)\.dense"
+
+BASIS_KINDS = ("hosvd", "identity")
+INPUT_CONVENTIONS = ("textbook", "reference")
+BASIS_SHARING = ("type", "layer")
+SUPPORT_MODES = ("fixed", "reference")
+SCORES = ("abs", "square")
+
+
+@dataclass
+class SparseGradConfig:
+    """Configuration of a SparseGrad adapter.
+
+    target_modules: list of module-name suffixes (PEFT style) or one regex matched against full names.
+        ``None`` picks Llama-style (``up_proj``, ``down_proj``) or BERT-style MLP names automatically.
+    blocks / block_stride: which transformer blocks (index = first integer in the module name) to
+        convert: an explicit list, or every ``block_stride``-th block (the paper used every 3rd for LLaMA).
+    k / density: trainable entries per matrix: ``k`` when given, else ``round(density * m * n)``.
+    basis: ``hosvd`` (bases from calibration) or ``identity`` (no rotation: MeProp-style).
+    input_convention: ``textbook`` rotates the input side by Q (HOSVD core ``P^T G Q``); ``reference``
+        by Q^T as in the authors' code.
+    basis_sharing: ``type`` shares one (P, Q) pair per layer type (paper), ``layer`` fits one per layer.
+    max_rows / max_cols: optional budget on touched rows of P / columns of R (int, or a fraction of m/n
+        when < 1): the support is chosen inside the top rows/cols, which makes the layer cheaper.
+    support_mode: ``fixed`` (support chosen once from calibration; optimizer state only for k values)
+        or ``reference`` (paper-exact: dense rotated weight, top-k of |G~| at every backward).
+    reselect_every: re-select a fixed support every N optimizer steps (0 = never).
+    calibration_steps: batches used by ``calibrate`` when the caller does not limit them.
+    score: accumulate ``abs`` |G~| or ``square`` G~^2 to rank entries.
+    reference_rotated_bias_grad / reference_freeze_layernorm: the authors' quirks, reference mode only.
+    """
+
+    target_modules: list[str] | str | None = None
+    blocks: list[int] | None = None
+    block_stride: int = 1
+    k: int | None = None
+    density: float = 0.01
+    basis: str = "hosvd"
+    input_convention: str = "textbook"
+    basis_sharing: str = "type"
+    max_rows: float | None = None
+    max_cols: float | None = None
+    support_mode: str = "fixed"
+    reselect_every: int = 0
+    calibration_steps: int = 8
+    score: str = "abs"
+    reference_rotated_bias_grad: bool = False
+    reference_freeze_layernorm: bool = False
+
+    def __post_init__(self) -> None:
+        if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0):
+            raise ValueError(f"SparseGradConfig.k must be a positive integer, got {self.k!r}")
+        if not (0.0 < float(self.density) <= 1.0):
+            raise ValueError(f"SparseGradConfig.density must be in (0, 1], got {self.density!r}")
+        for name, value, valid in (
+            ("basis", self.basis, BASIS_KINDS),
+            ("input_convention", self.input_convention, INPUT_CONVENTIONS),
+            ("basis_sharing", self.basis_sharing, BASIS_SHARING),
+            ("support_mode", self.support_mode, SUPPORT_MODES),
+            ("score", self.score, SCORES),
+        ):
+            if value not in valid:
+                raise ValueError(f"SparseGradConfig.{name}={value!r} is not valid; choose one of {list(valid)}")
+        if self.block_stride < 1:
+            raise ValueError(f"SparseGradConfig.block_stride must be >= 1, got {self.block_stride}")
+        for name in ("max_rows", "max_cols"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"SparseGradConfig.{name} must be > 0 (an int, or a fraction < 1), got {value}")
+        if self.reselect_every < 0:
+            raise ValueError(f"SparseGradConfig.reselect_every must be >= 0, got {self.reselect_every}")
+        if self.calibration_steps < 1:
+            raise ValueError(f"SparseGradConfig.calibration_steps must be >= 1, got {self.calibration_steps}")
+
+    # --- sizes -------------------------------------------------------------------------------------
+    def entries_for(self, m: int, n: int, name: str = "") -> int:
+        """Number of trainable entries for an m x n matrix; errors name the layer."""
+        k = self.k if self.k is not None else max(1, round(float(self.density) * m * n))
+        if k > m * n:
+            raise ValueError(f"SparseGradConfig.k={k} exceeds the {m}x{n}={m * n} entries of layer {name!r}")
+        return k
+
+    @staticmethod
+    def _budget(value: float | None, size: int) -> int:
+        if value is None:
+            return size
+        count = int(round(value * size)) if value < 1 else int(value)
+        return max(1, min(size, count))
+
+    def row_budget(self, m: int) -> int:
+        return self._budget(self.max_rows, m)
+
+    def col_budget(self, n: int) -> int:
+        return self._budget(self.max_cols, n)
+
+    # --- serialisation -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparseGradConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"peft_type"})
+        if unknown:
+            raise ValueError(f"SparseGradConfig: unknown keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps({"peft_type": "SPARSEGRAD", **self.to_dict()}, indent=2)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "SparseGradConfig":
+        path = Path(text_or_path)
+        is_file = not str(text_or_path).lstrip().startswith("{") and path.exists()
+        text = path.read_text() if is_file else str(text_or_path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            where = f"file {path}" if is_file else "JSON text"
+            raise ValueError(f"SparseGradConfig: {where} is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError("SparseGradConfig: JSON must be an object of config keys")
+        return cls.from_dict(data)

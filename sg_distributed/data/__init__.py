@@ -1,0 +1,1 @@
+"""Datasets for the sparse-gradient fine-tuning experiments."""

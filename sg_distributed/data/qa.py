@@ -1,0 +1,323 @@
+"""Single-hop question answering on FanOutQA dev: pairs, group split, collator and evaluation.
+
+Each of the 310 top-level FanOutQA questions carries a ``decomposition`` tree of sub-questions with
+their answers. ``load_qa_pairs`` keeps every sub-question (at any depth) whose answer is a scalar:
+
+* strings (stripped; the single empty one is skipped),
+* numbers: integers as ``"680000"``, floats as Python writes them (``"61.6"``, ``"36.0"``: the
+  source uses floats for one-decimal quantities such as a Gini index),
+* booleans as ``"yes"`` / ``"no"`` (yes/no questions such as "Was X born in Y?"),
+
+and skips list and dict answers (multi-entity answers such as "the first 5 picks" whose parts are
+asked again as their own sub-questions). Pass ``numeric=False`` for strings only (1,265 pairs; the
+raw file has 1,266 string answers, one of them empty). Duplicates of the same (question, answer)
+within a top-level question are dropped. ``group`` is the top-level question id.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import random
+import re
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str
+    group: str
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def _answer_to_text(answer, numeric: bool) -> str | None:
+    """Scalar answer -> text, or None for answers that are skipped (lists, dicts, empty)."""
+    if isinstance(answer, str):
+        return answer.strip() or None
+    if not numeric:
+        return None
+    if isinstance(answer, bool):
+        return "yes" if answer else "no"
+    if isinstance(answer, int):
+        return str(answer)
+    if isinstance(answer, float):
+        return repr(answer)
+    return None
+
+
+def _walk(nodes, group: str, path: Path, where: str, numeric: bool, out: list[QAPair]) -> None:
+    if not isinstance(nodes, list):
+        raise ValueError(f"{path}: {where}: 'decomposition' must be a list, got {type(nodes).__name__}")
+    for i, node in enumerate(nodes):
+        here = f"{where}.decomposition[{i}]"
+        if not isinstance(node, Mapping):
+            raise ValueError(f"{path}: {here} is not an object")
+        for field in ("question", "answer"):
+            if field not in node:
+                raise ValueError(f"{path}: {here} is missing field {field!r}")
+        text = _answer_to_text(node["answer"], numeric)
+        question = node["question"].strip() if isinstance(node["question"], str) else ""
+        if text is not None and question:
+            out.append(QAPair(question, text, group))
+        _walk(node.get("decomposition", []), group, path, here, numeric, out)
+
+
+def load_qa_pairs(path: str | Path | None = None, *, numeric: bool = True) -> list[QAPair]:
+    """Single-hop sub-question/answer pairs of FanOutQA dev (see the module docstring)."""
+    if path is None:
+        from sg_distributed.assets import fanoutqa_dev_path
+
+        path = fanoutqa_dev_path()
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of questions, got {type(records).__name__}")
+    if not records:
+        raise ValueError(f"{path}: the list of questions is empty")
+
+    pairs: list[QAPair] = []
+    for i, record in enumerate(records):
+        where = f"record[{i}]"
+        if not isinstance(record, Mapping):
+            raise ValueError(f"{path}: {where} is not an object")
+        for field in ("question", "answer"):
+            if field not in record:
+                raise ValueError(f"{path}: {where} is missing field {field!r}")
+        group = str(record.get("id", i))
+        _walk(record.get("decomposition", []), group, path, where, numeric, pairs)
+
+    pairs = list(dict.fromkeys(pairs))  # drop exact duplicates, keep order
+    if not pairs:
+        raise ValueError(f"{path}: no sub-question with a usable answer found")
+    return pairs
+
+
+def split_by_group(
+    pairs: Sequence[QAPair], heldout_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[QAPair], list[QAPair]]:
+    """Deterministic train/held-out split in which no group appears on both sides."""
+    if not 0.0 <= heldout_fraction <= 1.0:
+        raise ValueError(f"heldout_fraction must be in [0, 1], got {heldout_fraction}")
+    groups = sorted({p.group for p in pairs})
+    random.Random(seed).shuffle(groups)
+    heldout_groups = set(groups[: round(len(groups) * heldout_fraction)])
+    train = [p for p in pairs if p.group not in heldout_groups]
+    heldout = [p for p in pairs if p.group in heldout_groups]
+    return train, heldout
+
+
+# ------------------------------------------------------------------------------------ tokenisation
+
+
+def build_prompt(tokenizer, question: str) -> str:
+    """Chat-template prompt (user turn, generation prompt) if the tokenizer has one, else plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+    return f"Question: {question}\nAnswer:"
+
+
+def prompt_ids(tokenizer, question: str) -> list[int]:
+    """Token ids of the prompt (a chat template already contains its special tokens)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(build_prompt(tokenizer, question), add_special_tokens=not has_template)["input_ids"]
+
+
+def answer_ids(tokenizer, answer: str) -> list[int]:
+    """Token ids of the answer followed by eos."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token")
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    text = answer if has_template else " " + answer
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class QACollator:
+    """Batches QAPairs into ``input_ids``/``attention_mask``/``labels`` with right padding.
+
+    Labels are ``-100`` on prompt and padding tokens; answer tokens and eos are supervised. Too-long
+    examples lose prompt tokens from the left; the answer is cut only if it alone leaves no room for
+    one prompt token (counted in ``num_truncated_answers``).
+    """
+
+    def __init__(self, tokenizer, max_length: int = 64):
+        if max_length < 2:
+            raise ValueError("max_length must be at least 2")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.num_truncated_prompts = 0
+        self.num_truncated_answers = 0
+
+    def encode(self, pair: QAPair) -> tuple[list[int], list[int]]:
+        """(input_ids, labels) of one pair, truncated to ``max_length``."""
+        prompt = prompt_ids(self.tokenizer, pair.question)
+        answer = answer_ids(self.tokenizer, pair.answer)
+        if len(answer) > self.max_length - 1:  # keep one prompt token to predict the first answer token
+            answer = answer[: self.max_length - 1]
+            self.num_truncated_answers += 1
+        room = self.max_length - len(answer)
+        if len(prompt) > room:
+            prompt = prompt[len(prompt) - room :]
+            self.num_truncated_prompts += 1
+        return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+    def __call__(self, pairs: Sequence[QAPair]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(p) for p in pairs]
+        width = max(len(ids) for ids, _ in encoded)
+        pad = _pad_id(self.tokenizer)
+        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, lab) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+            labels[row, : len(lab)] = torch.tensor(lab)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------------------- metrics
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, collapse whitespace."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    """1.0 if the normalised strings are equal, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1_score(prediction: str, gold: str) -> float:
+    """SQuAD token-level F1 between normalised strings."""
+    pred_tokens = normalize_answer(prediction).split()
+    gold_tokens = normalize_answer(gold).split()
+    if not pred_tokens or not gold_tokens:
+        return float(pred_tokens == gold_tokens)
+    common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+    overlap = sum(common.values())
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(pred_tokens), overlap / len(gold_tokens)
+    return 2 * precision * recall / (precision + recall)
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _batches(items: Sequence, batch_size: int, show_progress: bool, desc: str):
+    chunks = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    if show_progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(chunks, desc=desc)
+    return chunks
+
+
+def _answer_loss(model, collator: QACollator, pairs, batch_size: int, show_progress: bool) -> float:
+    """Mean cross-entropy over all supervised answer tokens (teacher-forced)."""
+    device = _device_of(model)
+    total, count = 0.0, 0
+    for chunk in _batches(pairs, batch_size, show_progress, "answer loss"):
+        batch = {k: v.to(device) for k, v in collator(chunk).items()}
+        out = model(**batch)
+        logits = out["logits"] if isinstance(out, Mapping) else out.logits
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        total += F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction="sum",
+        ).item()
+        count += int((shift_labels != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+def _generate_answers(
+    generate_model, tokenizer, pairs, batch_size: int, max_new_tokens: int, max_length: int,
+    show_progress: bool,
+) -> list[str]:
+    """Greedy answers from left-padded prompts, new tokens only, cut at the first newline."""
+    device = _device_of(generate_model)
+    pad = _pad_id(tokenizer)
+    predictions = []
+    for chunk in _batches(pairs, batch_size, show_progress, "generate"):
+        prompts = [prompt_ids(tokenizer, p.question)[-max_length:] for p in chunk]
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, width - len(ids) :] = 1
+        output = generate_model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+        )
+        for new_tokens in output[:, width:]:
+            text = tokenizer.decode(new_tokens, skip_special_tokens=True)
+            predictions.append(text.split("\n", 1)[0].strip())
+    return predictions
+
+
+def evaluate_qa(
+    model: torch.nn.Module,
+    tokenizer,
+    pairs: Sequence[QAPair],
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    max_length: int = 64,
+    *,
+    generate_model: torch.nn.Module | None = None,
+    show_progress: bool = False,
+) -> dict[str, float]:
+    """Teacher-forced ``answer_loss`` plus greedy ``exact_match`` and ``f1`` (fractions in [0, 1]).
+
+    ``model`` may be a wrapper whose forward takes input_ids/attention_mask/labels and returns
+    logits; ``generate_model`` (default ``model``) must provide HF ``.generate``.
+    """
+    if not pairs:
+        raise ValueError("evaluate_qa needs at least one pair")
+    generate_model = model if generate_model is None else generate_model
+    modules = {id(m): m for m in (model, generate_model)}.values()
+    was_training = [(m, m.training) for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        with torch.no_grad():
+            loss = _answer_loss(model, QACollator(tokenizer, max_length), pairs, batch_size, show_progress)
+            predictions = _generate_answers(
+                generate_model, tokenizer, pairs, batch_size, max_new_tokens, max_length, show_progress
+            )
+    finally:
+        for m, mode in was_training:
+            m.train(mode)
+    em = sum(exact_match(pred, p.answer) for pred, p in zip(predictions, pairs)) / len(pairs)
+    f1 = sum(f1_score(pred, p.answer) for pred, p in zip(predictions, pairs)) / len(pairs)
+    return {"answer_loss": loss, "exact_match": em, "f1": f1, "num_examples": len(pairs)}

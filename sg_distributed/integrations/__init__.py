@@ -1,0 +1,1 @@
+"""Integrations of sg_distributed with distributed training engines (DeepSpeed, ...)."""

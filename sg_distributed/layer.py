@@ -1,0 +1,257 @@
+"""SparseGradLinear: a frozen base linear plus a trainable sparse update in a rotated basis.
+
+    y = base(x) + ((x R_C) S^T) P_I^T,      W_eff = W0 + P S R^T
+
+S is the m x n rotated update with support Omega (k entries) and values v (the only trainable
+tensor). P_I / R_C are the columns of P / R that the support touches. The backward computes
+dL/dv = gather_Omega((dY P_I)^T (x R_C)) and the input gradient without ever forming an m x n tensor.
+Two kernels: a dense r x c block when the touched rows x cols are small (a row/column budget), else
+CSR sparse products (sparse @ dense, and a sampled dense-dense product for dL/dv).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import dequantized_weight
+from .selection import Support
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+# The dense-block kernel is used when the touched block is at most this fraction of the matrix.
+DENSE_BLOCK_FRACTION = 0.25
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+class _SparseDelta(torch.autograd.Function):
+    """delta(x) = ((x R) S^T) P^T with S given by (values, structure); see module docstring."""
+
+    @staticmethod
+    def forward(ctx, x2d, values, P_sub, R_sub, structure):
+        B = x2d @ R_sub  # T x c
+        Z = structure.right_multiply_transpose(values, B)  # B S^T: T x r
+        ctx.save_for_backward(B, values, P_sub, R_sub)
+        ctx.structure = structure
+        return Z @ P_sub.T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        B, values, P_sub, R_sub = ctx.saved_tensors
+        structure = ctx.structure
+        A = grad_out @ P_sub  # T x r
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[1]:
+            grad_values = structure.sampled_product(A, B)  # gather_Omega(A^T B)
+        if ctx.needs_input_grad[0]:
+            grad_x = structure.right_multiply(values, A) @ R_sub.T  # (A S) R^T
+        return grad_x, grad_values, None, None, None
+
+
+class SupportStructure:
+    """Index structure of S inside the touched r x c block, with the two kernels it needs."""
+
+    def __init__(self, local_rows: torch.Tensor, local_cols: torch.Tensor, r: int, c: int, dense_block: bool):
+        self.r, self.c, self.dense_block = r, c, dense_block
+        self.local_rows, self.local_cols = local_rows, local_cols
+        self.flat = local_rows * c + local_cols
+        k = local_rows.numel()
+        # CSR of S (support is row-major sorted) and of S^T (needs a permutation of the values).
+        self.crow = torch.zeros(r + 1, dtype=torch.int64, device=local_rows.device)
+        self.crow[1:] = torch.bincount(local_rows, minlength=r).cumsum(0)
+        self.perm_t = torch.argsort(local_cols * r + local_rows)
+        self.crow_t = torch.zeros(c + 1, dtype=torch.int64, device=local_rows.device)
+        self.crow_t[1:] = torch.bincount(local_cols, minlength=c).cumsum(0)
+        self.col_t = local_rows[self.perm_t]
+        self._ones = None
+        self.k = k
+
+    def dense(self, values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(self.r * self.c).index_copy_(0, self.flat, values).view(self.r, self.c)
+
+    def right_multiply_transpose(self, values, B):
+        """B S^T (T x r)."""
+        if self.dense_block:
+            return B @ self.dense(values).T
+        return (_csr(self.crow, self.local_cols, values, (self.r, self.c)) @ B.T).T
+
+    def right_multiply(self, values, A):
+        """A S (T x c)."""
+        if self.dense_block:
+            return A @ self.dense(values)
+        return (_csr(self.crow_t, self.col_t, values[self.perm_t], (self.c, self.r)) @ A.T).T
+
+    def sampled_product(self, A, B):
+        """(A^T B) at the support, in support order."""
+        if self.dense_block:
+            return (A.T @ B).reshape(-1).index_select(0, self.flat)
+        if self._ones is None or self._ones.dtype != A.dtype or self._ones.device != A.device:
+            self._ones = torch.ones(self.k, dtype=A.dtype, device=A.device)
+        pattern = _csr(self.crow, self.local_cols, self._ones, (self.r, self.c))
+        return torch.sparse.sampled_addmm(pattern, A.T.contiguous(), B.contiguous(), beta=0.0).values()
+
+    def to(self, device) -> "SupportStructure":
+        for name in ("local_rows", "local_cols", "flat", "crow", "perm_t", "crow_t", "col_t"):
+            setattr(self, name, getattr(self, name).to(device))
+        self._ones = None
+        return self
+
+
+class SparseGradLinear(nn.Module):
+    """Frozen ``base`` (nn.Linear, bnb Linear8bitLt or Linear4bit) + trainable k-vector ``sparse_values``."""
+
+    def __init__(self, base: nn.Linear, P: torch.Tensor, R: torch.Tensor, support: Support,
+                 values: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        m, n = base.out_features, base.in_features
+        if tuple(support.shape) != (m, n) or P.shape != (m, m) or R.shape != (n, n):
+            raise ValueError(
+                f"SparseGradLinear: base is {m}x{n} but support is {tuple(support.shape)}, "
+                f"P is {tuple(P.shape)}, R is {tuple(R.shape)}"
+            )
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.base = base
+        self.in_features, self.out_features = n, m
+        dtype = dtype or _compute_dtype(base)
+        rows_used = torch.unique(support.rows)
+        cols_used = torch.unique(support.cols)
+        r, c = rows_used.numel(), cols_used.numel()
+        # Full bases are shared tensors (no copy); a budget keeps only the touched columns.
+        self.register_buffer("P_sub", (P if r == m else P[:, rows_used]).to(dtype), persistent=False)
+        self.register_buffer("R_sub", (R if c == n else R[:, cols_used]).to(dtype), persistent=False)
+        self.register_buffer("support_flat", support.flat())
+        self.register_buffer("rows_used", rows_used, persistent=False)
+        self.register_buffer("cols_used", cols_used, persistent=False)
+        self.structure = SupportStructure(
+            torch.searchsorted(rows_used, support.rows), torch.searchsorted(cols_used, support.cols),
+            r, c, dense_block=r * c <= DENSE_BLOCK_FRACTION * m * n,
+        )
+        init = torch.zeros(support.k, dtype=dtype) if values is None else values.detach().to(dtype).clone()
+        self.sparse_values = nn.Parameter(init)
+
+    @property
+    def support(self) -> Support:
+        return Support.from_flat(self.support_flat, (self.out_features, self.in_features))
+
+    @property
+    def k(self) -> int:
+        return self.sparse_values.numel()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.structure.to(self.support_flat.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        x2d = x.reshape(-1, x.shape[-1]).to(self.P_sub.dtype)
+        values = self.sparse_values.to(self.P_sub.dtype)
+        delta = _SparseDelta.apply(x2d, values, self.P_sub, self.R_sub, self.structure)
+        return out + delta.reshape(*out.shape[:-1], self.out_features).to(out.dtype)
+
+    @torch.no_grad()
+    def delta_weight(self, dtype=torch.float64) -> torch.Tensor:
+        """P S R^T as a dense m x n matrix (for merging and tests, not for training)."""
+        S = self.structure.dense(self.sparse_values.to(dtype))
+        return self.P_sub.to(dtype) @ S @ self.R_sub.to(dtype).T
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """A plain nn.Linear with W0 + P S R^T (8-bit / 4-bit bases are dequantised first)."""
+        W0 = dequantized_weight(self.base).to(torch.float64)
+        dtype = _compute_dtype(self.base)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
+                           dtype=dtype, device=self.sparse_values.device)
+        linear.weight.copy_((W0 + self.delta_weight()).to(dtype))
+        if self.base.bias is not None:
+            linear.bias.copy_(self.base.bias.to(dtype))
+        return linear
+
+    def extra_repr(self) -> str:
+        s = self.structure
+        return (f"in={self.in_features}, out={self.out_features}, k={self.k}, rows={s.r}, cols={s.c}, "
+                f"kernel={'dense-block' if s.dense_block else 'csr'}")
+
+
+class _RotatedBiasGrad(torch.autograd.Function):
+    """Identity on the bias; its gradient is rotated by P (the authors' bias-gradient quirk)."""
+
+    @staticmethod
+    def forward(ctx, bias, P):
+        ctx.save_for_backward(P)
+        return bias.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (P,) = ctx.saved_tensors
+        return grad @ P, None
+
+
+class ReferenceSparseGradLinear(nn.Module):
+    """Paper-exact layer: the dense rotated weight W~ = P^T W R is the parameter, y = x R W~^T P^T + b.
+
+    A gradient hook keeps the top-k |G~| entries of each backward and records them in ``rotated_weight._sg_mask``;
+    ``LazyAdam`` then updates only those entries (SparseAdam semantics). The bias is trained; with
+    ``rotated_bias_grad`` its gradient is (dY P) summed, as in the authors' code.
+    """
+
+    def __init__(self, base: nn.Linear, P: torch.Tensor | None, R: torch.Tensor | None, k: int,
+                 rotated_bias_grad: bool = False):
+        super().__init__()
+        W = dequantized_weight(base)
+        dtype = _compute_dtype(base)
+        self.in_features, self.out_features, self.k = base.in_features, base.out_features, k
+        self.identity = P is None
+        if not self.identity:
+            self.register_buffer("P", P.to(dtype), persistent=False)
+            self.register_buffer("R", R.to(dtype), persistent=False)
+            W = self.P.T @ W.to(dtype) @ self.R
+        self.rotated_weight = nn.Parameter(W.to(dtype).clone())
+        self.bias = nn.Parameter(base.bias.detach().to(dtype).clone()) if base.bias is not None else None
+        self.rotated_bias_grad = rotated_bias_grad
+        self.rotated_weight.register_hook(self._keep_top_k)
+
+    def _keep_top_k(self, grad: torch.Tensor) -> torch.Tensor:
+        idx = torch.topk(grad.abs().reshape(-1), self.k).indices
+        mask = torch.zeros(grad.numel(), dtype=torch.bool, device=grad.device)
+        mask[idx] = True
+        mask = mask.view_as(grad)
+        previous = getattr(self.rotated_weight, "_sg_mask", None)  # micro-batches of one step add up
+        self.rotated_weight._sg_mask = mask if previous is None else previous | mask
+        return grad * mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            out = F.linear(x, self.rotated_weight)
+        else:
+            out = F.linear(F.linear(F.linear(x, self.R.T), self.rotated_weight), self.P)
+        if self.bias is not None:
+            bias = _RotatedBiasGrad.apply(self.bias, self.P) if (self.rotated_bias_grad and not self.identity) else self.bias
+            out = out + bias
+        return out
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        W = self.rotated_weight.to(torch.float64)
+        if not self.identity:
+            W = self.P.to(torch.float64) @ W @ self.R.to(torch.float64).T
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.rotated_weight.dtype, device=W.device)
+        linear.weight.copy_(W.to(linear.weight.dtype))
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype:
+    """Dtype activations flow in: the float weight's dtype, or the bnb layer's compute dtype."""
+    weight = base.weight
+    if weight.dtype.is_floating_point and weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return weight.dtype
+    return getattr(base, "compute_dtype", None) or torch.float32

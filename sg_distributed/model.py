@@ -1,0 +1,303 @@
+"""SparseGradModel: the PEFT-style wrapper (calibrate, train, save_pretrained / from_pretrained, merge)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .basis import Bases, GramAccumulator, identity_bases
+from .calibration import gradient_tap, gradients_flowing, run_backward_passes
+from .config import SparseGradConfig
+from .io import atomic_directory
+from .layer import ReferenceSparseGradLinear, SparseGradLinear
+from .optim import LazyAdam
+from .selection import Support, select_support
+from .targets import find_target_linears, layer_type
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMAT = "sg_distributed.sparsegrad/1"
+
+
+def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _all_reduce_sum(tensor: torch.Tensor) -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+
+
+class SparseGradModel(nn.Module):
+    """Wraps a transformers (or any torch) model; only the k-vectors of converted layers train."""
+
+    def __init__(self, model: nn.Module, config: SparseGradConfig):
+        super().__init__()
+        self.base_model = model
+        self.config = config
+        targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
+        self.target_names = list(targets)
+        for name, module in targets.items():
+            config.entries_for(module.out_features, module.in_features, name)  # validate k early
+        self.basis_keys = self._assign_basis_keys(targets)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.bases: dict[str, Bases] = {}
+        self.calibrated = False
+        self.skipped_steps = 0
+
+    # --- plumbing -----------------------------------------------------------------------------------
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    def forward(self, *args, **kwargs):
+        if not self.calibrated:
+            raise RuntimeError("SparseGradModel: call calibrate(batches) (or from_pretrained) before training or inference")
+        return self.base_model(*args, **kwargs)
+
+    def _assign_basis_keys(self, targets: dict[str, nn.Module]) -> dict[str, str]:
+        """One basis per layer type (or per layer); a type whose layers differ in shape is split by shape."""
+        if self.config.basis_sharing == "layer":
+            return {name: name for name in targets}
+        shapes: dict[str, set] = {}
+        for name, module in targets.items():
+            shapes.setdefault(layer_type(name), set()).add((module.out_features, module.in_features))
+        keys = {}
+        for name, module in targets.items():
+            kind = layer_type(name)
+            keys[name] = kind if len(shapes[kind]) == 1 else f"{kind}@{module.out_features}x{module.in_features}"
+        return keys
+
+    def basis_key(self, name: str) -> str:
+        return self.basis_keys[name]
+
+    def converted_layers(self) -> dict[str, nn.Module]:
+        return {n: self.base_model.get_submodule(n) for n in self.target_names}
+
+    # --- calibration --------------------------------------------------------------------------------
+    def calibrate(self, batches: Iterable[Any], loss_fn: Callable | None = None, steps: int | None = None,
+                  show_progress: bool = False, gram_dtype: torch.dtype = torch.float32) -> "SparseGradModel":
+        """Learn bases (HOSVD of streamed Grams) and supports from a few batches, then convert layers.
+
+        Runs on every rank of a process group: Grams and scores are summed across ranks, so every
+        rank ends with identical bases and supports.
+        """
+        if self.calibrated:
+            raise RuntimeError("SparseGradModel is already calibrated")
+        steps = steps or self.config.calibration_steps
+        batches = list(b for _, b in zip(range(steps), batches))  # two passes need the same batches
+        modules = self.converted_layers()
+        with gradients_flowing(self.base_model, modules):
+            self.bases = self._fit_bases(batches, modules, loss_fn, gram_dtype, show_progress)
+            if self.config.support_mode == "fixed":
+                supports = self._select_supports(batches, modules, loss_fn, show_progress)
+        for name, module in modules.items():
+            bases = self.bases[self.basis_key(name)]
+            if self.config.support_mode == "fixed":
+                new = SparseGradLinear(module, bases.P, bases.R, supports[name])
+            else:
+                new = self._reference_layer(name, module, bases)
+            _replace_module(self.base_model, name, new)
+        self._mark_trainable()
+        self.calibrated = True
+        return self
+
+    def _fit_bases(self, batches, modules, loss_fn, gram_dtype, show_progress) -> dict[str, Bases]:
+        if self.config.basis == "identity":
+            return {self.basis_key(n): identity_bases(m.out_features, m.in_features, dtype=torch.float64,
+                                                      device=m.weight.device) for n, m in modules.items()}
+        acc = GramAccumulator(dtype=gram_dtype)
+        with gradient_tap(modules, lambda name, G: acc.add(self.basis_key(name), G)):
+            run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: bases", show_progress)
+        acc.all_reduce()
+        return acc.bases(self.config.input_convention)
+
+    def _select_supports(self, batches, modules, loss_fn, show_progress) -> dict[str, Support]:
+        scores: dict[str, torch.Tensor] = {}
+        square = self.config.score == "square"
+
+        def accumulate(name, G):
+            rotated = self.bases[self.basis_key(name)].rotate(G.to(torch.float32))
+            value = rotated.square() if square else rotated.abs()
+            scores[name] = value if name not in scores else scores[name].add_(value)
+
+        with gradient_tap(modules, accumulate):
+            run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: supports", show_progress)
+        supports = {}
+        for name in self.target_names:  # same order on every rank
+            module = modules[name]
+            m, n = module.out_features, module.in_features
+            _all_reduce_sum(scores[name])
+            k = self.config.entries_for(m, n, name)
+            supports[name] = select_support(scores[name], k, self.config.row_budget(m), self.config.col_budget(n))
+        return supports
+
+    def _reference_layer(self, name, module, bases: Bases) -> ReferenceSparseGradLinear:
+        k = self.config.entries_for(module.out_features, module.in_features, name)
+        identity = self.config.basis == "identity"
+        return ReferenceSparseGradLinear(module, None if identity else bases.P, None if identity else bases.R, k,
+                                         rotated_bias_grad=self.config.reference_rotated_bias_grad)
+
+    def _mark_trainable(self) -> None:
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for module in self.converted_layers().values():
+            if isinstance(module, SparseGradLinear):
+                module.sparse_values.requires_grad_(True)
+            else:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        if self.config.support_mode == "reference" and not self.config.reference_freeze_layernorm:
+            for module in self.base_model.modules():
+                if "Norm" in type(module).__name__:
+                    for p in module.parameters(recurse=False):
+                        p.requires_grad_(True)
+
+    # --- training helpers ---------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.base_model.parameters() if p.requires_grad]
+
+    def make_optimizer(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
+        """AdamW over the k-vectors (fixed support), or LazyAdam (reference mode)."""
+        if not self.calibrated:
+            raise RuntimeError("SparseGradModel: calibrate before creating the optimizer")
+        params = self.trainable_parameters()
+        if self.config.support_mode == "reference":
+            return LazyAdam(params, lr=lr, betas=betas)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+    def grads_are_finite(self, policy: str = "raise") -> bool:
+        """Check trainable grads before ``optimizer.step``.
+
+        ``raise``: FloatingPointError naming the first layer with a NaN/inf gradient. ``skip``: zero all
+        grads, count the step in ``skipped_steps`` and return False (the caller skips the update).
+        """
+        for name, p in self.base_model.named_parameters():
+            if p.requires_grad and p.grad is not None and not torch.isfinite(p.grad).all():
+                if policy == "raise":
+                    raise FloatingPointError(f"non-finite gradient in {name}")
+                self.skipped_steps += 1
+                for q in self.trainable_parameters():
+                    q.grad = None
+                return False
+        return True
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.parameter_counts()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def parameter_counts(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.base_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.base_model.parameters())
+        return trainable, total
+
+    def support_checksum(self) -> str:
+        """SHA-256 of all supports and bases (exact bytes): equal on every rank after calibration."""
+        digest = hashlib.sha256()
+        for name, module in self.converted_layers().items():
+            digest.update(name.encode())
+            if isinstance(module, SparseGradLinear):
+                digest.update(module.support_flat.cpu().numpy().tobytes())
+        for key in sorted(self.bases):
+            digest.update(key.encode())
+            digest.update(self.bases[key].P.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(self.bases[key].R.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    # --- persistence --------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """``adapter_config.json`` + ``adapter_model.safetensors``; bases stored once per key. Atomic."""
+        if not self.calibrated:
+            raise RuntimeError("SparseGradModel: nothing to save before calibrate()")
+        tensors: dict[str, torch.Tensor] = {}
+        layers: dict[str, dict] = {}
+        for name, module in self.converted_layers().items():
+            key = self.basis_key(name)
+            layers[name] = {"shape": [module.out_features, module.in_features], "basis_key": key}
+            if isinstance(module, SparseGradLinear):
+                tensors[f"{name}.sparse_values"] = module.sparse_values.detach()
+                tensors[f"{name}.support"] = module.support_flat
+            else:
+                tensors[f"{name}.rotated_weight"] = module.rotated_weight.detach()
+                if module.bias is not None:
+                    tensors[f"{name}.bias"] = module.bias.detach()
+        if self.config.basis == "hosvd":
+            for key, b in self.bases.items():
+                tensors[f"bases.{key}.P"] = b.P
+                tensors[f"bases.{key}.R"] = b.R
+        meta = {"format": FORMAT, "config": self.config.to_dict(), "layers": layers}
+        with atomic_directory(directory) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS))
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "SparseGradModel":
+        directory = Path(directory)
+        config_path = directory / ADAPTER_CONFIG
+        if not config_path.exists():
+            raise FileNotFoundError(f"{config_path} not found: not a SparseGrad adapter directory")
+        meta = json.loads(config_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{config_path}: unknown adapter format {meta.get('format')!r}, expected {FORMAT!r}")
+        config = SparseGradConfig.from_dict(meta["config"])
+        tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+        wrapper = cls.__new__(cls)
+        nn.Module.__init__(wrapper)
+        wrapper.base_model, wrapper.config, wrapper.skipped_steps = model, config, 0
+        wrapper.target_names = list(meta["layers"])
+        wrapper.basis_keys = {name: info["basis_key"] for name, info in meta["layers"].items()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        wrapper.bases = {}
+        for name, info in meta["layers"].items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"adapter layer {name!r} does not exist in the base model") from None
+            shape = [module.out_features, module.in_features]
+            if shape != info["shape"]:
+                raise ValueError(f"adapter layer {name!r} was trained on a {info['shape'][0]}x{info['shape'][1]} "
+                                 f"weight, but the base model's is {shape[0]}x{shape[1]}")
+            key = info["basis_key"]
+            if key not in wrapper.bases:
+                device = module.weight.device
+                wrapper.bases[key] = (Bases(tensors[f"bases.{key}.P"].to(device), tensors[f"bases.{key}.R"].to(device))
+                                      if config.basis == "hosvd" else identity_bases(*shape, dtype=torch.float64, device=device))
+            bases = wrapper.bases[key]
+            if config.support_mode == "fixed":
+                support = Support.from_flat(tensors[f"{name}.support"], tuple(shape))
+                new = SparseGradLinear(module, bases.P, bases.R, support, values=tensors[f"{name}.sparse_values"])
+            else:
+                new = wrapper._reference_layer(name, module, bases)
+                with torch.no_grad():
+                    new.rotated_weight.copy_(tensors[f"{name}.rotated_weight"])
+                    if new.bias is not None:
+                        new.bias.copy_(tensors[f"{name}.bias"])
+            _replace_module(model, name, new.to(module.weight.device) if module.weight.dtype.is_floating_point else new)
+        wrapper._mark_trainable()
+        wrapper.calibrated = True
+        return wrapper
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold every update into a plain nn.Linear (W0 + P S R^T) and return the bare model."""
+        if not self.calibrated:
+            raise RuntimeError("SparseGradModel: nothing to merge before calibrate()")
+        for name, module in self.converted_layers().items():
+            _replace_module(self.base_model, name, module.merged_linear())
+        return self.base_model
+
+
+def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig | None = None) -> SparseGradModel:
+    """Wrap ``model`` for SparseGrad fine-tuning (call ``.calibrate(batches)`` next)."""
+    return SparseGradModel(model, config or SparseGradConfig())

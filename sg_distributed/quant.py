@@ -1,0 +1,33 @@
+"""Reading frozen base weights that may be bitsandbytes 8-bit or 4-bit."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
+
+
+@torch.no_grad()
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as a float tensor (out x in); int8 / nf4 / fp4 weights are dequantised."""
+    kind = type(module).__name__
+    weight = module.weight
+    if kind == "Linear8bitLt":
+        import bitsandbytes.functional as bnbf
+
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = module.state.SCB
+        cb = weight.data if weight.dtype == torch.int8 else getattr(module.state, "CB", None)
+        if scb is None or cb is None or cb.dtype != torch.int8:  # not yet quantised (has_fp16_weights or on meta)
+            return weight.data.float()
+        return bnbf.int8_vectorwise_dequant(cb, scb)
+    if kind == "Linear4bit":
+        import bitsandbytes.functional as bnbf
+
+        if getattr(weight, "quant_state", None) is None:
+            return weight.data.float()
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    return weight.data

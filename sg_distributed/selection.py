@@ -1,0 +1,55 @@
+"""Choosing the support: which k entries of the rotated m x n weight are trained."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Support:
+    """k index pairs (rows[i], cols[i]) of the rotated matrix, sorted row-major (CSR order)."""
+
+    rows: torch.Tensor  # int64 (k,)
+    cols: torch.Tensor  # int64 (k,)
+    shape: tuple[int, int]
+
+    @property
+    def k(self) -> int:
+        return int(self.rows.numel())
+
+    def flat(self) -> torch.Tensor:
+        return self.rows * self.shape[1] + self.cols
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, shape: tuple[int, int]) -> "Support":
+        flat = torch.sort(flat.to(torch.int64)).values
+        return cls(rows=flat // shape[1], cols=flat % shape[1], shape=tuple(shape))
+
+
+def select_support(score: torch.Tensor, k: int, max_rows: int | None = None, max_cols: int | None = None) -> Support:
+    """Top-k entries of ``score`` (m x n, non-negative), optionally inside the best rows x cols block.
+
+    With a budget, rows and columns are ranked by their total score first, so the support touches at
+    most ``max_rows`` columns of P and ``max_cols`` columns of R. Ties break by index (deterministic).
+    """
+    m, n = score.shape
+    if k > m * n:
+        raise ValueError(f"k={k} exceeds the {m}x{n} entries of the matrix")
+    rows = torch.arange(m, device=score.device)
+    cols = torch.arange(n, device=score.device)
+    block = score
+    if max_rows is not None and max_rows < m:
+        rows = torch.sort(torch.topk(score.sum(1), max_rows).indices).values
+        block = block[rows]
+    if max_cols is not None and max_cols < n:
+        cols = torch.sort(torch.topk(score.sum(0), max_cols).indices).values
+        block = block[:, cols]
+    if k > block.numel():
+        raise ValueError(
+            f"k={k} does not fit in the row/column budget {block.shape[0]}x{block.shape[1]}={block.numel()}; "
+            "raise max_rows/max_cols or lower k/density"
+        )
+    top = torch.topk(block.reshape(-1).float(), k).indices
+    local_r, local_c = top // block.shape[1], top % block.shape[1]
+    return Support.from_flat(rows[local_r] * n + cols[local_c], (m, n))

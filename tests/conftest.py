@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random Llama / BERT models and batches (no downloads)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+
+def make_tiny_llama(seed=0, layers=2, hidden=32, intermediate=64, vocab=128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_tiny_bert(seed=0, layers=2, hidden=32, intermediate=64, vocab=128):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                        num_hidden_layers=layers, num_attention_heads=4, num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
+def lm_batches(n=4, batch=2, seq=12, vocab=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def cls_batches(n=4, batch=4, seq=10, vocab=128, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (batch, seq), generator=g),
+             "labels": torch.randint(0, 3, (batch,), generator=g)} for _ in range(n)]
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_tiny_bert()
+
+
+def quantize_linears(model, names, bits=8):
+    """Swap the named nn.Linear layers for bitsandbytes 8-bit (or 4-bit nf4) layers, quantised on CPU."""
+    import bitsandbytes as bnb
+
+    for name in names:
+        old = model.get_submodule(name)
+        if bits == 8:
+            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None, has_fp16_weights=False)
+        else:
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                    quant_type="nf4", compute_dtype=torch.float32)
+        new.load_state_dict(old.state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new.to("cpu"))
+    return model

@@ -1,0 +1,42 @@
+"""SparseGradConfig validation and JSON round trip."""
+import pytest
+
+from sg_distributed import SparseGradConfig
+
+
+def test_json_round_trip(tmp_path):
+    config = SparseGradConfig(target_modules=["up_proj"], k=100, max_rows=0.5, basis_sharing="layer",
+                              input_convention="reference", block_stride=3)
+    path = tmp_path / "c.json"
+    config.to_json(path)
+    assert SparseGradConfig.from_json(path) == config
+    assert SparseGradConfig.from_json(config.to_json()) == config
+
+
+def test_k_wins_over_density_and_budgets_resolve():
+    config = SparseGradConfig(k=7, density=0.5, max_rows=0.25, max_cols=10)
+    assert config.entries_for(8, 8) == 7
+    assert SparseGradConfig(density=0.01).entries_for(768, 3072) == 23593
+    assert (config.row_budget(64), config.col_budget(64), config.col_budget(4)) == (16, 10, 4)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(k=0), r"k must be a positive integer, got 0"),
+    (dict(density=0.0), r"density must be in \(0, 1\], got 0.0"),
+    (dict(density=1.5), r"density must be in \(0, 1\]"),
+    (dict(basis="svd"), r"basis='svd' is not valid; choose one of \['hosvd', 'identity'\]"),
+    (dict(support_mode="dynamic"), r"support_mode='dynamic'.*\['fixed', 'reference'\]"),
+    (dict(max_rows=-1), r"max_rows must be > 0"),
+])
+def test_bad_values_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SparseGradConfig(**kwargs)
+
+
+def test_unknown_keys_and_bad_json_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown keys \['densty'\]"):
+        SparseGradConfig.from_dict({"densty": 0.1})
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        SparseGradConfig.from_json(bad)

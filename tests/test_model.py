@@ -1,0 +1,199 @@
+"""SparseGradModel end to end on tiny models: conversion, reference mode, optimizer state, persistence."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from sg_distributed import SparseGradConfig, SparseGradModel, get_sparsegrad_model
+from sg_distributed.layer import ReferenceSparseGradLinear, SparseGradLinear
+from sg_distributed.optim import clear_masks
+
+from conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama, quantize_linears
+
+
+def train_steps(model, optimizer, batches, steps):
+    losses = []
+    for batch in batches[:steps]:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("factory,batches,config", [
+    (make_tiny_llama, lm_batches(), SparseGradConfig(density=0.05)),
+    (make_tiny_bert, cls_batches(), SparseGradConfig(density=0.05, max_rows=0.5, max_cols=0.5)),
+])
+def test_conversion_leaves_outputs_unchanged(factory, batches, config):
+    reference = factory()
+    model = get_sparsegrad_model(factory(), config).calibrate(batches)
+    converted = model.converted_layers()
+    assert len(converted) == 4 and all(isinstance(m, SparseGradLinear) for m in converted.values())
+    with torch.no_grad():
+        expected = reference(input_ids=batches[0]["input_ids"]).logits
+        got = model(input_ids=batches[0]["input_ids"]).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_bert_defaults_pick_mlp_layers_not_attention_output(tiny_bert):
+    model = get_sparsegrad_model(tiny_bert)
+    assert all("attention" not in n for n in model.target_names)
+    assert sorted({n.split(".")[-2] for n in model.target_names}) == ["intermediate", "output"]
+
+
+def test_block_stride_selects_every_third_block():
+    model = get_sparsegrad_model(make_tiny_llama(layers=7), SparseGradConfig(block_stride=3))
+    assert sorted({int(n.split(".")[2]) for n in model.target_names}) == [0, 3, 6]
+
+
+def test_adam_state_is_two_k_values_per_matrix():
+    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(k=37)).calibrate(lm_batches())
+    optimizer = model.make_optimizer(lr=1e-2)
+    train_steps(model, optimizer, lm_batches(seed=5), 2)
+    layers = model.converted_layers()
+    assert [p.numel() for p in model.trainable_parameters()] == [37] * len(layers)
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
+    assert sum(t.numel() for t in state) == 2 * 37 * len(layers)
+    assert all(layer.sparse_values.abs().sum() > 0 for layer in layers.values())
+
+
+def test_training_before_calibration_is_refused(tiny_llama):
+    model = get_sparsegrad_model(tiny_llama)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        model(**lm_batches()[0])
+    with pytest.raises(RuntimeError, match="calibrate"):
+        model.make_optimizer(lr=1e-3)
+
+
+def test_save_load_merge_roundtrip(tmp_path):
+    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(density=0.05, max_rows=0.75)).calibrate(lm_batches())
+    train_steps(model, model.make_optimizer(lr=1e-2), lm_batches(seed=7), 3)
+    ids = lm_batches(seed=9)[0]["input_ids"]
+    with torch.no_grad():
+        adapter_logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert len(meta["layers"]) == 4
+    from safetensors.torch import load_file
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys()
+    assert sorted(k for k in keys if k.startswith("bases.")) == [  # one pair per layer type
+        "bases.model.layers.*.mlp.down_proj.P", "bases.model.layers.*.mlp.down_proj.R",
+        "bases.model.layers.*.mlp.up_proj.P", "bases.model.layers.*.mlp.up_proj.R"]
+
+    loaded = SparseGradModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, adapter_logits, atol=0, rtol=0)
+
+    merged = loaded.merge_and_unload()
+    assert not any(isinstance(m, SparseGradLinear) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, adapter_logits, atol=1e-5, rtol=0)
+    merged.save_pretrained(tmp_path / "merged")
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, adapter_logits, atol=1e-5, rtol=0)
+
+
+def test_loading_onto_a_base_of_another_shape_names_the_layer(tmp_path):
+    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(k=10)).calibrate(lm_batches())
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj.*64x32.*96x32"):
+        SparseGradModel.from_pretrained(make_tiny_llama(intermediate=96), tmp_path)
+
+
+def test_eight_bit_base_stays_bit_identical_and_loss_falls():
+    base = make_tiny_llama()
+    names = [n for n, _ in base.named_modules() if n.endswith(("up_proj", "down_proj"))]
+    quantize_linears(base, names, bits=8)
+    before = {n: base.get_submodule(n).weight.detach().clone() for n in names}
+    assert all(w.dtype == torch.int8 for w in before.values())
+    model = get_sparsegrad_model(base, SparseGradConfig(density=0.2)).calibrate(lm_batches())
+    batch = lm_batches(seed=3)[:1] * 20  # overfit one batch: the loss must fall
+    losses = train_steps(model, model.make_optimizer(lr=3e-2), batch, 20)
+    assert losses[-1] < losses[0] - 0.05
+    for n in names:
+        assert torch.equal(model.get_submodule(n).base.weight, before[n])
+
+
+def test_reference_mode_equals_sparse_adam_restatement():
+    """Reference mode for 3 steps vs an independent float64 restatement using torch.optim.SparseAdam."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 6), nn.LayerNorm(6)).double()
+    original = copy.deepcopy(net)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64))
+            for _ in range(4)]
+    loss_fn = lambda model, batch: ((model(batch[0]) - batch[1]) ** 2).mean()
+    k = 7
+    config = SparseGradConfig(target_modules=["0", "2"], k=k, support_mode="reference")
+    model = get_sparsegrad_model(net, config).calibrate(data, loss_fn=loss_fn)
+    assert all(isinstance(m, ReferenceSparseGradLinear) for m in model.converted_layers().values())
+    optimizer = model.make_optimizer(lr=0.05)
+    for batch in data[:3]:
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        clear_masks(model.trainable_parameters())
+
+    # Restatement: W~ = P^T W R dense leaves, top-k of |dL/dW~| per backward, SparseAdam everywhere.
+    assert model.basis_keys == {"0": "*@10x6", "2": "*@6x10"}  # same type name, different shapes
+    P = {i: model.bases[model.basis_key(str(i))].P for i in (0, 2)}
+    R = {i: model.bases[model.basis_key(str(i))].R for i in (0, 2)}
+    Wt = {i: (P[i].T @ original[i].weight.detach() @ R[i]).clone().requires_grad_(True) for i in (0, 2)}
+    b = {i: original[i].bias.detach().clone().requires_grad_(True) for i in (0, 2)}
+    ln = original[3]
+    leaves = [Wt[0], Wt[2], b[0], b[2], ln.weight, ln.bias]
+    sparse_adam = torch.optim.SparseAdam(leaves, lr=0.05)
+
+    def forward(x):
+        h = x @ R[0] @ Wt[0].T @ P[0].T + b[0]
+        h = torch.nn.functional.gelu(h)
+        h = h @ R[2] @ Wt[2].T @ P[2].T + b[2]
+        return ln(h)
+
+    for x, y in data[:3]:
+        ((forward(x) - y) ** 2).mean().backward()
+        for leaf in leaves:
+            grad = leaf.grad
+            if leaf is Wt[0] or leaf is Wt[2]:
+                keep = torch.zeros(grad.numel(), dtype=torch.bool)
+                keep[torch.topk(grad.abs().reshape(-1), k).indices] = True
+                idx = keep.view_as(grad).nonzero().T
+            else:
+                idx = torch.ones_like(grad, dtype=torch.bool).nonzero().T
+            leaf.grad = torch.sparse_coo_tensor(idx, grad[tuple(idx)], grad.shape)
+        sparse_adam.step()
+        sparse_adam.zero_grad()
+
+    layers = model.converted_layers()
+    for i in (0, 2):
+        torch.testing.assert_close(layers[str(i)].rotated_weight.detach(), Wt[i].detach(), atol=1e-10, rtol=0)
+        torch.testing.assert_close(layers[str(i)].bias.detach(), b[i].detach(), atol=1e-10, rtol=0)
+    torch.testing.assert_close(model.get_submodule("3").weight.detach(), ln.weight.detach(), atol=1e-10, rtol=0)
+    moved = (layers["0"].rotated_weight.detach() != (P[0].T @ original[0].weight.detach() @ R[0])).sum().item()
+    assert k <= moved <= 3 * k  # only selected entries moved
+
+
+def test_nonfinite_gradients_raise_or_skip(tiny_llama):
+    model = get_sparsegrad_model(tiny_llama, SparseGradConfig(k=5)).calibrate(lm_batches())
+    layer = next(iter(model.converted_layers().values()))
+    layer.sparse_values.grad = torch.tensor([float("nan")] * 5)
+    with pytest.raises(FloatingPointError, match="model.layers.0.mlp.up_proj.sparse_values"):
+        model.grads_are_finite("raise")
+    assert model.grads_are_finite("skip") is False and model.skipped_steps == 1
+    assert layer.sparse_values.grad is None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(target_modules=["up_prj"]), r"'up_prj' matches no nn.Linear.*up_proj"),
+    (dict(k=10**9), r"k=1000000000 exceeds the 64x32=2048 entries of layer 'model.layers.0.mlp.up_proj'"),
+    (dict(blocks=[5]), r"blocks \[5\] do not exist"),
+])
+def test_bad_targets_are_named(tiny_llama, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_sparsegrad_model(tiny_llama, SparseGradConfig(**kwargs))
