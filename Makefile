@@ -25,8 +25,12 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 test: venv
 	$(PY) -m pytest -q tests
 
+# Main job: DeepSpeed ZeRO-2 on 2 CPU ranks (gloo). On GPUs drop DS_ACCELERATOR and set --num_gpus.
 demo: venv
-	$(PY) launch/train_qa.py $(DEMO_ARGS)
+	$(VENV)/bin/deepspeed --num_gpus 2 launch/train_qa.py --ds_config ds_configs/zero2.json --steps 60 $(DEMO_ARGS)
+
+bench: venv
+	$(PY) benchmarks/bench_methods.py
 
 clean:
 	rm -rf $(VENV) .cache outputs

@@ -23,6 +23,10 @@ class Bases:
     def rotate(self, grad: torch.Tensor) -> torch.Tensor:
         return self.P.T.to(grad.dtype) @ grad @ self.R.to(grad.dtype)
 
+    def rotate_factors(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """P^T (dY^T X) R computed as (dY P)^T (X R): T(m^2 + n^2 + mn) flops instead of m n (m + n)."""
+        return (dy @ self.P.to(dy.dtype)).T @ (x @ self.R.to(x.dtype))
+
 
 def eigenbasis(gram: torch.Tensor) -> torch.Tensor:
     """Eigenvectors of a symmetric PSD matrix as columns, by descending eigenvalue, with a canonical sign.
@@ -56,6 +60,24 @@ class GramAccumulator:
             self.count[key] = 0
         self.out_gram[key].addmm_(g, g.T)
         self.in_gram[key].addmm_(g.T, g)
+        self.count[key] += 1
+
+    def add_factors(self, key: str, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """Add G = dY^T X given its factors (T x m, T x n); cheaper than ``add`` when T < min(m, n).
+
+        G G^T = dY^T (X X^T) dY and G^T G = X^T (dY dY^T) X cost T(m^2 + n^2) + 2T^2(m + n) flops
+        instead of mn(m + n).
+        """
+        T, m, n = dy.shape[0], dy.shape[1], x.shape[1]
+        if T >= min(m, n):
+            self.add(key, dy.T @ x)
+            return
+        dy, x = dy.detach().to(self.dtype), x.detach().to(self.dtype)
+        if key not in self.out_gram:
+            self.add(key, dy.T @ x)  # allocates with the right shapes
+            return
+        self.out_gram[key].addmm_(dy.T, (x @ x.T) @ dy)
+        self.in_gram[key].addmm_(x.T, (dy @ dy.T) @ x)
         self.count[key] += 1
 
     def all_reduce(self) -> None:

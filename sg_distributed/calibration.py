@@ -1,4 +1,4 @@
-"""Calibration: hooks on the live model that hand each target's weight gradient G = dY^T X to a callback.
+"""Calibration: hooks on the live model that hand each target's gradient factors (dY, X) to a callback.
 
 Nothing is stacked: callers stream G into Gram matrices (bases) or into score matrices (support).
 Works for float and bitsandbytes bases alike, since G is built from the layer's input and output
@@ -23,8 +23,12 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def gradient_tap(modules: dict[str, nn.Module], on_grad: Callable[[str, torch.Tensor], None]):
-    """While active, every backward through ``modules[name]`` calls ``on_grad(name, dY^T X)``."""
+def gradient_tap(modules: dict[str, nn.Module], on_grad: Callable[[str, torch.Tensor, torch.Tensor], None]):
+    """While active, every backward through ``modules[name]`` calls ``on_grad(name, dY, X)``.
+
+    dY (T x m) and X (T x n) are the 2-D output gradient and input; the weight gradient is dY^T X.
+    Consumers use the factors directly, which is cheaper than forming G when T < min(m, n).
+    """
 
     def make_hook(name):
         def hook(module, inputs, output):
@@ -33,8 +37,7 @@ def gradient_tap(modules: dict[str, nn.Module], on_grad: Callable[[str, torch.Te
             x2d = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
 
             def on_output_grad(grad):
-                g2d = grad.reshape(-1, grad.shape[-1])
-                on_grad(name, g2d.T.to(x2d.dtype) @ x2d)
+                on_grad(name, grad.reshape(-1, grad.shape[-1]).to(x2d.dtype), x2d)
 
             output.register_hook(on_output_grad)
 

@@ -39,7 +39,8 @@ class SparseGradConfig:
         when < 1): the support is chosen inside the top rows/cols, which makes the layer cheaper.
     support_mode: ``fixed`` (support chosen once from calibration; optimizer state only for k values)
         or ``reference`` (paper-exact: dense rotated weight, top-k of |G~| at every backward).
-    reselect_every: re-select a fixed support every N optimizer steps (0 = never).
+    reselect_every: re-select a fixed support every N optimizer steps (0 = never; not implemented yet,
+        values > 0 are refused by ``get_sparsegrad_model``).
     calibration_steps: batches used by ``calibrate`` when the caller does not limit them.
     score: accumulate ``abs`` |G~| or ``square`` G~^2 to rank entries.
     reference_rotated_bias_grad / reference_freeze_layernorm: the authors' quirks, reference mode only.

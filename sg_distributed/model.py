@@ -41,6 +41,9 @@ class SparseGradModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: SparseGradConfig):
         super().__init__()
+        if config.reselect_every:
+            raise NotImplementedError("SparseGradConfig.reselect_every > 0: support re-selection is not implemented "
+                                      "yet; use reselect_every=0 (fixed support) or support_mode='reference'")
         self.base_model = model
         self.config = config
         targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
@@ -87,11 +90,14 @@ class SparseGradModel(nn.Module):
 
     # --- calibration --------------------------------------------------------------------------------
     def calibrate(self, batches: Iterable[Any], loss_fn: Callable | None = None, steps: int | None = None,
-                  show_progress: bool = False, gram_dtype: torch.dtype = torch.float32) -> "SparseGradModel":
+                  show_progress: bool = False, gram_dtype: torch.dtype = torch.float64) -> "SparseGradModel":
         """Learn bases (HOSVD of streamed Grams) and supports from a few batches, then convert layers.
 
         Runs on every rank of a process group: Grams and scores are summed across ranks, so every
-        rank ends with identical bases and supports.
+        rank ends with identical bases and supports, and N ranks that together see the micro-batches
+        of a 1-rank run get the same bases and supports. Grams and scores accumulate in ``gram_dtype``
+        (float64 by default, so summation order cannot flip a top-k choice; float32 halves the
+        calibration memory, m^2 + n^2 per type plus m*n per layer).
         """
         if self.calibrated:
             raise RuntimeError("SparseGradModel is already calibrated")
@@ -101,7 +107,7 @@ class SparseGradModel(nn.Module):
         with gradients_flowing(self.base_model, modules):
             self.bases = self._fit_bases(batches, modules, loss_fn, gram_dtype, show_progress)
             if self.config.support_mode == "fixed":
-                supports = self._select_supports(batches, modules, loss_fn, show_progress)
+                supports = self._select_supports(batches, modules, loss_fn, gram_dtype, show_progress)
         for name, module in modules.items():
             bases = self.bases[self.basis_key(name)]
             if self.config.support_mode == "fixed":
@@ -118,17 +124,17 @@ class SparseGradModel(nn.Module):
             return {self.basis_key(n): identity_bases(m.out_features, m.in_features, dtype=torch.float64,
                                                       device=m.weight.device) for n, m in modules.items()}
         acc = GramAccumulator(dtype=gram_dtype)
-        with gradient_tap(modules, lambda name, G: acc.add(self.basis_key(name), G)):
+        with gradient_tap(modules, lambda name, dy, x: acc.add_factors(self.basis_key(name), dy, x)):
             run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: bases", show_progress)
         acc.all_reduce()
         return acc.bases(self.config.input_convention)
 
-    def _select_supports(self, batches, modules, loss_fn, show_progress) -> dict[str, Support]:
+    def _select_supports(self, batches, modules, loss_fn, dtype, show_progress) -> dict[str, Support]:
         scores: dict[str, torch.Tensor] = {}
         square = self.config.score == "square"
 
-        def accumulate(name, G):
-            rotated = self.bases[self.basis_key(name)].rotate(G.to(torch.float32))
+        def accumulate(name, dy, x):
+            rotated = self.bases[self.basis_key(name)].rotate_factors(dy.to(dtype), x.to(dtype))
             value = rotated.square() if square else rotated.abs()
             scores[name] = value if name not in scores else scores[name].add_(value)
 

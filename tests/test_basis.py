@@ -37,6 +37,21 @@ def test_streamed_grams_equal_stacked_hosvd():
     torch.testing.assert_close(reference.R, bases.R.T)
 
 
+def test_factor_route_equals_dense_route():
+    """add_factors (token-space Grams, T < min(m, n)) equals add(dY^T X); rotate_factors equals rotate."""
+    g = torch.Generator().manual_seed(2)
+    dense, factored = GramAccumulator(torch.float64), GramAccumulator(torch.float64)
+    for _ in range(3):
+        dy = torch.randn(5, 12, generator=g, dtype=torch.float64)
+        x = torch.randn(5, 20, generator=g, dtype=torch.float64)
+        dense.add("t", dy.T @ x)
+        factored.add_factors("t", dy, x)
+    torch.testing.assert_close(factored.out_gram["t"], dense.out_gram["t"])
+    torch.testing.assert_close(factored.in_gram["t"], dense.in_gram["t"])
+    bases = dense.bases()["t"]
+    torch.testing.assert_close(bases.rotate_factors(dy, x), bases.rotate(dy.T @ x))
+
+
 def test_eigenbasis_sign_is_canonical():
     g = torch.Generator().manual_seed(1)
     A = torch.randn(8, 8, generator=g, dtype=torch.float64)
@@ -64,7 +79,7 @@ def test_calibration_tap_streams_the_true_weight_gradients():
     for p in model.parameters():
         p.requires_grad_(False)
     acc = GramAccumulator(dtype=torch.float64)
-    with gradients_flowing(model, targets), gradient_tap(targets, lambda n, G: acc.add(layer_type(n), G)):
+    with gradients_flowing(model, targets), gradient_tap(targets, lambda n, dy, x: acc.add_factors(layer_type(n), dy, x)):
         run_backward_passes(model, batches, steps=3)
     assert acc.count == {key: len(stack) for key, stack in stacks.items()}
     for key, stack in stacks.items():

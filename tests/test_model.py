@@ -106,12 +106,13 @@ def test_loading_onto_a_base_of_another_shape_names_the_layer(tmp_path):
         SparseGradModel.from_pretrained(make_tiny_llama(intermediate=96), tmp_path)
 
 
-def test_eight_bit_base_stays_bit_identical_and_loss_falls():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_base_stays_bit_identical_and_loss_falls(bits):
     base = make_tiny_llama()
     names = [n for n, _ in base.named_modules() if n.endswith(("up_proj", "down_proj"))]
-    quantize_linears(base, names, bits=8)
+    quantize_linears(base, names, bits=bits)
     before = {n: base.get_submodule(n).weight.detach().clone() for n in names}
-    assert all(w.dtype == torch.int8 for w in before.values())
+    assert all(w.dtype == (torch.int8 if bits == 8 else torch.uint8) for w in before.values())
     model = get_sparsegrad_model(base, SparseGradConfig(density=0.2)).calibrate(lm_batches())
     batch = lm_batches(seed=3)[:1] * 20  # overfit one batch: the loss must fall
     losses = train_steps(model, model.make_optimizer(lr=3e-2), batch, 20)

@@ -261,9 +261,13 @@ def _answer_loss(model, collator: QACollator, pairs, batch_size: int, show_progr
 
 def _generate_answers(
     generate_model, tokenizer, pairs, batch_size: int, max_new_tokens: int, max_length: int,
-    show_progress: bool,
+    show_progress: bool, synced_gpus: bool = False,
 ) -> list[str]:
-    """Greedy answers from left-padded prompts, new tokens only, cut at the first newline."""
+    """Greedy answers from left-padded prompts, new tokens only, cut at the first newline.
+
+    ``synced_gpus`` keeps every rank generating until all are done (needed under ZeRO-3, whose
+    forward passes are collectives).
+    """
     device = _device_of(generate_model)
     pad = _pad_id(tokenizer)
     predictions = []
@@ -278,7 +282,7 @@ def _generate_answers(
         output = generate_model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
             max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
         )
         for new_tokens in output[:, width:]:
             text = tokenizer.decode(new_tokens, skip_special_tokens=True)
@@ -296,6 +300,8 @@ def evaluate_qa(
     *,
     generate_model: torch.nn.Module | None = None,
     show_progress: bool = False,
+    return_predictions: bool = False,
+    synced_gpus: bool = False,
 ) -> dict[str, float]:
     """Teacher-forced ``answer_loss`` plus greedy ``exact_match`` and ``f1`` (fractions in [0, 1]).
 
@@ -313,11 +319,15 @@ def evaluate_qa(
         with torch.no_grad():
             loss = _answer_loss(model, QACollator(tokenizer, max_length), pairs, batch_size, show_progress)
             predictions = _generate_answers(
-                generate_model, tokenizer, pairs, batch_size, max_new_tokens, max_length, show_progress
+                generate_model, tokenizer, pairs, batch_size, max_new_tokens, max_length, show_progress,
+                synced_gpus=synced_gpus,
             )
     finally:
         for m, mode in was_training:
             m.train(mode)
     em = sum(exact_match(pred, p.answer) for pred, p in zip(predictions, pairs)) / len(pairs)
     f1 = sum(f1_score(pred, p.answer) for pred, p in zip(predictions, pairs)) / len(pairs)
-    return {"answer_loss": loss, "exact_match": em, "f1": f1, "num_examples": len(pairs)}
+    metrics = {"answer_loss": loss, "exact_match": em, "f1": f1, "num_examples": len(pairs)}
+    if return_predictions:
+        metrics["predictions"] = predictions
+    return metrics

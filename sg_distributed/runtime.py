@@ -1,0 +1,122 @@
+"""Process-group set-up and the training engine seen through one small interface.
+
+``Engine`` hides whether a step runs under DeepSpeed, DDP or a single process, so the training loop
+is written once: ``loss = engine.forward(batch)``, ``engine.backward(loss)``, ``engine.step()``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_process_group(use_deepspeed: bool) -> DistInfo:
+    """Initialise torch.distributed when launched by deepspeed/torchrun (gloo on CPU, nccl on GPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if use_deepspeed:
+        from .integrations.deepspeed import init_distributed
+
+        init_distributed()
+    elif world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def assert_same_on_all_ranks(value: str, what: str) -> None:
+    """Stop with a clear error when ranks disagree (e.g. on bases/support checksums before training)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        detail = ", ".join(f"rank {r}: {v[:12]}" for r, v in enumerate(values))
+        raise RuntimeError(f"{what} differ across ranks ({detail}); refusing to train on inconsistent state")
+
+
+def all_reduce_mean(values: dict[str, float], weight: float) -> dict[str, float]:
+    """Weighted mean of per-rank metrics (weight = number of examples on this rank)."""
+    keys = sorted(values)
+    t = torch.tensor([values[k] * weight for k in keys] + [weight], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)} | {"num_examples": int(t[-1].item())}
+
+
+def global_batch_indices(n_items: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Items of global batch ``step``: consecutive slices of a seeded permutation, reshuffled each epoch."""
+    per_epoch = n_items // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"global batch {global_batch} is larger than the {n_items} training examples")
+    epoch, offset = divmod(step, per_epoch)
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    return order[offset * global_batch:(offset + 1) * global_batch]
+
+
+def rank_micro_batches(indices: list[int], info: DistInfo, micro_batch: int) -> list[list[int]]:
+    """This rank's micro-batches of one global batch (rank-major, so 1 rank x N == N ranks x 1)."""
+    per_rank = len(indices) // info.world_size
+    mine = indices[info.rank * per_rank:(info.rank + 1) * per_rank]
+    return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
+
+
+class Engine:
+    """A model + optimizer behind DeepSpeed, DDP or nothing."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
+                 ds_config: dict | None = None, max_grad_norm: float | None = None):
+        self.module, self.optimizer, self.accumulation = model, optimizer, accumulation
+        self.max_grad_norm = max_grad_norm
+        self.deepspeed = ds_config is not None
+        if self.deepspeed:
+            from .integrations.deepspeed import initialize_engine
+
+            self.wrapped = initialize_engine(model, optimizer, ds_config)
+        elif dist.is_initialized() and dist.get_world_size() > 1:
+            # Bases and supports are identical on every rank after calibration: no buffer broadcasts.
+            self.wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        else:
+            self.wrapped = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        return self.wrapped(**batch).loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.deepspeed:
+            self.wrapped.backward(loss)
+        else:
+            (loss / self.accumulation).backward()
+
+    def step(self) -> None:
+        """Optimizer step (call once per global batch; DeepSpeed counts micro-steps itself)."""
+        if self.deepspeed:
+            return
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def micro_step(self) -> None:
+        """DeepSpeed's step after every micro-batch (it applies the update at the accumulation boundary)."""
+        if self.deepspeed:
+            self.wrapped.step()
