@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,12 +31,23 @@ VARIANTS = {
 }
 
 
-def rss_mib() -> float:
+def status_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since start or since reset_peak) of this process, in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def reset_peak() -> None:
+    """Linux: return freed heap to the OS, then make VmHWM restart from the current RSS, so training's
+    peak is not calibration's."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def build_model(name: str):
@@ -101,11 +111,13 @@ def worker(args) -> dict:
         from sg_distributed.methods import matched_lora_rank
 
         lora_rank = matched_lora_rank(model, config)
-    rss_loaded = rss_mib()
+    rss_loaded = status_mib("VmRSS")
     t0 = time.perf_counter()
     prepared = prepare(method, model, config, calibration_batches=batches[: args.calibration_steps],
                        lora_rank=lora_rank)
     calibration_s = time.perf_counter() - t0
+    calibration_peak = status_mib("VmHWM")
+    reset_peak()
     optimizer = prepared.make_optimizer(1e-4)
     times = []
     for i, batch in enumerate(batches[args.calibration_steps:]):
@@ -117,12 +129,14 @@ def worker(args) -> dict:
         prepared.after_step()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mib("VmHWM")
     index_bytes = sum(b.numel() * b.element_size() for n, b in prepared.model.named_buffers() if n.endswith("support_flat"))
     return {"variant": args.worker, "step_s": statistics.median(times), "peak_rss_mib": peak,
             "peak_over_loaded_mib": peak - rss_loaded, "trainable": prepared.trainable_count(),
             "opt_state_bytes": optimizer_state_bytes(optimizer), "dense_adam_bytes": dense_adam_bytes,
-            "support_index_bytes": index_bytes, "calibration_s": calibration_s, "lora_rank": lora_rank}
+            "support_index_bytes": index_bytes, "calibration_s": calibration_s, "lora_rank": lora_rank,
+            "calibration_peak_over_loaded_mib": calibration_peak - rss_loaded,
+            "train_step_fraction_calibration": calibration_s / statistics.median(times)}
 
 
 def main() -> None:
@@ -166,16 +180,17 @@ def main() -> None:
     lora = rows.get("lora")
     print(f"\nmodel {args.model}, micro batch {args.micro_batch_size} x seq {args.seq}, density {args.density}, "
           f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, medians of {args.rounds} rounds\n")
-    header = ("| method | trainable | step s | x LoRA | peak RSS MiB | peak over loaded MiB | x LoRA | "
-              "opt state MiB | % of dense AdamW (targets) | calibration s |")
+    header = ("| method | trainable | step s | x LoRA | training peak RSS MiB | peak over loaded MiB | x LoRA | "
+              "opt state MiB | % of dense AdamW (targets) | calibration s (= steps) | calibration peak over loaded MiB |")
     print(header)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for v, row in rows.items():
         ratio_t = row["step_s"] / lora["step_s"] if lora else float("nan")
         ratio_m = row["peak_over_loaded_mib"] / lora["peak_over_loaded_mib"] if lora else float("nan")
         print(f"| {v} | {row['trainable']:,.0f} | {row['step_s']:.3f} | {ratio_t:.2f} | {row['peak_rss_mib']:.0f} | "
               f"{row['peak_over_loaded_mib']:.0f} | {ratio_m:.2f} | {row['opt_state_bytes'] / 2**20:.2f} | "
-              f"{100 * row['opt_state_bytes'] / row['dense_adam_bytes']:.2f}% | {row['calibration_s']:.1f} |")
+              f"{100 * row['opt_state_bytes'] / row['dense_adam_bytes']:.2f}% | {row['calibration_s']:.1f} "
+              f"({row['train_step_fraction_calibration']:.0f}) | {row['calibration_peak_over_loaded_mib']:.0f} |")
     out.write_text(json.dumps({"args": vars(args), "rows": rows, "runs": runs}, indent=2))
     print(f"\nraw results: {out}")
 

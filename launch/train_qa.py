@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
+from sg_distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.graddrop import GradDropConfig  # noqa: E402
 from sg_distributed.methods import METHODS, prepare  # noqa: E402
@@ -61,15 +62,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/train_qa")
     p.add_argument("--no_eval_before", action="store_true")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--load_in_8bit", action="store_true", help="frozen bitsandbytes int8 base weights")
+    quant.add_argument("--load_in_4bit", action="store_true", help="frozen bitsandbytes nf4 base weights")
     return p.parse_args(argv)
 
 
-DEFAULT_LR = {"sparsegrad": 1e-2, "sparsegrad_reference": 1e-4, "meprop": 1e-4, "graddrop": 2e-5,
+DEFAULT_LR = {"sparsegrad": 1e-2, "sparsegrad_reference": 1e-4, "sparsegrad_dynamic": 1e-4, "meprop": 1e-4,
+              "graddrop": 2e-5,
               "lora": 1e-3, "full": 2e-5}
 
 
-def load_model_and_tokenizer(path: str | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_in_4bit: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if path is None:
         from sg_distributed.assets import smollm2_dir
@@ -80,8 +85,27 @@ def load_model_and_tokenizer(path: str | None):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    quantization = None
+    if load_in_8bit or load_in_4bit:
+        quantization = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
+                                          bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quantization)
     return model, tokenizer
+
+
+def quantized_weights_digest(model) -> str | None:
+    """SHA-256 of every bitsandbytes weight: proves the frozen int8/nf4 base is untouched by training."""
+    import hashlib
+
+    from sg_distributed.quant import is_quantized
+
+    digest, found = hashlib.sha256(), False
+    for name, module in model.named_modules():
+        if is_quantized(module):
+            found = True
+            digest.update(name.removesuffix(".base").encode())  # SparseGradLinear wraps the base as `.base`
+            digest.update(module.weight.data.cpu().numpy().tobytes())
+    return digest.hexdigest() if found else None
 
 
 def evaluate(model, tokenizer, pairs, info, args, label: str, zero3: bool = False) -> dict:
@@ -127,7 +151,7 @@ def main(argv=None) -> dict:
     info = init_process_group(use_deepspeed=ds_config is not None)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
 
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.load_in_8bit, args.load_in_4bit)
     train_pairs, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=0.2, seed=0)
     heldout = heldout[: args.eval_size] if args.eval_size else heldout
     heldout = heldout[: len(heldout) - len(heldout) % info.world_size]  # equal shares per rank
@@ -138,7 +162,8 @@ def main(argv=None) -> dict:
         indices = global_batch_indices(len(train_pairs), step, global_batch, args.seed)
         return [collate([train_pairs[i] for i in chunk]) for chunk in rank_micro_batches(indices, info, args.micro_batch_size)]
 
-    results = {"method": args.method, "world_size": info.world_size, "deepspeed": args.ds_config}
+    results = {"method": args.method, "world_size": info.world_size, "deepspeed": args.ds_config,
+               "quantized_base_digest_before": quantized_weights_digest(model)}
     if not args.no_eval_before:
         results["before"] = evaluate(model, tokenizer, heldout, info, args, "before")
 
@@ -174,29 +199,47 @@ def main(argv=None) -> dict:
         if info.is_main:
             print("resolved DeepSpeed config:", json.dumps(resolved, sort_keys=True), flush=True)
     zero3 = bool(resolved) and resolved.get("zero_optimization", {}).get("stage") == 3
-    if zero3 and args.method in ("sparsegrad_reference", "meprop"):
-        raise SystemExit(f"error: --method {args.method} keeps per-step selection masks on parameters, which ZeRO "
-                         "partitions; use --method sparsegrad (fixed support) under ZeRO-3")
+    if resolved and args.method == "sparsegrad_reference":
+        raise SystemExit("error: --method sparsegrad_reference keeps per-step selection masks on parameter objects, "
+                         "which ZeRO replaces by flat partitions; use --method sparsegrad_dynamic (same algorithm, "
+                         "data-parallel exchange) or --method sparsegrad (fixed support) under DeepSpeed")
+    counter = CommCounter()
     engine = Engine(prepared.model, prepared.make_optimizer(lr), args.grad_accum, resolved,
-                    max_grad_norm=args.max_grad_norm)
+                    max_grad_norm=args.max_grad_norm, comm_counter=counter)
 
     losses = []
     t0 = time.perf_counter()
     bar = tqdm(range(args.steps), desc=f"train {args.method}", disable=not info.is_main)
-    for step in bar:
-        step_loss = 0.0
-        for batch in micro_batches(step):
-            loss = engine.forward(batch)
-            engine.backward(loss)
-            engine.micro_step()
-            step_loss += loss.item() / args.grad_accum
-        engine.step()
-        prepared.after_step()
-        losses.append(step_loss)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
+    with counter:
+        for step in bar:
+            if step == 1:
+                counter.reset()  # the first step carries one-off set-up traffic
+            step_loss = 0.0
+            for batch in micro_batches(step):
+                with counter.label("forward"):
+                    loss = engine.forward(batch)
+                with counter.label("backward"):
+                    engine.backward(loss)
+                with counter.label("step"):
+                    engine.micro_step()
+                step_loss += loss.item() / args.grad_accum
+            with counter.label("step"):
+                engine.step()
+                prepared.after_step()
+            losses.append(step_loss)
+            bar.set_postfix(loss=f"{step_loss:.3f}")
     results["train_s"] = time.perf_counter() - t0
+    if args.steps > 1:
+        per_step = counter.per_step(args.steps - 1)
+        results["comm_bytes_per_step"] = {"payload": per_step.total().payload, "wire": per_step.total().wire,
+                                          "by_label": {k: v.payload for k, v in per_step.by_label().items()}}
+        if info.is_main and info.world_size > 1:
+            print(f"bytes per step on rank 0 (steps 2..{args.steps}):\n" + counter.table(args.steps - 1, by="label"),
+                  flush=True)
     results["train_loss_first_last"] = [losses[0], sum(losses[-5:]) / len(losses[-5:])]
     results["after"] = evaluate(prepared.model, tokenizer, heldout, info, args, "after", zero3=zero3)
+    with gathered([p for p in model.parameters() if not p.dtype.is_floating_point], zero3):
+        results["quantized_base_digest_after"] = quantized_weights_digest(model)
 
     out = Path(args.output_dir)
     with gathered(prepared.trainable_parameters(), zero3):  # a collective under ZeRO-3: all ranks enter

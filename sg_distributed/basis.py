@@ -44,23 +44,31 @@ def eigenbasis(gram: torch.Tensor) -> torch.Tensor:
 
 
 class GramAccumulator:
-    """Streams the two mode Grams of the gradients seen for each key (a layer type or a layer name)."""
+    """Streams the two mode Grams of the gradients seen for each key (a layer type or a layer name).
 
-    def __init__(self, dtype: torch.dtype = torch.float32):
+    Each contribution is computed in the gradient's own precision (at least float32: fast) and added
+    to accumulators of ``dtype`` (float64 by default), so the order in which ranks and micro-batches
+    are summed cannot change the result beyond float64 rounding.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float64):
         self.dtype = dtype
         self.out_gram: dict[str, torch.Tensor] = {}
         self.in_gram: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
 
-    def add(self, key: str, grad: torch.Tensor) -> None:
-        g = grad.detach().to(self.dtype)
+    def _accumulate(self, key: str, out_part: torch.Tensor, in_part: torch.Tensor) -> None:
         if key not in self.out_gram:
-            self.out_gram[key] = torch.zeros(g.shape[0], g.shape[0], dtype=self.dtype, device=g.device)
-            self.in_gram[key] = torch.zeros(g.shape[1], g.shape[1], dtype=self.dtype, device=g.device)
+            self.out_gram[key] = torch.zeros(out_part.shape, dtype=self.dtype, device=out_part.device)
+            self.in_gram[key] = torch.zeros(in_part.shape, dtype=self.dtype, device=in_part.device)
             self.count[key] = 0
-        self.out_gram[key].addmm_(g, g.T)
-        self.in_gram[key].addmm_(g.T, g)
+        self.out_gram[key].add_(out_part)
+        self.in_gram[key].add_(in_part)
         self.count[key] += 1
+
+    def add(self, key: str, grad: torch.Tensor) -> None:
+        g = grad.detach().to(compute_dtype(grad.dtype))
+        self._accumulate(key, g @ g.T, g.T @ g)
 
     def add_factors(self, key: str, dy: torch.Tensor, x: torch.Tensor) -> None:
         """Add G = dY^T X given its factors (T x m, T x n); cheaper than ``add`` when T < min(m, n).
@@ -69,16 +77,12 @@ class GramAccumulator:
         instead of mn(m + n).
         """
         T, m, n = dy.shape[0], dy.shape[1], x.shape[1]
+        dtype = compute_dtype(dy.dtype)
+        dy, x = dy.detach().to(dtype), x.detach().to(dtype)
         if T >= min(m, n):
             self.add(key, dy.T @ x)
             return
-        dy, x = dy.detach().to(self.dtype), x.detach().to(self.dtype)
-        if key not in self.out_gram:
-            self.add(key, dy.T @ x)  # allocates with the right shapes
-            return
-        self.out_gram[key].addmm_(dy.T, (x @ x.T) @ dy)
-        self.in_gram[key].addmm_(x.T, (dy @ dy.T) @ x)
-        self.count[key] += 1
+        self._accumulate(key, dy.T @ ((x @ x.T) @ dy), x.T @ ((dy @ dy.T) @ x))
 
     def all_reduce(self) -> None:
         """Sum the Grams over all ranks (no-op without an initialised process group)."""
@@ -97,6 +101,11 @@ class GramAccumulator:
             R = Q if input_convention == "textbook" else Q.T.contiguous()
             result[key] = Bases(P=P, R=R)
         return result
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of one contribution: the input's, but never below float32 (bf16 products lose too much)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def identity_bases(m: int, n: int, dtype=torch.float32, device=None) -> Bases:

@@ -18,7 +18,8 @@ BERT_TARGETS = r".*layer\.\d+\.(intermediate|output)\.dense"
 BASIS_KINDS = ("hosvd", "identity")
 INPUT_CONVENTIONS = ("textbook", "reference")
 BASIS_SHARING = ("type", "layer")
-SUPPORT_MODES = ("fixed", "reference")
+SUPPORT_MODES = ("fixed", "reference", "dynamic")
+EXCHANGES = ("exact", "sparse")
 SCORES = ("abs", "square")
 
 
@@ -37,8 +38,13 @@ class SparseGradConfig:
     basis_sharing: ``type`` shares one (P, Q) pair per layer type (paper), ``layer`` fits one per layer.
     max_rows / max_cols: optional budget on touched rows of P / columns of R (int, or a fraction of m/n
         when < 1): the support is chosen inside the top rows/cols, which makes the layer cheaper.
-    support_mode: ``fixed`` (support chosen once from calibration; optimizer state only for k values)
-        or ``reference`` (paper-exact: dense rotated weight, top-k of |G~| at every backward).
+    support_mode: ``fixed`` (support chosen once from calibration; optimizer state only for k values),
+        ``reference`` (paper-exact: dense rotated weight, top-k of |G~| at every backward), or
+        ``dynamic`` (reference mode made data-parallel: W~ is a buffer, each optimizer step exchanges the
+        ranks' rotated gradients and SparseStateAdam keeps moments only for entries ever selected).
+    exchange / exchange_oversample: dynamic mode's exchange: ``exact`` (dense all-reduce, then top-k;
+        equals one process) or ``sparse`` (local top-k -> all-gather (index, value) -> global top-k ->
+        one k-vector all-reduce; approximate choice, exact values).
     reselect_every: re-select a fixed support every N optimizer steps (0 = never; not implemented yet,
         values > 0 are refused by ``get_sparsegrad_model``).
     calibration_steps: batches used by ``calibrate`` when the caller does not limit them.
@@ -57,6 +63,8 @@ class SparseGradConfig:
     max_rows: float | None = None
     max_cols: float | None = None
     support_mode: str = "fixed"
+    exchange: str = "exact"
+    exchange_oversample: float = 1.0
     reselect_every: int = 0
     calibration_steps: int = 8
     score: str = "abs"
@@ -73,6 +81,7 @@ class SparseGradConfig:
             ("input_convention", self.input_convention, INPUT_CONVENTIONS),
             ("basis_sharing", self.basis_sharing, BASIS_SHARING),
             ("support_mode", self.support_mode, SUPPORT_MODES),
+            ("exchange", self.exchange, EXCHANGES),
             ("score", self.score, SCORES),
         ):
             if value not in valid:

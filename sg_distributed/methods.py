@@ -4,7 +4,8 @@ Each method trains the same target layers (default: the MLP pair of every select
 
 * ``sparsegrad``: k entries per matrix in the HOSVD basis, fixed support (this library).
 * ``sparsegrad_reference``: the paper's algorithm (dense rotated weight, per-step top-k, LazyAdam).
-* ``meprop``: per-step top-k of |dL/dW| in the original basis (identity bases), LazyAdam.
+* ``sparsegrad_dynamic``: the same, made data-parallel (exchange of rotated gradients, SparseStateAdam).
+* ``meprop``: per-step top-k of |dL/dW| in the original basis (dynamic mode with identity bases).
 * ``graddrop``: dense training of the target weights with stochastically masked gradients.
 * ``lora``: peft LoRA on the same layers, rank matched to SparseGrad's trainable parameters.
 * ``full``: dense AdamW on the target weights.
@@ -23,7 +24,7 @@ from .model import get_sparsegrad_model
 from .optim import clear_masks
 from .targets import find_target_linears
 
-METHODS = ("sparsegrad", "sparsegrad_reference", "meprop", "graddrop", "lora", "full")
+METHODS = ("sparsegrad", "sparsegrad_reference", "sparsegrad_dynamic", "meprop", "graddrop", "lora", "full")
 
 
 @dataclass
@@ -67,9 +68,9 @@ def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
 
-    if method in ("sparsegrad", "sparsegrad_reference", "meprop"):
+    if method in ("sparsegrad", "sparsegrad_reference", "sparsegrad_dynamic", "meprop"):
         if method != "sparsegrad":
-            overrides = {"support_mode": "reference"}
+            overrides = {"support_mode": "reference" if method == "sparsegrad_reference" else "dynamic"}
             if method == "meprop":
                 overrides["basis"] = "identity"
             config = SparseGradConfig.from_dict({**config.to_dict(), **overrides})
@@ -77,6 +78,14 @@ def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration
             raise ValueError(f"method {method!r} needs calibration batches")
         wrapped = get_sparsegrad_model(model, config).calibrate(calibration_batches, loss_fn=loss_fn,
                                                                 show_progress=show_progress)
+        if config.support_mode == "dynamic":
+            sparse = {}
+
+            def make(lr):  # the engine gets the dense optimizer (norms, biases); W~ buffers step here
+                sparse["optimizer"] = wrapped.make_sparse_optimizer(lr)
+                return wrapped.make_optimizer(lr, weight_decay=weight_decay)
+
+            return Prepared(method, wrapped, make, lambda: sparse["optimizer"].step(), {"config": config.to_dict()})
         after = (lambda: clear_masks(wrapped.trainable_parameters())) if config.support_mode == "reference" else (lambda: None)
         return Prepared(method, wrapped, lambda lr: wrapped.make_optimizer(lr, weight_decay=weight_decay), after,
                         {"config": config.to_dict()})

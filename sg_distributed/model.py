@@ -11,10 +11,11 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .basis import Bases, GramAccumulator, identity_bases
+from .basis import Bases, GramAccumulator, compute_dtype, identity_bases
 from .calibration import gradient_tap, gradients_flowing, run_backward_passes
 from .config import SparseGradConfig
 from .io import atomic_directory
+from .dynamic import SparseStateAdam, make_dynamic
 from .layer import ReferenceSparseGradLinear, SparseGradLinear
 from .optim import LazyAdam
 from .selection import Support, select_support
@@ -134,8 +135,9 @@ class SparseGradModel(nn.Module):
         square = self.config.score == "square"
 
         def accumulate(name, dy, x):
-            rotated = self.bases[self.basis_key(name)].rotate_factors(dy.to(dtype), x.to(dtype))
-            value = rotated.square() if square else rotated.abs()
+            work = compute_dtype(dy.dtype)  # fast products, accumulated in `dtype` (order-insensitive)
+            rotated = self.bases[self.basis_key(name)].rotate_factors(dy.to(work), x.to(work))
+            value = (rotated.square() if square else rotated.abs()).to(dtype)
             scores[name] = value if name not in scores else scores[name].add_(value)
 
         with gradient_tap(modules, accumulate):
@@ -149,11 +151,13 @@ class SparseGradModel(nn.Module):
             supports[name] = select_support(scores[name], k, self.config.row_budget(m), self.config.col_budget(n))
         return supports
 
-    def _reference_layer(self, name, module, bases: Bases) -> ReferenceSparseGradLinear:
+    def _reference_layer(self, name, module, bases: Bases) -> nn.Module:
+        """The paper's layer; in dynamic mode its W~ becomes a buffer handled by SparseStateAdam."""
         k = self.config.entries_for(module.out_features, module.in_features, name)
         identity = self.config.basis == "identity"
-        return ReferenceSparseGradLinear(module, None if identity else bases.P, None if identity else bases.R, k,
-                                         rotated_bias_grad=self.config.reference_rotated_bias_grad)
+        layer = ReferenceSparseGradLinear(module, None if identity else bases.P, None if identity else bases.R, k,
+                                          rotated_bias_grad=self.config.reference_rotated_bias_grad)
+        return make_dynamic(layer) if self.config.support_mode == "dynamic" else layer
 
     def _mark_trainable(self) -> None:
         for p in self.base_model.parameters():
@@ -164,7 +168,7 @@ class SparseGradModel(nn.Module):
             else:
                 for p in module.parameters():
                     p.requires_grad_(True)
-        if self.config.support_mode == "reference" and not self.config.reference_freeze_layernorm:
+        if self.config.support_mode != "fixed" and not self.config.reference_freeze_layernorm:
             for module in self.base_model.modules():
                 if "Norm" in type(module).__name__:
                     for p in module.parameters(recurse=False):
@@ -175,13 +179,21 @@ class SparseGradModel(nn.Module):
         return [p for p in self.base_model.parameters() if p.requires_grad]
 
     def make_optimizer(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
-        """AdamW over the k-vectors (fixed support), or LazyAdam (reference mode)."""
+        """AdamW over the k-vectors (fixed support); LazyAdam in reference and dynamic mode (SparseAdam
+        semantics for W~, biases and norms alike, as in the authors' code)."""
         if not self.calibrated:
             raise RuntimeError("SparseGradModel: calibrate before creating the optimizer")
         params = self.trainable_parameters()
-        if self.config.support_mode == "reference":
+        if self.config.support_mode != "fixed":
             return LazyAdam(params, lr=lr, betas=betas)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+
+    def make_sparse_optimizer(self, lr: float, betas=(0.9, 0.999)) -> SparseStateAdam:
+        """Dynamic mode: the optimizer of the W~ buffers (step it once per optimizer step, after the engine's)."""
+        if self.config.support_mode != "dynamic":
+            raise RuntimeError("make_sparse_optimizer is for support_mode='dynamic'")
+        return SparseStateAdam(self.base_model, lr=lr, betas=betas, mode=self.config.exchange,
+                               oversample=self.config.exchange_oversample)
 
     def grads_are_finite(self, policy: str = "raise") -> bool:
         """Check trainable grads before ``optimizer.step``.
@@ -286,7 +298,7 @@ class SparseGradModel(nn.Module):
                 new = SparseGradLinear(module, bases.P, bases.R, support, values=tensors[f"{name}.sparse_values"])
             else:
                 new = wrapper._reference_layer(name, module, bases)
-                with torch.no_grad():
+                with torch.no_grad():  # a parameter in reference mode, a buffer in dynamic mode
                     new.rotated_weight.copy_(tensors[f"{name}.rotated_weight"])
                     if new.bias is not None:
                         new.bias.copy_(tensors[f"{name}.bias"])

@@ -84,7 +84,7 @@ class Engine:
     """A model + optimizer behind DeepSpeed, DDP or nothing."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
-                 ds_config: dict | None = None, max_grad_norm: float | None = None):
+                 ds_config: dict | None = None, max_grad_norm: float | None = None, comm_counter=None):
         self.module, self.optimizer, self.accumulation = model, optimizer, accumulation
         self.max_grad_norm = max_grad_norm
         self.deepspeed = ds_config is not None
@@ -95,6 +95,8 @@ class Engine:
         elif dist.is_initialized() and dist.get_world_size() > 1:
             # Bases and supports are identical on every rank after calibration: no buffer broadcasts.
             self.wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            if comm_counter is not None:  # DDP's reducer calls C++ collectives: count them in its hook
+                self.wrapped.register_comm_hook(None, comm_counter.ddp_hook())
         else:
             self.wrapped = model
 

@@ -25,7 +25,8 @@ def test_k_wins_over_density_and_budgets_resolve():
     (dict(density=0.0), r"density must be in \(0, 1\], got 0.0"),
     (dict(density=1.5), r"density must be in \(0, 1\]"),
     (dict(basis="svd"), r"basis='svd' is not valid; choose one of \['hosvd', 'identity'\]"),
-    (dict(support_mode="dynamic"), r"support_mode='dynamic'.*\['fixed', 'reference'\]"),
+    (dict(support_mode="adaptive"), r"support_mode='adaptive'.*\['fixed', 'reference', 'dynamic'\]"),
+    (dict(exchange="gossip"), r"exchange='gossip'.*\['exact', 'sparse'\]"),
     (dict(max_rows=-1), r"max_rows must be > 0"),
 ])
 def test_bad_values_are_named(kwargs, message):

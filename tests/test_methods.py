@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sg_distributed import SparseGradConfig
-from sg_distributed.layer import ReferenceSparseGradLinear
+from sg_distributed.dynamic import DynamicSparseGradLinear
 from sg_distributed.methods import METHODS, matched_lora_rank, prepare
 
 from conftest import lm_batches, make_tiny_llama
@@ -35,21 +35,25 @@ def test_every_method_trains_only_the_target_layers(method):
         assert changed and all(n.endswith(("up_proj.weight", "down_proj.weight")) for n in changed)
 
 
-def test_meprop_keeps_top_k_of_the_plain_weight_gradient():
-    """MeProp = reference mode with identity bases: the kept grad is the top-k of |dL/dW| itself."""
+def test_meprop_moves_the_top_k_of_the_plain_weight_gradient():
+    """MeProp = per-step top-k with identity bases: the accumulated gradient is dL/dW itself and the
+    entries that move are its top-k by magnitude."""
     model = make_tiny_llama()
     dense = make_tiny_llama()
     batch = lm_batches(seed=6)[0]
     dense(**batch).loss.backward()
     prepared = prepare("meprop", model, SparseGradConfig(k=20), calibration_batches=lm_batches())
+    optimizer = prepared.make_optimizer(1e-3)
     prepared.model(**batch).loss.backward()
     layer = prepared.model.get_submodule("model.layers.0.mlp.up_proj")
-    assert isinstance(layer, ReferenceSparseGradLinear) and layer.identity
+    assert isinstance(layer, DynamicSparseGradLinear) and layer.identity
     G = dense.get_submodule("model.layers.0.mlp.up_proj").weight.grad
-    expected = torch.zeros_like(G).view(-1)
-    top = torch.topk(G.abs().view(-1), 20).indices
-    expected[top] = G.view(-1)[top]
-    torch.testing.assert_close(layer.rotated_weight.grad, expected.view_as(G), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(layer.grad_accumulator, G, atol=1e-6, rtol=1e-5)
+    before = layer.rotated_weight.clone()
+    optimizer.step()
+    prepared.after_step()
+    moved = (layer.rotated_weight != before).view(-1).nonzero().view(-1)
+    assert torch.equal(moved, torch.sort(torch.topk(G.abs().view(-1), 20).indices).values)
 
 
 def test_unknown_method_is_named():

@@ -1,4 +1,5 @@
 """2 ranks under DeepSpeed ZeRO-2 / ZeRO-3 end where 1 rank ends on the same global batches (fp32)."""
+import json
 import os
 import socket
 import subprocess
@@ -28,23 +29,48 @@ def run(cmd, out: Path):
 
 
 @pytest.fixture(scope="module")
-def one_rank(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("one_rank")
-    cmd = [sys.executable, "launch/train_qa.py", "--model", str(tiny_model_dir), *COMMON, "--grad_accum", "2"]
-    return run(cmd, out)[0]
+def one_rank_runs(tiny_model_dir, tmp_path_factory):
+    """1-rank reference results per method (micro-batch 2, accumulation 2 = the 2-rank global batch)."""
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            out = tmp_path_factory.mktemp("one_rank")
+            cmd = [sys.executable, "launch/train_qa.py", "--model", str(tiny_model_dir), *COMMON, "--grad_accum", "2",
+                   "--method", method]
+            cache[method] = run(cmd, out)[0]
+        return cache[method]
+
+    return get
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("stage", [2, 3])
-def test_two_rank_zero_equals_one_rank(stage, tiny_model_dir, one_rank, tmp_path):
+@pytest.mark.parametrize("method,stage", [("sparsegrad", 2), ("sparsegrad", 3), ("sparsegrad_dynamic", 2)])
+def test_two_rank_zero_equals_one_rank(method, stage, tiny_model_dir, one_rank_runs, tmp_path):
+    one_rank = one_rank_runs(method)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "launch/train_qa.py", "--model", str(tiny_model_dir), *COMMON,
-           "--grad_accum", "1", "--ds_config", f"ds_configs/zero{stage}.json"]
+           "--grad_accum", "1", "--ds_config", f"ds_configs/zero{stage}.json", "--method", method]
     two_rank, stdout = run(cmd, tmp_path)
     assert f'"stage": {stage}' in stdout and "world size 2" in stdout
-    values = sorted(k for k in one_rank if k.endswith("sparse_values"))
-    assert values and sorted(k for k in two_rank if k.endswith("sparse_values")) == values
+    suffix = "sparse_values" if method == "sparsegrad" else "rotated_weight"
+    values = sorted(k for k in one_rank if k.endswith(suffix))
+    assert values and sorted(k for k in two_rank if k.endswith(suffix)) == values
     for key in one_rank:  # supports and bases identical, values equal within fp32 tolerance
         assert one_rank[key].shape == two_rank[key].shape, key
         torch.testing.assert_close(two_rank[key], one_rank[key], atol=1e-5, rtol=0, msg=key)
-    assert any(one_rank[k].abs().sum() > 0 for k in values)  # training moved the values
+    if method == "sparsegrad":
+        assert any(one_rank[k].abs().sum() > 0 for k in values)  # training moved the values
+
+
+@pytest.mark.multiprocess
+def test_eight_bit_base_under_zero2_trains_and_stays_bit_identical(tiny_model_dir, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "launch/train_qa.py", "--model", str(tiny_model_dir), "--load_in_8bit",
+           "--ds_config", "ds_configs/zero2.json", "--steps", "12", "--eval_size", "8", "--density", "0.5",
+           "--max_rows", "0", "--max_cols", "0", "--lr", "3e-2", "--micro_batch_size", "2", "--calibration_steps", "2"]
+    run(cmd, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["quantized_base_digest_before"] is not None
+    assert metrics["quantized_base_digest_after"] == metrics["quantized_base_digest_before"]
+    assert metrics["after"]["answer_loss"] < metrics["before"]["answer_loss"] - 0.05

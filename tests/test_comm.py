@@ -1,0 +1,181 @@
+"""sg_distributed.comm: analytic byte formulas (DESIGN §2), the CommCounter, and a 2-rank ZeRO-2 count."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from sg_distributed import comm
+from sg_distributed.comm import (
+    CommCounter,
+    dense_allreduce_bytes,
+    design_cost_check,
+    kvector_allreduce_bytes,
+    sparse_allgather_bytes,
+    sparse_breakeven_density,
+    wire_bytes,
+)
+from sg_distributed.config import SparseGradConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ analytic formulas
+
+
+def test_formulas_small_cases():
+    assert dense_allreduce_bytes(1000, 2, bytes_per=4) == 4000  # 2(p-1)/p = 1 at p=2
+    assert dense_allreduce_bytes(1000, 8, bytes_per=2) == pytest.approx(2 * 7 / 8 * 2000)
+    assert dense_allreduce_bytes(1000, 1) == 0
+    assert sparse_allgather_bytes(10, 4, index_bytes=4, value_bytes=2) == 3 * 10 * 6
+    assert kvector_allreduce_bytes(10, 8, value_bytes=2) == dense_allreduce_bytes(10, 8, 2)
+    with pytest.raises(ValueError):
+        dense_allreduce_bytes(10, 0)
+
+
+def test_breakeven_density_is_two_over_three_p_in_bf16():
+    for p in (2, 8, 64):
+        d = sparse_breakeven_density(p)
+        assert d == pytest.approx(2 / (3 * p))
+        N = 10**6
+        assert sparse_allgather_bytes(round(d * N), p) == pytest.approx(dense_allreduce_bytes(N, p), rel=1e-4)
+
+
+def test_wire_bytes_ring_conventions():
+    N, p = 800, 8
+    assert wire_bytes("all_reduce", N, p) == pytest.approx(2 * 7 / 8 * N)
+    assert wire_bytes("reduce_scatter_tensor", N, p) == pytest.approx(7 / 8 * N)
+    assert wire_bytes("all_gather_into_tensor", N, p) == pytest.approx(7 / 8 * N)
+    assert wire_bytes("broadcast", N, p) == N
+    assert wire_bytes("recv", N, p) == 0
+    assert wire_bytes("barrier", N, p) == 0
+    assert wire_bytes("all_reduce", N, 1) == 0
+
+
+def test_design_cost_check_reproduces_design_numbers():
+    c = design_cost_check()
+    assert c["N"] == 22 * 11008 * 4096
+    assert round(c["density"] * 100, 2) == 0.22
+    assert round(c["dense_allreduce"] / 1e9, 2) == 3.47  # GB per rank per step
+    assert round(c["sparse_allgather"] / 1e6) == 92  # MB
+    assert round(c["kvector_allreduce"] / 1e6, 1) == 7.7  # MB
+    assert round(c["sparse_ratio"]) == 38
+    assert round(c["kvector_ratio"]) == 451
+
+
+# ------------------------------------------------------------------ counter on a 1-rank gloo group
+
+
+@pytest.fixture
+def one_rank_group():
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_counter_counts_payload_by_op_and_label(one_rank_group):
+    originals = (dist.all_reduce, dist.distributed_c10d.all_gather_into_tensor)
+    t = torch.ones(10)  # 40 bytes
+    with CommCounter() as counter:
+        assert dist.all_reduce is not originals[0]
+        dist.all_reduce(t)
+        with counter.label("converted"):
+            dist.distributed_c10d.all_reduce(torch.ones(5, dtype=torch.float64))  # 40 bytes
+            out = torch.empty(3)
+            dist.all_gather_into_tensor(out, torch.ones(3))
+        dist.broadcast(torch.ones(4), src=0)
+        dist.barrier()
+        with counter.paused():
+            dist.all_reduce(t)
+        objs = [None]
+        dist.all_gather_object(objs, {"x": 1})
+    assert (dist.all_reduce, dist.distributed_c10d.all_gather_into_tensor) == originals  # restored on exit
+    dist.all_reduce(t)  # not counted after exit
+    snap = counter.snapshot()
+    by_op = snap.by_op()
+    assert by_op["all_reduce"].calls == 2 and by_op["all_reduce"].payload == 80
+    assert by_op["all_gather_into_tensor"].payload == 12
+    assert by_op["broadcast"].payload == 16
+    assert by_op["barrier"].calls == 1 and by_op["barrier"].payload == 0
+    assert by_op["all_gather_object"].calls == 1 and by_op["all_gather_object"].payload > 0
+    assert all(s.wire == 0 for s in by_op.values())  # one rank: nothing on the wire
+    assert snap.by_label()["converted"].payload == 52
+    assert counter.per_step(2).total().payload == pytest.approx(snap.total().payload / 2)
+    table = counter.table(steps=1)
+    assert table.startswith("| op |") and "**total**" in table
+    assert counter.reset().total().payload == snap.total().payload
+    assert counter.snapshot().total().calls == 0
+
+
+def test_dispatch_layer_agrees_with_python_layer(one_rank_group):
+    def work():
+        dist.all_reduce(torch.ones(7))
+        dist.all_gather_into_tensor(torch.empty(2), torch.ones(2))
+        dist.reduce_scatter_tensor(torch.empty(3), torch.ones(3))
+
+    with CommCounter() as a:
+        work()
+    with CommCounter(layer="dispatch") as b:
+        work()
+    assert {k: (v.calls, v.payload) for k, v in a.snapshot().by_op().items()} == \
+        {k: (v.calls, v.payload) for k, v in b.snapshot().by_op().items()}
+
+
+def test_nested_counters_share_the_patch(one_rank_group):
+    with CommCounter() as outer:
+        with CommCounter() as inner:
+            dist.all_reduce(torch.ones(2))
+        dist.all_reduce(torch.ones(2))
+        assert dist.all_reduce is not comm._ORIGINALS["all_reduce"]
+    assert dist.all_reduce is comm._ORIGINALS["all_reduce"]
+    assert inner.snapshot().total().payload == 8 and outer.snapshot().total().payload == 16
+
+
+# ------------------------------------------------------------------ real 2-rank ZeRO-2 run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_zero2_bytes_full_vs_sparsegrad(tmp_path):
+    hidden, inter, density = 64, 256, 0.01
+    out = tmp_path / "comm.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(REPO / "tests" / "comm_worker.py"), "--out", str(out),
+           "--stage", "2", "--steps", "2", "--hidden", str(hidden), "--intermediate", str(inter),
+           "--density", str(density)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = json.loads(out.read_text())["ranks"]
+    assert len(ranks) == 2
+
+    # Tiny Llama: 2 blocks x {up, down} (the default targets), fp32.
+    d_full = 2 * 2 * hidden * inter
+    k_total = 4 * SparseGradConfig(density=density).entries_for(inter, hidden)
+    for r in ranks:
+        full, sg = r["full"], r["sparsegrad"]
+        assert full["trainable_numel"] == d_full
+        assert sg["trainable_numel"] == k_total
+
+        def reduce_bytes(res):  # gradient reduction issued during engine.backward
+            return sum(s["payload"] for s in res["backward_by_op"].values())
+
+        # ZeRO-2 reduces every trainable fp32 gradient once per step (bucket padding would show up here)
+        assert d_full * 4 <= reduce_bytes(full) <= d_full * 4 * 1.02 + 64
+        assert k_total * 4 <= reduce_bytes(sg) <= k_total * 4 * 1.02 + 64
+        # ... and all-gathers the updated partitions (1/p of the parameters per rank) at the step
+        assert full["step_by_op"]["all_gather_into_tensor"]["payload"] == pytest.approx(d_full * 4 / 2, rel=0.02)
+        # the promise: <= 2 % of dense traffic at 1 % density (scalar all-reduces are the slack)
+        assert reduce_bytes(sg) / reduce_bytes(full) <= 0.02 + 1e-3
+        assert sg["total"]["wire"] / full["total"]["wire"] <= 0.02 + 1e-3
