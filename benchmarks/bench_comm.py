@@ -35,9 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("full", "lora", "sparsegrad", "graddrop", "sparsegrad_reference")
-NOTES = {"sparsegrad_reference": "dense exchange (per-step top-k; sparse exchange not built yet)",
-         "graddrop": "dense exchange (masked entries still travel as zeros)"}
+METHODS = ("full", "lora", "sparsegrad", "graddrop", "sparsegrad_reference", "sparsegrad_dynamic",
+           "sparsegrad_dynamic_sparse")
+NOTES = {"sparsegrad_reference": "dense exchange through ZeRO (per-step top-k on flat partitions: use dynamic)",
+         "graddrop": "dense exchange (masked entries still travel as zeros)",
+         "sparsegrad_dynamic": "exact exchange: dense all-reduce of G~, then top-k (equals 1 rank)",
+         "sparsegrad_dynamic_sparse": "sparse exchange: local top-k, all-gather (int64 idx, fp32 val), k-vector all-reduce"}
 
 
 def parse_args(argv=None):
@@ -108,7 +111,9 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     from sg_distributed.targets import find_target_linears
 
     model, vocab = build_model(args.model)
-    config = SparseGradConfig(density=args.density, calibration_steps=2)
+    exchange = "sparse" if method.endswith("_sparse") else "exact"
+    method = method.removesuffix("_sparse")
+    config = SparseGradConfig(density=args.density, calibration_steps=2, exchange=exchange)
     targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
     dense_numel = sum(m.weight.numel() for m in targets.values())
     k_total = sum(config.entries_for(m.out_features, m.in_features, n) for n, m in targets.items())
@@ -139,7 +144,8 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     snap = counter.per_step(args.steps)
     d = snap.to_dict()
     d["by_label_op"] = {f"{lab}/{op}": vars(s) for (lab, op), s in snap.stats.items()}
-    d.update(method=method, trainable_numel=int(sum(getattr(p, "ds_numel", p.numel()) for p in trainable)),
+    d.update(method=method + ("_sparse" if exchange == "sparse" and method == "sparsegrad_dynamic" else ""),
+             trainable_numel=int(sum(getattr(p, "ds_numel", p.numel()) for p in trainable)),
              dense_numel=dense_numel, k_total=k_total, model_numel=total_numel, step_s=seconds,
              world=world, info={k: v for k, v in prepared.info.items() if k == "lora_rank"})
     dist.barrier()
@@ -177,8 +183,12 @@ def analytic(res: dict, stage: int) -> tuple[float, float | None]:
     else:
         grad = dense_allreduce_bytes(D, p, 4) + (p - 1) / p * 4 * D
     planned = None
-    if res["method"] in ("sparsegrad_reference", "graddrop"):
-        planned = sparse_allgather_bytes(res["k_total"], p, 4, 4) if res["method"] == "sparsegrad_reference" else None
+    if res["method"] == "sparsegrad_reference":
+        planned = sparse_allgather_bytes(res["k_total"], p, 4, 4)
+    if res["method"] == "sparsegrad_dynamic":  # engine: norms only; exchange: dense all-reduce of every G~
+        grad += dense_allreduce_bytes(res["dense_numel"], p, 4)
+    if res["method"] == "sparsegrad_dynamic_sparse":  # all-gather of (int64, fp32) pairs + k-vector all-reduce
+        grad += sparse_allgather_bytes(res["k_total"], p, 8, 4) + dense_allreduce_bytes(res["k_total"], p, 4)
     return grad, planned
 
 

@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grad_accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=None, help="default depends on the method")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="model load dtype and DeepSpeed bf16/fp16 (GPU); fp32 on CPU")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--k", type=int, default=None, help="entries per matrix (overrides --density)")
     p.add_argument("--max_rows", type=float, default=0.25, help="row budget of P (fraction or count); 0 = none")
@@ -73,7 +75,11 @@ DEFAULT_LR = {"sparsegrad": 1e-2, "sparsegrad_reference": 1e-4, "sparsegrad_dyna
               "lora": 1e-3, "full": 2e-5}
 
 
-def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_in_4bit: bool = False):
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_in_4bit: bool = False,
+                             dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if path is None:
@@ -88,8 +94,10 @@ def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_
     quantization = None
     if load_in_8bit or load_in_4bit:
         quantization = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
-                                          bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=quantization)
+                                          bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization)
+    if torch.cuda.is_available():
+        model = model.to(torch.cuda.current_device()) if quantization is None else model
     return model, tokenizer
 
 
@@ -151,16 +159,22 @@ def main(argv=None) -> dict:
     info = init_process_group(use_deepspeed=ds_config is not None)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
 
-    model, tokenizer = load_model_and_tokenizer(args.model, args.load_in_8bit, args.load_in_4bit)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.load_in_8bit, args.load_in_4bit,
+                                                DTYPES[args.precision])
     train_pairs, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=0.2, seed=0)
     heldout = heldout[: args.eval_size] if args.eval_size else heldout
     heldout = heldout[: len(heldout) - len(heldout) % info.world_size]  # equal shares per rank
     collate = QACollator(tokenizer, max_length=args.max_length)
     global_batch = args.micro_batch_size * args.grad_accum * info.world_size
 
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
     def micro_batches(step):
         indices = global_batch_indices(len(train_pairs), step, global_batch, args.seed)
-        return [collate([train_pairs[i] for i in chunk]) for chunk in rank_micro_batches(indices, info, args.micro_batch_size)]
+        return [{k: v.to(device) for k, v in collate([train_pairs[i] for i in chunk]).items()}
+                for chunk in rank_micro_batches(indices, info, args.micro_batch_size)]
 
     results = {"method": args.method, "world_size": info.world_size, "deepspeed": args.ds_config,
                "quantized_base_digest_before": quantized_weights_digest(model)}
@@ -195,7 +209,7 @@ def main(argv=None) -> dict:
 
         resolved = resolve_auto(ds_config, world_size=info.world_size, micro_batch_size=args.micro_batch_size,
                                 gradient_accumulation_steps=args.grad_accum, max_grad_norm=args.max_grad_norm,
-                                hidden_size=model.config.hidden_size, precision="fp32")
+                                hidden_size=model.config.hidden_size, precision=args.precision)
         if info.is_main:
             print("resolved DeepSpeed config:", json.dumps(resolved, sort_keys=True), flush=True)
     zero3 = bool(resolved) and resolved.get("zero_optimization", {}).get("stage") == 3
