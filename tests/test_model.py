@@ -198,3 +198,20 @@ def test_nonfinite_gradients_raise_or_skip(tiny_llama):
 def test_bad_targets_are_named(tiny_llama, kwargs, message):
     with pytest.raises(ValueError, match=message):
         get_sparsegrad_model(tiny_llama, SparseGradConfig(**kwargs))
+
+
+def test_reference_quirks_rotated_bias_grad_and_frozen_layernorm():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 10), nn.GELU(), nn.Linear(10, 6), nn.LayerNorm(6)).double()
+    data = [(torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)) for _ in range(2)]
+    loss_fn = lambda model, batch: ((model(batch[0]) - batch[1]) ** 2).mean()
+    config = SparseGradConfig(target_modules=["2"], k=7, support_mode="reference",
+                              reference_rotated_bias_grad=True, reference_freeze_layernorm=True)
+    model = get_sparsegrad_model(net, config).calibrate(data, loss_fn=loss_fn)
+    layer = model.get_submodule("2")
+    assert not model.get_submodule("3").weight.requires_grad  # LayerNorm left untrained
+    upstream = torch.randn(5, 6, dtype=torch.float64)
+    x = torch.randn(5, 10, dtype=torch.float64)
+    (layer(x) * upstream).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, upstream.sum(0) @ layer.P)  # the authors' rotated bias gradient
+    assert not torch.allclose(layer.bias.grad, upstream.sum(0))
