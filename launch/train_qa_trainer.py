@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""SparseGrad fine-tuning on FanOutQA pairs through the Hugging Face Trainer (SparseGradTrainer).
+
+    python launch/train_qa_trainer.py                                                    # one process
+    torchrun --nproc_per_node 2 launch/train_qa_trainer.py --deepspeed ds_configs/zero2.json
+    ACCELERATE_USE_CPU=true accelerate launch --config_file launch/accelerate/cpu_ddp.yaml \\
+        launch/train_qa_trainer.py                                                       # accelerate, CPU
+
+Defaults: the embedded SmolLM2-135M-Instruct and the FanOutQA single-hop pairs (split by top-level
+question). Calibration runs on the Trainer's own train dataloader (first --calibration_steps batches of
+every rank); checkpoints hold the adapter files. Held-out answer loss is the Trainer's eval_loss
+(prompt tokens are masked out of the labels).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(key, value)
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sg_distributed import SparseGradConfig, get_sparsegrad_model  # noqa: E402
+from sg_distributed.data.qa import QACollator, load_qa_pairs, split_by_group  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--data", help="FanOutQA-format JSON (default: the fanoutqa package's dev set)")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON (\"auto\" values are filled by the Trainer)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    p.add_argument("--output_dir", default="outputs/train_qa_trainer")
+    p.add_argument("--max_steps", type=int, default=40)
+    p.add_argument("--micro_batch_size", type=int, default=4)
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--density", type=float, default=0.01)
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--max_rows", type=float, default=0.25, help="0 = no budget")
+    p.add_argument("--max_cols", type=float, default=0.25, help="0 = no budget")
+    p.add_argument("--block_stride", type=int, default=1)
+    p.add_argument("--calibration_steps", type=int, default=8, help="train-dataloader batches per rank")
+    p.add_argument("--max_length", type=int, default=64)
+    p.add_argument("--eval_size", type=int, default=64, help="held-out pairs (0 = all)")
+    p.add_argument("--save_steps", type=int, default=None, help="default: max_steps (one checkpoint)")
+    p.add_argument("--logging_steps", type=int, default=5)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--no_eval_before", action="store_true", help="skip eval before training (always under DeepSpeed)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from sg_distributed.integrations.trainer import SparseGradTrainer, configure_cpu_deepspeed_state
+
+    if args.model is None:
+        from sg_distributed.assets import smollm2_dir
+
+        args.model = str(smollm2_dir())
+    if not Path(args.model).exists():
+        raise SystemExit(f"error: model directory {args.model} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Load before TrainingArguments: a ZeRO-3 config would otherwise partition the weights at load (zero.Init)
+    # and calibration needs whole weights.
+    torch.manual_seed(args.seed)
+    base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    config = SparseGradConfig(density=args.density, k=args.k, max_rows=args.max_rows or None,
+                              max_cols=args.max_cols or None, block_stride=args.block_stride,
+                              calibration_steps=args.calibration_steps)
+    model = get_sparsegrad_model(base, config)
+
+    train_pairs, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=0.2, seed=0)
+    heldout = heldout[: args.eval_size] if args.eval_size else heldout
+    on_cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_deepspeed = bool(args.deepspeed) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    accelerator_config = configure_cpu_deepspeed_state() if use_deepspeed and on_cpu else None
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.micro_batch_size,
+        per_device_eval_batch_size=16, gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=args.max_grad_norm,
+        logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps or args.max_steps,
+        report_to="none", seed=args.seed, data_seed=args.seed, deepspeed=args.deepspeed,
+        bf16=args.precision == "bf16", fp16=args.precision == "fp16", use_cpu=on_cpu and not use_deepspeed,
+        ddp_backend="gloo" if on_cpu and distributed else None,  # "gloo" in one process: accelerate fails
+        accelerator_config=accelerator_config, dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = SparseGradTrainer(model=model, args=training_args, train_dataset=train_pairs, eval_dataset=heldout,
+                                data_collator=QACollator(tokenizer, max_length=args.max_length),
+                                processing_class=tokenizer, calibration_steps=args.calibration_steps)
+    trainer.calibrate()
+    results: dict = {"world_size": training_args.world_size, "deepspeed": args.deepspeed}
+    trainable, total = model.parameter_counts()
+    results["trainable_params"], results["total_params"] = trainable, total
+    results["support_checksum"] = model.support_checksum()
+    if not args.no_eval_before and not use_deepspeed:  # HF: eval before train needs ZeRO-3 under DeepSpeed
+        results["before"] = trainer.evaluate()
+    train_output = trainer.train()
+    results["train_loss"] = train_output.training_loss
+    results["log_history"] = [e for e in trainer.state.log_history if "loss" in e]
+    results["after"] = trainer.evaluate()
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        (Path(args.output_dir) / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
+        before = results.get("before", {}).get("eval_loss")
+        print(f"trainable params {trainable:,d} of {total:,d}; world size {training_args.world_size}; held-out answer "
+              f"loss {'' if before is None else f'{before:.4f} -> '}{results['after']['eval_loss']:.4f}; "
+              f"adapter in {args.output_dir}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()

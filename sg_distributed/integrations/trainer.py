@@ -1,0 +1,269 @@
+"""Hugging Face Trainer (transformers 5.23) integration: ``SparseGradTrainer`` and ``SparseGradCallback``.
+
+Why a Trainer subclass and not only a callback: SparseGrad must calibrate *before* the optimizer
+exists (only the k-vectors created by calibration are trainable, and ``Trainer.create_optimizer`` /
+``deepspeed_init`` collect ``requires_grad`` parameters inside ``_inner_training_loop``), and the first
+callback event of a run, ``on_train_begin``, fires after the optimizer, the DDP wrapper and the DeepSpeed
+engine are built. Callbacks also receive no train dataloader before that point. So:
+
+* :class:`SparseGradTrainer` calibrates in :meth:`train` (or an explicit :meth:`calibrate`) on the first
+  N batches of the Trainer's own train dataloader (every rank its shard; Grams and scores are summed
+  across ranks, so all ranks pick the same bases/supports, checked by checksum), then hands over to
+  ``Trainer.train``: the optimizer (or DeepSpeed's client optimizer) sees the k-vectors only.
+  ``save_model`` writes the adapter (``adapter_config.json`` + ``adapter_model.safetensors``, the
+  :meth:`SparseGradModel.save_pretrained` format) instead of the whole model, into ``output_dir`` and
+  into every ``checkpoint-N`` dir (``Trainer._save_checkpoint`` calls it; under ZeRO-3 the k-vectors are
+  gathered collectively first). It also fixes what the Trainer cannot see through the wrapper: the
+  label names (``SparseGradModel.forward(*args, **kwargs)`` has no ``labels`` argument, so eval would
+  return no loss), the columns kept by ``remove_unused_columns`` (read from the base model's forward),
+  DDP buffer broadcasts (bases/supports are identical on all ranks: ``ddp_broadcast_buffers=False``)
+  and the "purely quantized model" guard for int8/nf4 bases.
+* :class:`SparseGradCallback` (added by ``SparseGradTrainer``; usable alone with a plain ``Trainer`` and a
+  model calibrated beforehand) checks at ``on_train_begin`` that the model is calibrated and that the
+  optimizer holds only trainable SparseGrad parameters, and at ``on_save`` makes sure the adapter is in
+  the checkpoint directory. With a plain ``Trainer`` the full-model save still happens as well (and fails
+  for tied embeddings, since safetensors refuses shared tensors): prefer ``SparseGradTrainer``.
+
+Pitfall: with a ZeRO-3 DeepSpeed config, create the model *before* ``TrainingArguments`` (which turns on
+``zero.Init`` for later ``from_pretrained`` calls): calibration needs whole weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from ..model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SparseGradModel
+
+__all__ = ["SparseGradTrainer", "SparseGradCallback", "save_adapter", "find_sparsegrad_model",
+           "configure_cpu_deepspeed_state"]
+
+
+def configure_cpu_deepspeed_state() -> dict:
+    """HF Trainer + DeepSpeed on CPU: pre-build accelerate's process state with gloo.
+
+    ``TrainingArguments`` starts DeepSpeed's process group without a backend on a CUDA-less machine, so
+    accelerate sees no backend and reports ONE process (DeepSpeed then rejects train_batch_size). This
+    sets ``ACCELERATE_USE_DEEPSPEED=true`` (as ``accelerate launch`` does), skips DeepSpeed's shm-comm JIT
+    build, builds ``PartialState(backend="gloo")`` and returns the ``accelerator_config`` to give
+    ``TrainingArguments`` (``use_configured_state``) so that it keeps that state. Call it before
+    ``TrainingArguments``, on every rank; a no-op returning {} when CUDA is available.
+    """
+    import torch
+    from accelerate import PartialState
+
+    if torch.cuda.is_available():
+        return {}
+    from .deepspeed import skip_shm_comm_build
+
+    skip_shm_comm_build()
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+    return {"use_configured_state": True}
+
+
+def find_sparsegrad_model(model: nn.Module) -> SparseGradModel | None:
+    """The SparseGradModel inside DDP / DeepSpeed / accelerate wrappers (or None)."""
+    seen = 0
+    while model is not None and seen < 8:
+        if isinstance(model, SparseGradModel):
+            return model
+        model = getattr(model, "module", None)
+        seen += 1
+    return None
+
+
+def _is_zero3_partitioned(params) -> bool:
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+@contextlib.contextmanager
+def _gathered(params):
+    """Whole tensors of ZeRO-3-partitioned params inside the block (a collective: every rank enters)."""
+    params = list(params)
+    if _is_zero3_partitioned(params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, is_main: bool = True) -> None:
+    """Write the SparseGrad adapter files into ``directory`` (other files there are kept).
+
+    ``save_pretrained`` replaces its target directory atomically, so the files are written to a
+    temporary sibling and moved in one by one. Call on every rank (ZeRO-3 gathers the k-vectors).
+    """
+    wrapper = find_sparsegrad_model(model)
+    if wrapper is None:
+        raise TypeError(f"save_adapter needs a SparseGradModel, got {type(model).__name__}")
+    with _gathered(wrapper.trainable_parameters()):
+        if not is_main:
+            return
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".sparsegrad-", dir=directory))
+        try:
+            wrapper.save_pretrained(tmp / "adapter")
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):  # config last: its presence marks a complete adapter
+                os.replace(tmp / "adapter" / name, directory / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _optimized_parameters(optimizer) -> list:
+    """The model parameters an optimizer updates, through accelerate's and DeepSpeed's wrappers (ZeRO keeps the
+    originals in ``bit16_groups`` (stage 1/2) or ``fp16_groups`` (stage 3); its param_groups hold flat partitions)."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    for attr in ("bit16_groups", "fp16_groups"):
+        groups = getattr(opt, attr, None)
+        if groups:
+            return [p for group in groups for p in group]
+    return [p for group in getattr(opt, "param_groups", []) for p in group["params"]]
+
+
+class _ConfigView:
+    """``SparseGradModel.config`` as the Trainer needs it: SparseGradConfig fields first, then the base model's HF
+    config (``get_text_config``, ``use_cache``, token ids ...). Writes go to whichever config owns the field."""
+
+    def __init__(self, sparsegrad, hf):
+        object.__setattr__(self, "_sg", sparsegrad)
+        object.__setattr__(self, "_hf", hf)
+
+    def __getattr__(self, name):
+        sg = object.__getattribute__(self, "_sg")
+        try:
+            return getattr(sg, name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_hf"), name)
+
+    def __setattr__(self, name, value):
+        sg = object.__getattribute__(self, "_sg")
+        target = sg if name in getattr(sg, "__dataclass_fields__", {}) else object.__getattribute__(self, "_hf")
+        setattr(target, name, value)
+
+    def __repr__(self):
+        return f"_ConfigView({self._sg!r}, base={type(self._hf).__name__})"
+
+
+def _expose_hf_config(wrapper: SparseGradModel) -> None:
+    """Trainer reads ``model.config`` as the HF config (``align_special_tokens`` at train start); the wrapper's
+    ``config`` is its SparseGradConfig. Overlay the two (idempotent)."""
+    hf = getattr(wrapper.base_model, "config", None)
+    if hf is not None and not isinstance(wrapper.config, _ConfigView):
+        wrapper.config = _ConfigView(wrapper.config, hf)
+
+
+class SparseGradCallback(TrainerCallback):
+    """Guards a Trainer run of a SparseGradModel and puts the adapter into every checkpoint dir."""
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        wrapper = find_sparsegrad_model(model)
+        if wrapper is None:
+            return
+        if not wrapper.calibrated:
+            raise RuntimeError("SparseGradModel is not calibrated: use SparseGradTrainer (it calibrates on the train "
+                               "dataloader before the optimizer is built) or call model.calibrate(batches) first")
+        if optimizer is not None:
+            allowed = {id(p) for p in wrapper.trainable_parameters()}
+            held = _optimized_parameters(optimizer)
+            if not held:
+                raise RuntimeError("the optimizer holds no parameters (was the model calibrated before it was built?)")
+            if any(id(p) not in allowed for p in held):
+                raise RuntimeError("the optimizer holds parameters outside the SparseGrad k-vectors")
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        wrapper = find_sparsegrad_model(model)
+        if wrapper is None or not wrapper.calibrated:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        # SparseGradTrainer.save_model already wrote it; a plain Trainer did not. Decide identically on every
+        # rank (ZeRO-3 gathers are collectives): the flag below, not the file system, drives the choice.
+        if not getattr(wrapper, "_sg_saved_by_trainer", False):
+            save_adapter(wrapper, checkpoint, is_main=state.is_world_process_zero)
+
+
+class SparseGradTrainer(Trainer):
+    """``transformers.Trainer`` for a :class:`SparseGradModel` (see the module docstring).
+
+    Extra arguments: ``calibration_steps`` (batches of the train dataloader used by calibration;
+    default ``model.config.calibration_steps``) and ``calibration_loss_fn(model, batch)``.
+    """
+
+    def __init__(self, model: SparseGradModel | None = None, args=None, *, calibration_steps: int | None = None,
+                 calibration_loss_fn: Callable | None = None, **kwargs: Any):
+        if not isinstance(model, SparseGradModel):
+            raise TypeError(f"SparseGradTrainer needs a SparseGradModel (get_sparsegrad_model(model, config)), got "
+                            f"{type(model).__name__}")
+        base = model.base_model
+        _expose_hf_config(model)
+        if getattr(base, "is_quantized", False):  # adapters are attached: let Trainer's guard through (as for PEFT)
+            model._hf_peft_config_loaded = True
+        if args is not None and getattr(args, "ddp_broadcast_buffers", None) is None:
+            args.ddp_broadcast_buffers = False  # bases and supports are identical on every rank
+        self.calibration_steps = calibration_steps
+        self.calibration_loss_fn = calibration_loss_fn
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not any(isinstance(c, SparseGradCallback) or c is SparseGradCallback for c in callbacks):
+            callbacks.append(SparseGradCallback())
+        super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        if self.args.label_names is None:  # find_labels() sees SparseGradModel.forward(*args, **kwargs): no labels
+            self.label_names = ["labels"]
+        self.can_return_loss = True
+        model._sg_saved_by_trainer = True
+
+    # --- wrapper transparency ------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            base = self.model.base_model
+            self._signature_columns = list(inspect.signature(base.forward).parameters)
+            self._signature_columns += list({"label", "label_ids", *self.label_names})
+
+    # --- calibration -----------------------------------------------------------------------------
+    def calibrate(self) -> SparseGradModel:
+        """Calibrate on the first N batches of this rank's train dataloader (idempotent; all ranks must call)."""
+        model: SparseGradModel = self.model
+        if model.calibrated:
+            return model
+        if _is_zero3_partitioned(model.base_model.parameters()):
+            raise RuntimeError("the base model's weights are ZeRO-3 partitioned (loaded after TrainingArguments with a "
+                               "ZeRO-3 DeepSpeed config turned on zero.Init): load the model before creating "
+                               "TrainingArguments, so calibration sees whole weights")
+        steps = self.calibration_steps or model.config.calibration_steps
+        batches = []
+        for batch in self.get_train_dataloader():
+            batches.append(self._prepare_inputs(batch))
+            if len(batches) == steps:
+                break
+        was_training = model.training
+        model.train()
+        model.calibrate(batches, loss_fn=self.calibration_loss_fn, steps=len(batches))
+        model.train(was_training)
+        from ..runtime import assert_same_on_all_ranks
+
+        assert_same_on_all_ranks(model.support_checksum(), "SparseGrad bases/supports")
+        return model
+
+    def train(self, *args: Any, **kwargs: Any):
+        self.calibrate()
+        return super().train(*args, **kwargs)
+
+    # --- saving ----------------------------------------------------------------------------------
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter (not the whole model), the tokenizer and the training arguments; all ranks call it."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_adapter(self.model, output_dir, is_main=self.args.should_save)
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
