@@ -46,7 +46,7 @@ class SparseGradModel(nn.Module):
             raise NotImplementedError("SparseGradConfig.reselect_every > 0: support re-selection is not implemented "
                                       "yet; use reselect_every=0 (fixed support) or support_mode='reference'")
         self.base_model = model
-        self.config = config
+        self.peft_config = config
         targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
         self.target_names = list(targets)
         for name, module in targets.items():
@@ -72,7 +72,7 @@ class SparseGradModel(nn.Module):
 
     def _assign_basis_keys(self, targets: dict[str, nn.Module]) -> dict[str, str]:
         """One basis per layer type (or per layer); a type whose layers differ in shape is split by shape."""
-        if self.config.basis_sharing == "layer":
+        if self.peft_config.basis_sharing == "layer":
             return {name: name for name in targets}
         shapes: dict[str, set] = {}
         for name, module in targets.items():
@@ -102,16 +102,16 @@ class SparseGradModel(nn.Module):
         """
         if self.calibrated:
             raise RuntimeError("SparseGradModel is already calibrated")
-        steps = steps or self.config.calibration_steps
+        steps = steps or self.peft_config.calibration_steps
         batches = list(b for _, b in zip(range(steps), batches))  # two passes need the same batches
         modules = self.converted_layers()
         with gradients_flowing(self.base_model, modules):
             self.bases = self._fit_bases(batches, modules, loss_fn, gram_dtype, show_progress)
-            if self.config.support_mode == "fixed":
+            if self.peft_config.support_mode == "fixed":
                 supports = self._select_supports(batches, modules, loss_fn, gram_dtype, show_progress)
         for name, module in modules.items():
             bases = self.bases[self.basis_key(name)]
-            if self.config.support_mode == "fixed":
+            if self.peft_config.support_mode == "fixed":
                 new = SparseGradLinear(module, bases.P, bases.R, supports[name])
             else:
                 new = self._reference_layer(name, module, bases)
@@ -121,18 +121,18 @@ class SparseGradModel(nn.Module):
         return self
 
     def _fit_bases(self, batches, modules, loss_fn, gram_dtype, show_progress) -> dict[str, Bases]:
-        if self.config.basis == "identity":
+        if self.peft_config.basis == "identity":
             return {self.basis_key(n): identity_bases(m.out_features, m.in_features, dtype=torch.float64,
                                                       device=m.weight.device) for n, m in modules.items()}
         acc = GramAccumulator(dtype=gram_dtype)
         with gradient_tap(modules, lambda name, dy, x: acc.add_factors(self.basis_key(name), dy, x)):
             run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: bases", show_progress)
         acc.all_reduce()
-        return acc.bases(self.config.input_convention)
+        return acc.bases(self.peft_config.input_convention)
 
     def _select_supports(self, batches, modules, loss_fn, dtype, show_progress) -> dict[str, Support]:
         scores: dict[str, torch.Tensor] = {}
-        square = self.config.score == "square"
+        square = self.peft_config.score == "square"
 
         def accumulate(name, dy, x):
             work = compute_dtype(dy.dtype)  # fast products, accumulated in `dtype` (order-insensitive)
@@ -147,17 +147,17 @@ class SparseGradModel(nn.Module):
             module = modules[name]
             m, n = module.out_features, module.in_features
             _all_reduce_sum(scores[name])
-            k = self.config.entries_for(m, n, name)
-            supports[name] = select_support(scores[name], k, self.config.row_budget(m), self.config.col_budget(n))
+            k = self.peft_config.entries_for(m, n, name)
+            supports[name] = select_support(scores[name], k, self.peft_config.row_budget(m), self.peft_config.col_budget(n))
         return supports
 
     def _reference_layer(self, name, module, bases: Bases) -> nn.Module:
         """The paper's layer; in dynamic mode its W~ becomes a buffer handled by SparseStateAdam."""
-        k = self.config.entries_for(module.out_features, module.in_features, name)
-        identity = self.config.basis == "identity"
+        k = self.peft_config.entries_for(module.out_features, module.in_features, name)
+        identity = self.peft_config.basis == "identity"
         layer = ReferenceSparseGradLinear(module, None if identity else bases.P, None if identity else bases.R, k,
-                                          rotated_bias_grad=self.config.reference_rotated_bias_grad)
-        return make_dynamic(layer) if self.config.support_mode == "dynamic" else layer
+                                          rotated_bias_grad=self.peft_config.reference_rotated_bias_grad)
+        return make_dynamic(layer) if self.peft_config.support_mode == "dynamic" else layer
 
     def _mark_trainable(self) -> None:
         for p in self.base_model.parameters():
@@ -168,7 +168,7 @@ class SparseGradModel(nn.Module):
             else:
                 for p in module.parameters():
                     p.requires_grad_(True)
-        if self.config.support_mode != "fixed" and not self.config.reference_freeze_layernorm:
+        if self.peft_config.support_mode != "fixed" and not self.peft_config.reference_freeze_layernorm:
             for module in self.base_model.modules():
                 if "Norm" in type(module).__name__:
                     for p in module.parameters(recurse=False):
@@ -184,16 +184,16 @@ class SparseGradModel(nn.Module):
         if not self.calibrated:
             raise RuntimeError("SparseGradModel: calibrate before creating the optimizer")
         params = self.trainable_parameters()
-        if self.config.support_mode != "fixed":
+        if self.peft_config.support_mode != "fixed":
             return LazyAdam(params, lr=lr, betas=betas)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
     def make_sparse_optimizer(self, lr: float, betas=(0.9, 0.999)) -> SparseStateAdam:
         """Dynamic mode: the optimizer of the W~ buffers (step it once per optimizer step, after the engine's)."""
-        if self.config.support_mode != "dynamic":
+        if self.peft_config.support_mode != "dynamic":
             raise RuntimeError("make_sparse_optimizer is for support_mode='dynamic'")
-        return SparseStateAdam(self.base_model, lr=lr, betas=betas, mode=self.config.exchange,
-                               oversample=self.config.exchange_oversample)
+        return SparseStateAdam(self.base_model, lr=lr, betas=betas, mode=self.peft_config.exchange,
+                               oversample=self.peft_config.exchange_oversample)
 
     def grads_are_finite(self, policy: str = "raise") -> bool:
         """Check trainable grads before ``optimizer.step``.
@@ -243,25 +243,29 @@ class SparseGradModel(nn.Module):
             raise RuntimeError("SparseGradModel: nothing to save before calibrate()")
         tensors: dict[str, torch.Tensor] = {}
         layers: dict[str, dict] = {}
+        basis_dtype: dict[str, torch.dtype] = {}
         for name, module in self.converted_layers().items():
             key = self.basis_key(name)
+            compute = module.P_sub if isinstance(module, SparseGradLinear) else module.rotated_weight
+            basis_dtype.setdefault(key, compute.dtype)  # the dtype the layers compute in
             layers[name] = {"shape": [module.out_features, module.in_features], "basis_key": key}
             if isinstance(module, SparseGradLinear):
                 tensors[f"{name}.sparse_values"] = module.sparse_values.detach()
-                tensors[f"{name}.support"] = module.support_flat
+                small = module.in_features * module.out_features < 2**31  # int32 indices halve the file
+                tensors[f"{name}.support"] = module.support_flat.to(torch.int32 if small else torch.int64)
             else:
                 tensors[f"{name}.rotated_weight"] = module.rotated_weight.detach()
                 if module.bias is not None:
                     tensors[f"{name}.bias"] = module.bias.detach()
-        if self.config.basis == "hosvd":
-            for key, b in self.bases.items():
-                tensors[f"bases.{key}.P"] = b.P
-                tensors[f"bases.{key}.R"] = b.R
+        if self.peft_config.basis == "hosvd":
+            for key, b in self.bases.items():  # in the layers' compute dtype: lossless for their outputs
+                tensors[f"bases.{key}.P"] = b.P.to(basis_dtype[key])
+                tensors[f"bases.{key}.R"] = b.R.to(basis_dtype[key])
         sharded = [k for k, v in tensors.items() if hasattr(v, "full_tensor")]  # FSDP2 DTensor params
         tensors.update({k: tensors[k].full_tensor() for k in sharded})
         if sharded and dist.get_rank() != 0:
             return
-        meta = {"format": FORMAT, "config": self.config.to_dict(), "layers": layers}
+        meta = {"format": FORMAT, "config": self.peft_config.to_dict(), "layers": layers}
         with atomic_directory(directory) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
@@ -279,7 +283,7 @@ class SparseGradModel(nn.Module):
         tensors = load_file(str(directory / ADAPTER_WEIGHTS))
         wrapper = cls.__new__(cls)
         nn.Module.__init__(wrapper)
-        wrapper.base_model, wrapper.config, wrapper.skipped_steps = model, config, 0
+        wrapper.base_model, wrapper.peft_config, wrapper.skipped_steps = model, config, 0
         wrapper.target_names = list(meta["layers"])
         wrapper.basis_keys = {name: info["basis_key"] for name, info in meta["layers"].items()}
         for p in model.parameters():

@@ -215,3 +215,9 @@ def test_reference_quirks_rotated_bias_grad_and_frozen_layernorm():
     (layer(x) * upstream).sum().backward()
     torch.testing.assert_close(layer.bias.grad, upstream.sum(0) @ layer.P)  # the authors' rotated bias gradient
     assert not torch.allclose(layer.bias.grad, upstream.sum(0))
+
+
+def test_wrapper_config_is_the_hf_config_and_peft_config_is_ours(tiny_llama):
+    model = get_sparsegrad_model(tiny_llama, SparseGradConfig(k=5))
+    assert model.config.model_type == "llama"
+    assert isinstance(model.peft_config, SparseGradConfig) and model.peft_config.k == 5

@@ -324,13 +324,18 @@ def skip_shm_comm_build() -> None:
 
 
 def init_distributed(backend: str | None = None, **kwargs: Any) -> None:
-    """``deepspeed.init_distributed`` without the shm-comm JIT build; gloo on CPU, nccl on CUDA."""
+    """``deepspeed.init_distributed`` without the shm-comm JIT build; gloo on CPU, nccl on CUDA.
+
+    ``DS_ACCELERATOR=cpu`` forces gloo even on a GPU node (the deepspeed launcher re-exports
+    CUDA_VISIBLE_DEVICES, so CUDA may look available to a CPU test run).
+    """
     import deepspeed
     import torch
 
     skip_shm_comm_build()
     if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+        backend = "gloo" if cpu else "nccl"
     deepspeed.init_distributed(dist_backend=backend, **kwargs)
 
 

@@ -132,38 +132,6 @@ def _optimized_parameters(optimizer) -> list:
     return [p for group in getattr(opt, "param_groups", []) for p in group["params"]]
 
 
-class _ConfigView:
-    """``SparseGradModel.config`` as the Trainer needs it: SparseGradConfig fields first, then the base model's HF
-    config (``get_text_config``, ``use_cache``, token ids ...). Writes go to whichever config owns the field."""
-
-    def __init__(self, sparsegrad, hf):
-        object.__setattr__(self, "_sg", sparsegrad)
-        object.__setattr__(self, "_hf", hf)
-
-    def __getattr__(self, name):
-        sg = object.__getattribute__(self, "_sg")
-        try:
-            return getattr(sg, name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_hf"), name)
-
-    def __setattr__(self, name, value):
-        sg = object.__getattribute__(self, "_sg")
-        target = sg if name in getattr(sg, "__dataclass_fields__", {}) else object.__getattribute__(self, "_hf")
-        setattr(target, name, value)
-
-    def __repr__(self):
-        return f"_ConfigView({self._sg!r}, base={type(self._hf).__name__})"
-
-
-def _expose_hf_config(wrapper: SparseGradModel) -> None:
-    """Trainer reads ``model.config`` as the HF config (``align_special_tokens`` at train start); the wrapper's
-    ``config`` is its SparseGradConfig. Overlay the two (idempotent)."""
-    hf = getattr(wrapper.base_model, "config", None)
-    if hf is not None and not isinstance(wrapper.config, _ConfigView):
-        wrapper.config = _ConfigView(wrapper.config, hf)
-
-
 class SparseGradCallback(TrainerCallback):
     """Guards a Trainer run of a SparseGradModel and puts the adapter into every checkpoint dir."""
 
@@ -197,7 +165,7 @@ class SparseGradTrainer(Trainer):
     """``transformers.Trainer`` for a :class:`SparseGradModel` (see the module docstring).
 
     Extra arguments: ``calibration_steps`` (batches of the train dataloader used by calibration;
-    default ``model.config.calibration_steps``) and ``calibration_loss_fn(model, batch)``.
+    default ``model.peft_config.calibration_steps``) and ``calibration_loss_fn(model, batch)``.
     """
 
     def __init__(self, model: SparseGradModel | None = None, args=None, *, calibration_steps: int | None = None,
@@ -206,7 +174,6 @@ class SparseGradTrainer(Trainer):
             raise TypeError(f"SparseGradTrainer needs a SparseGradModel (get_sparsegrad_model(model, config)), got "
                             f"{type(model).__name__}")
         base = model.base_model
-        _expose_hf_config(model)
         if getattr(base, "is_quantized", False):  # adapters are attached: let Trainer's guard through (as for PEFT)
             model._hf_peft_config_loaded = True
         if args is not None and getattr(args, "ddp_broadcast_buffers", None) is None:
@@ -239,7 +206,7 @@ class SparseGradTrainer(Trainer):
             raise RuntimeError("the base model's weights are ZeRO-3 partitioned (loaded after TrainingArguments with a "
                                "ZeRO-3 DeepSpeed config turned on zero.Init): load the model before creating "
                                "TrainingArguments, so calibration sees whole weights")
-        steps = self.calibration_steps or model.config.calibration_steps
+        steps = self.calibration_steps or model.peft_config.calibration_steps
         batches = []
         for batch in self.get_train_dataloader():
             batches.append(self._prepare_inputs(batch))
