@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
+from sg_distributed import checkpoint as ckpt  # noqa: E402
 from sg_distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.graddrop import GradDropConfig  # noqa: E402
@@ -69,6 +73,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="outputs/train_qa")
     p.add_argument("--no_eval_before", action="store_true")
+    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0 = never)")
+    p.add_argument("--resume", help="'auto': newest complete checkpoint in --checkpoint_dir (none: start fresh); "
+                   "or a step_N directory / checkpoint root")
+    p.add_argument("--checkpoint_dir", help="default: <output_dir>/checkpoints")
+    p.add_argument("--keep_checkpoints", type=int, default=2, help="complete checkpoints kept (0 = all)")
+    p.add_argument("--max_skipped_steps", type=int, default=0,
+                   help="steps with a non-finite loss that are skipped; one more stops the run with a checkpoint "
+                   f"and exit code {ckpt.EXIT_NONFINITE}")
+    p.add_argument("--collective_timeout", type=float, default=600.0,
+                   help="seconds a collective waits for the other ranks (a dead peer) before this rank stops "
+                   f"with exit code {ckpt.EXIT_COLLECTIVE}")
+    p.add_argument("--init_adapter", help="start from a saved SparseGrad adapter directory (skips calibration)")
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load_in_8bit", action="store_true", help="frozen bitsandbytes int8 base weights")
     quant.add_argument("--load_in_4bit", action="store_true", help="frozen bitsandbytes nf4 base weights")
@@ -152,8 +168,52 @@ def gathered(params, zero3: bool):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
+class Stop(SystemExit):
+    """A clean stop with a message (printed by the __main__ block) and a specific exit code."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def fault_injection() -> dict[str, set]:
+    """SG_FAULT_INJECT (tests): comma-separated ``nan_loss_at_step_N``, ``kill_rankR_at_step_N``,
+    ``hang_at_step_N`` (every rank sleeps, to be killed from outside), ``crash_in_save_at_step_N``
+    (N: 0-based step index; for saves, the checkpoint's step)."""
+    faults: dict[str, set] = {"nan": set(), "kill": set(), "crash_in_save": set(), "hang": set()}
+    for token in filter(None, os.environ.get("SG_FAULT_INJECT", "").split(",")):
+        if m := re.fullmatch(r"nan_loss_at_step_(\d+)", token.strip()):
+            faults["nan"].add(int(m[1]))
+        elif m := re.fullmatch(r"kill_rank(\d+)_at_step_(\d+)", token.strip()):
+            faults["kill"].add((int(m[1]), int(m[2])))
+        elif m := re.fullmatch(r"hang_at_step_(\d+)", token.strip()):
+            faults["hang"].add(int(m[1]))
+        elif m := re.fullmatch(r"crash_in_save_at_step_(\d+)", token.strip()):
+            faults["crash_in_save"].add(int(m[1]))
+        else:
+            raise SystemExit(f"error: SG_FAULT_INJECT: unknown fault {token!r}")
+    return faults
+
+
+def fingerprint(args, info, model_path: str, global_batch: int) -> dict:
+    """What a resumed run must share with the checkpoint (compared key by key; see checkpoint.check_compatible)."""
+    return {"method": args.method, "density": args.density, "k": args.k, "max_rows": args.max_rows,
+            "max_cols": args.max_cols, "input_convention": args.input_convention, "block_stride": args.block_stride,
+            "calibration_steps": args.calibration_steps, "drop_prob": args.drop_prob, "lora_rank": args.lora_rank,
+            "lr": args.lr if args.lr is not None else DEFAULT_LR[args.method], "seed": args.seed,
+            "global_batch": global_batch, "max_length": args.max_length, "precision": args.precision,
+            "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit,
+            "model_config_sha256": ckpt.file_digest(Path(model_path) / "config.json"),
+            "data": ckpt.file_digest(args.data) if args.data else "default", "init_adapter": args.init_adapter,
+            "fsdp_shard_sparse_values": args.fsdp_shard_sparse_values, "world_size": info.world_size}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    faults = fault_injection()
     torch.manual_seed(args.seed)
     from sg_distributed.integrations.accelerate import AccelerateConfigError, apply_accelerate_env
 
@@ -170,18 +230,67 @@ def main(argv=None) -> dict:
             validate_ds_config(ds_config)
         except DeepSpeedConfigError as err:
             raise SystemExit(f"error: {err}")
-    info = init_process_group(use_deepspeed=ds_config is not None)
+    if args.model is None:
+        from sg_distributed.assets import smollm2_dir
+
+        args.model = str(smollm2_dir())
+    if not Path(args.model).exists():
+        raise SystemExit(f"error: model directory {args.model} does not exist")
+    if args.data is not None and not Path(args.data).is_file():
+        raise SystemExit(f"error: data file {args.data} does not exist")
+    if args.init_adapter and args.method not in ckpt.SPARSEGRAD_METHODS:
+        raise SystemExit(f"error: --init_adapter is for the SparseGrad methods {ckpt.SPARSEGRAD_METHODS}")
+    try:
+        train_pairs, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=0.2, seed=0)
+    except (ValueError, OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"error: cannot use the training data: {err}")
+    info = init_process_group(use_deepspeed=ds_config is not None, timeout=args.collective_timeout)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
+    global_batch = args.micro_batch_size * args.grad_accum * info.world_size
+    if len(train_pairs) < global_batch:
+        raise SystemExit(f"error: the data has {len(train_pairs)} training pairs, fewer than one global batch "
+                         f"({global_batch} = micro_batch_size x grad_accum x world size)")
+
+    checkpoint_dir = Path(args.checkpoint_dir or Path(args.output_dir) / "checkpoints")
+    resume_dir, resume_manifest = None, None
+    if args.resume:
+        found = None
+        if info.is_main:
+            try:
+                path = ckpt.resolve_resume(args.resume, checkpoint_dir, log=lambda m: print(m, flush=True))
+                found = ("ok", str(path) if path else None)
+            except ckpt.CheckpointError as err:
+                found = ("error", str(err))
+        found = ckpt._broadcast(found)
+        if found[0] == "error":
+            raise SystemExit(f"error: cannot resume: {found[1]}")
+        if found[1] is None:
+            if info.is_main:
+                print(f"resume: no complete checkpoint in {checkpoint_dir}; starting from scratch", flush=True)
+        else:
+            resume_dir = Path(found[1])
+            resume_manifest = json.loads((resume_dir / ckpt.MANIFEST).read_text())
+            current = fingerprint(args, info, args.model, global_batch)
+            diffs = ckpt.compare_fingerprints(resume_manifest["fingerprint"], current,
+                                              reshardable=resume_manifest["backend"] in ("fsdp2", "single", "ddp"))
+            if diffs:  # the backend itself is checked once the engine exists
+                try:
+                    ckpt.check_compatible(resume_manifest, current, resume_manifest["backend"], resume_dir)
+                except ckpt.CheckpointError as err:
+                    raise SystemExit(f"error: {err}")
+            if info.is_main:
+                print(f"resume: from {resume_dir} (step {resume_manifest['step']})", flush=True)
 
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
-    model, tokenizer = load_model_and_tokenizer(args.model, args.load_in_8bit, args.load_in_4bit,
-                                                DTYPES[args.precision])
-    train_pairs, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=0.2, seed=0)
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model, args.load_in_8bit, args.load_in_4bit,
+                                                    DTYPES[args.precision])
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: cannot load the model from {args.model}: {err}")
     heldout = heldout[: args.eval_size] if args.eval_size else heldout
     heldout = heldout[: len(heldout) - len(heldout) % info.world_size]  # equal shares per rank
     collate = QACollator(tokenizer, max_length=args.max_length)
-    global_batch = args.micro_batch_size * args.grad_accum * info.world_size
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -192,24 +301,43 @@ def main(argv=None) -> dict:
 
     results = {"method": args.method, "world_size": info.world_size, "deepspeed": args.ds_config, "fsdp": args.fsdp,
                "quantized_base_digest_before": quantized_weights_digest(model)}
-    if not args.no_eval_before:
+    if not args.no_eval_before and resume_dir is None:
         results["before"] = evaluate(model, tokenizer, heldout, info, args, "before")
 
     config = SparseGradConfig(density=args.density, k=args.k, max_rows=args.max_rows or None,
                               max_cols=args.max_cols or None, input_convention=args.input_convention,
                               block_stride=args.block_stride, calibration_steps=args.calibration_steps)
-    # Calibration reads this rank's micro-batches of the first global batches; Grams and scores are
-    # summed over ranks, so any world size sees the same calibration data and gets the same supports.
-    calibration = [b for s in range(args.calibration_steps) for b in micro_batches(s)]
-    config.calibration_steps = len(calibration)
     t0 = time.perf_counter()
-    prepared = prepare(args.method, model, config, calibration_batches=calibration,
-                       graddrop=GradDropConfig(drop_prob=args.drop_prob, seed=args.seed),
-                       lora_rank=args.lora_rank, show_progress=info.is_main)
+    adapter = (resume_dir / "adapter" if resume_dir is not None and args.method in ckpt.SPARSEGRAD_METHODS
+               else args.init_adapter)
+    if adapter is not None:  # resume / warm start: bases and supports come from the adapter, no calibration
+        try:
+            prepared = ckpt.prepared_from_adapter(args.method, model, adapter)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            raise SystemExit(f"error: the adapter {adapter} does not fit this run (model {args.model}): {err}")
+        expected = {"sparsegrad": "fixed", "sparsegrad_reference": "reference"}.get(args.method, "dynamic")
+        if prepared.model.peft_config.support_mode != expected:
+            raise SystemExit(f"error: the adapter {adapter} has support_mode "
+                             f"{prepared.model.peft_config.support_mode!r}, --method {args.method} needs {expected!r}")
+    else:
+        # Calibration reads this rank's micro-batches of the first global batches; Grams and scores are
+        # summed over ranks, so any world size sees the same calibration data and gets the same supports.
+        calibration = ([b for s in range(args.calibration_steps) for b in micro_batches(s)]
+                       if args.method in ckpt.SPARSEGRAD_METHODS else None)
+        config.calibration_steps = len(calibration) if calibration else config.calibration_steps
+        prepared = prepare(args.method, model, config, calibration_batches=calibration,
+                           graddrop=GradDropConfig(drop_prob=args.drop_prob, seed=args.seed),
+                           lora_rank=args.lora_rank, show_progress=info.is_main)
     results["calibration_s"] = time.perf_counter() - t0
     if hasattr(prepared.model, "support_checksum"):
         results["support_checksum"] = prepared.model.support_checksum()
-        assert_same_on_all_ranks(results["support_checksum"], "SparseGrad bases/supports")
+        results["structure_checksum"] = ckpt.structure_checksum(prepared.model)
+        assert_same_on_all_ranks(results["structure_checksum"], "SparseGrad bases/supports")
+        saved = (resume_manifest or {}).get("structure_checksum")
+        if saved is not None and saved != results["structure_checksum"]:
+            raise SystemExit(f"error: the supports/bases rebuilt from {resume_dir} (checksum "
+                             f"{results['structure_checksum'][:12]}) differ from those recorded at save time "
+                             f"({saved[:12]}); refusing to resume")
     trainable = prepared.trainable_count()
     if info.is_main:
         total = sum(p.numel() for p in prepared.model.parameters())
@@ -239,27 +367,150 @@ def main(argv=None) -> dict:
                     max_grad_norm=args.max_grad_norm, comm_counter=counter,
                     fsdp={"shard_sparse_values": args.fsdp_shard_sparse_values} if args.fsdp else False)
 
-    losses = []
+    backend = ckpt.backend_name(engine)
+    sparse_optimizer = prepared.info.get("sparse", {}).get("optimizer")  # SparseStateAdam (dynamic mode)
+    controller = prepared.info.get("controller")  # GradDrop masks
+
+    def full_params():
+        """Trainable parameters whole on every rank (a collective under ZeRO-3 / sharded FSDP2)."""
+        import contextlib
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(gathered(prepared.trainable_parameters(), zero3))
+        if args.fsdp:
+            from sg_distributed.integrations.fsdp import gathered_full_params
+
+            stack.enter_context(gathered_full_params(prepared.model))
+        return stack
+
+    losses, skipped, start_step = [], [], 0
+    if resume_dir is not None:
+        try:
+            ckpt.check_compatible(resume_manifest, fingerprint(args, info, args.model, global_batch), backend,
+                                  resume_dir)
+        except ckpt.CheckpointError as err:
+            raise SystemExit(f"error: {err}")
+        ckpt.load_engine_state(resume_dir, engine, args.method)
+        trainer_state = json.loads((resume_dir / ckpt.TRAINER_STATE).read_text())
+        losses, skipped, start_step = trainer_state["losses"], trainer_state["skipped_steps"], resume_manifest["step"]
+        results.update({k: v for k, v in trainer_state.get("results", {}).items() if k not in results})
+        same_world = resume_manifest["world_size"] == info.world_size
+        # resharded resume (FSDP2 / replicated state): new ranks take rank 0's RNG, GradDrop and SparseStateAdam
+        # state (the latter two are identical on every rank); the byte counters restart (they are per world size)
+        rank_state = ckpt.load_rank_state(resume_dir, info.rank if same_world else 0)
+        if same_world:
+            ckpt.load_counter_state(counter, rank_state["comm"])
+        elif info.is_main:
+            print(f"resume: resharding from {resume_manifest['world_size']} to {info.world_size} ranks", flush=True)
+        if controller is not None:
+            controller.load_state_dict(rank_state["graddrop"])
+        if sparse_optimizer is not None:
+            sparse_optimizer.load_state_dict(rank_state["sparse_adam"])
+        ckpt.set_rng_state(rank_state["rng"])  # last: nothing between here and the loop draws random numbers
+        results["resumed_from"] = str(resume_dir)
+
+    def save(step: int) -> Path:
+        """Checkpoint ``step`` (= optimizer steps done = next step to run) from every rank, atomically."""
+        def parts(tmp: Path) -> None:
+            ckpt.write_engine_state(tmp, engine, prepared, args.method, full_params)
+            ckpt.save_rank_state(tmp, info.rank, {
+                "rng": ckpt.rng_state(), "comm": ckpt.counter_state(counter),
+                "graddrop": controller.state_dict() if controller is not None else None,
+                "sparse_adam": sparse_optimizer.state_dict() if sparse_optimizer is not None else None})
+
+        def crash(tmp: Path) -> None:  # SG_FAULT_INJECT=crash_in_save_at_step_N: die with a half-written step_N.tmp
+            if step in faults["crash_in_save"]:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        extra = {"backend": backend, "world_size": info.world_size,
+                 "fingerprint": fingerprint(args, info, args.model, global_batch),
+                 "structure_checksum": results.get("structure_checksum")}
+        state = {"losses": losses, "skipped_steps": skipped,
+                 "results": {k: results[k] for k in ("before", "quantized_base_digest_before") if k in results}}
+        with counter.paused():
+            path = ckpt.save_checkpoint(checkpoint_dir, step, parts, extra, state, keep=args.keep_checkpoints,
+                                        fault_hook=crash)
+        if info.is_main:
+            print(f"checkpoint: saved {path}", flush=True)
+        return path
+
+    def finite_everywhere(loss: torch.Tensor) -> bool:
+        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
+        if info.world_size > 1:  # every rank must skip the same steps (their collectives must match)
+            with counter.paused():
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
     t0 = time.perf_counter()
-    bar = tqdm(range(args.steps), desc=f"train {args.method}", disable=not info.is_main)
-    with counter:
-        for step in bar:
-            if step == 1:
-                counter.reset()  # the first step carries one-off set-up traffic
-            step_loss = 0.0
-            for batch in micro_batches(step):
-                with counter.label("forward"):
-                    loss = engine.forward(batch)
-                with counter.label("backward"):
-                    engine.backward(loss)
-                with counter.label("step"):
-                    engine.micro_step()
-                step_loss += loss.item() / args.grad_accum
-            with counter.label("step"):
-                engine.step()
-                prepared.after_step()
-            losses.append(step_loss)
-            bar.set_postfix(loss=f"{step_loss:.3f}")
+    bar = tqdm(range(start_step, args.steps), desc=f"train {args.method}", disable=not info.is_main,
+               initial=start_step, total=args.steps)
+    try:
+        with counter:
+            for step in bar:
+                if (info.rank, step) in faults["kill"]:  # SG_FAULT_INJECT=kill_rankR_at_step_N
+                    print(f"fault injection: rank {info.rank} dies at step {step}", flush=True)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                if step in faults["hang"]:
+                    print(f"fault injection: rank {info.rank} hangs at step {step}", flush=True)
+                    time.sleep(3600)
+                if step == 1:
+                    counter.reset()  # the first step carries one-off set-up traffic
+                step_loss, bad_micro = 0.0, None
+                for i, batch in enumerate(micro_batches(step)):
+                    with counter.label("forward"):
+                        loss = engine.forward(batch)
+                    if step in faults["nan"]:
+                        loss = loss * float("nan")
+                    if not finite_everywhere(loss):
+                        bad_micro = i
+                        break
+                    with counter.label("backward"):
+                        engine.backward(loss)
+                    with counter.label("step"):
+                        engine.micro_step()
+                    step_loss += loss.item() / args.grad_accum
+                if bad_micro is not None:  # skip the whole step: no update, its batch is dropped
+                    if engine.deepspeed and bad_micro > 0:
+                        path = save(step)  # DeepSpeed holds this step's partial gradients: redo the step on resume
+                        raise Stop(f"error: non-finite loss at step {step}, micro-batch {bad_micro}: DeepSpeed "
+                                   f"cannot drop a partly accumulated step; checkpoint {path} (resume redoes step "
+                                   f"{step})", ckpt.EXIT_NONFINITE)
+                    engine.discard_gradients()
+                    if sparse_optimizer is not None:
+                        sparse_optimizer.zero_grad()
+                    if args.method == "sparsegrad_reference":
+                        prepared.after_step()  # clears the selection masks only
+                    skipped.append(step)
+                    if info.is_main:
+                        print(f"warning: non-finite loss at step {step}: step skipped "
+                              f"({len(skipped)} of at most {args.max_skipped_steps})", flush=True)
+                    if len(skipped) > args.max_skipped_steps:
+                        path = save(step + 1)
+                        raise Stop(f"error: {len(skipped)} steps with a non-finite loss (steps {skipped}), more than "
+                                   f"--max_skipped_steps {args.max_skipped_steps}; stopped with checkpoint {path} "
+                                   f"(the last good state)", ckpt.EXIT_NONFINITE)
+                else:
+                    with counter.label("step"):
+                        engine.step()
+                        prepared.after_step()
+                    losses.append(step_loss)
+                    bar.set_postfix(loss=f"{step_loss:.3f}")
+                if args.save_every and (step + 1) % args.save_every == 0:
+                    save(step + 1)
+    except Stop:
+        raise
+    except (RuntimeError, TimeoutError) as err:  # a dead or hung peer surfaces as a failed collective
+        if info.world_size > 1 and _is_collective_failure(err):
+            raise Stop(f"error: rank {info.rank}: a collective failed or timed out (--collective_timeout "
+                       f"{args.collective_timeout:g}s); another rank probably died. Restart with --resume auto "
+                       f"to continue from the last checkpoint. Cause: {type(err).__name__}: {str(err)[:300]}",
+                       ckpt.EXIT_COLLECTIVE) from err
+        raise
+    results["skipped_steps"] = skipped
+    results["truncated"] = {"prompts": collate.num_truncated_prompts, "answers": collate.num_truncated_answers}
+    if info.is_main and (collate.num_truncated_prompts or collate.num_truncated_answers):
+        print(f"note: {collate.num_truncated_prompts} prompts and {collate.num_truncated_answers} answers were "
+              f"truncated to --max_length {args.max_length} on rank 0", flush=True)
     results["train_s"] = time.perf_counter() - t0
     if args.steps > 1:
         per_step = counter.per_step(args.steps - 1)
@@ -268,7 +519,7 @@ def main(argv=None) -> dict:
         if info.is_main and info.world_size > 1:
             print(f"bytes per step on rank 0 (steps 2..{args.steps}):\n" + counter.table(args.steps - 1, by="label"),
                   flush=True)
-    results["train_loss_first_last"] = [losses[0], sum(losses[-5:]) / len(losses[-5:])]
+    results["train_loss_first_last"] = [losses[0], sum(losses[-5:]) / len(losses[-5:])] if losses else None
     results["after"] = evaluate(prepared.model, tokenizer, heldout, info, args, "after", zero3=zero3 or args.fsdp)
     with gathered([p for p in model.parameters() if not p.dtype.is_floating_point], zero3):
         results["quantized_base_digest_after"] = quantized_weights_digest(model)
@@ -286,11 +537,22 @@ def main(argv=None) -> dict:
                 prepared.model.save_pretrained(out / "adapter")
     if info.is_main:
         (out / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
-        print(f"train loss {losses[0]:.3f} -> {results['train_loss_first_last'][1]:.3f} in {results['train_s']:.1f}s "
+        first_last = results["train_loss_first_last"] or [math.nan, math.nan]
+        print(f"train loss {first_last[0]:.3f} -> {first_last[1]:.3f} in {results['train_s']:.1f}s "
               f"(calibration {results['calibration_s']:.1f}s); adapter and metrics in {out}", flush=True)
     barrier()
     return results
 
 
+def _is_collective_failure(err: BaseException) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    return isinstance(err, TimeoutError) or type(err).__name__ == "DistBackendError" or any(
+        w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe"))
+
+
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Stop as stop:
+        print(stop.message, file=sys.stderr, flush=True)
+        sys.exit(stop.code)

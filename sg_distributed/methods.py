@@ -85,7 +85,8 @@ def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration
                 sparse["optimizer"] = wrapped.make_sparse_optimizer(lr)
                 return wrapped.make_optimizer(lr, weight_decay=weight_decay)
 
-            return Prepared(method, wrapped, make, lambda: sparse["optimizer"].step(), {"config": config.to_dict()})
+            return Prepared(method, wrapped, make, lambda: sparse["optimizer"].step(),
+                            {"config": config.to_dict(), "sparse": sparse})  # "optimizer": SparseStateAdam
         after = (lambda: clear_masks(wrapped.trainable_parameters())) if config.support_mode == "reference" else (lambda: None)
         return Prepared(method, wrapped, lambda lr: wrapped.make_optimizer(lr, weight_decay=weight_decay), after,
                         {"config": config.to_dict()})

@@ -257,6 +257,10 @@ class SparseGradModel(nn.Module):
                 tensors[f"{name}.rotated_weight"] = module.rotated_weight.detach()
                 if module.bias is not None:
                     tensors[f"{name}.bias"] = module.bias.detach()
+        converted = {f"{name}." for name in self.target_names}
+        for name, p in self.base_model.named_parameters():  # norms trained in reference/dynamic mode
+            if p.requires_grad and not any(name.startswith(prefix) for prefix in converted):
+                tensors[f"extra.{name}"] = p.detach()
         if self.peft_config.basis == "hosvd":
             for key, b in self.bases.items():  # in the layers' compute dtype: lossless for their outputs
                 tensors[f"bases.{key}.P"] = b.P.to(basis_dtype[key])
@@ -315,6 +319,11 @@ class SparseGradModel(nn.Module):
                         new.bias.copy_(tensors[f"{name}.bias"])
             _replace_module(model, name, new.to(module.weight.device) if module.weight.dtype.is_floating_point else new)
         wrapper._mark_trainable()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key.startswith("extra."):
+                    params[key.removeprefix("extra.")].copy_(value)
         wrapper.calibrated = True
         return wrapper
 

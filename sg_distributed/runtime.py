@@ -24,15 +24,22 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_process_group(use_deepspeed: bool) -> DistInfo:
-    """Initialise torch.distributed when launched by deepspeed/torchrun (gloo on CPU, nccl on GPU)."""
+def init_process_group(use_deepspeed: bool, timeout: float | None = None) -> DistInfo:
+    """Initialise torch.distributed when launched by deepspeed/torchrun (gloo on CPU, nccl on GPU).
+
+    ``timeout``: seconds a collective waits for the other ranks before it raises (gloo honours it; nccl
+    with async error handling, the default in torch >= 2.2). None: torch's / DeepSpeed's default.
+    """
+    import datetime
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
     if use_deepspeed:
         from .integrations.deepspeed import init_distributed
 
-        init_distributed()
+        init_distributed(**kwargs)
     elif world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", **kwargs)
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return DistInfo()
@@ -131,6 +138,16 @@ class Engine:
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def discard_gradients(self) -> None:
+        """Drop this step's accumulated gradients without an update (a skipped non-finite step).
+
+        DeepSpeed keeps accumulated gradients in its own buffers: only a step skipped before its first
+        backward can be discarded there (the caller checks)."""
+        if self.deepspeed:
+            return
+        self._micro = 0
         self.optimizer.zero_grad(set_to_none=True)
 
     def micro_step(self) -> None:

@@ -221,3 +221,17 @@ def test_wrapper_config_is_the_hf_config_and_peft_config_is_ours(tiny_llama):
     model = get_sparsegrad_model(tiny_llama, SparseGradConfig(k=5))
     assert model.config.model_type == "llama"
     assert isinstance(model.peft_config, SparseGradConfig) and model.peft_config.k == 5
+
+
+def test_reference_mode_adapter_carries_the_trained_norms(tmp_path):
+    batches = lm_batches()
+    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(k=20, support_mode="reference")).calibrate(batches)
+    optimizer = model.make_optimizer(lr=1e-2)
+    train_steps(model, optimizer, lm_batches(seed=8), 2)
+    norm = model.get_submodule("model.norm").weight
+    assert norm.requires_grad and not torch.equal(norm, torch.ones_like(norm))
+    model.save_pretrained(tmp_path)
+    loaded = SparseGradModel.from_pretrained(make_tiny_llama(), tmp_path)
+    ids = lm_batches(seed=9)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
