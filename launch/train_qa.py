@@ -452,7 +452,8 @@ def main(argv=None) -> dict:
                     os.kill(os.getpid(), signal.SIGKILL)
                 if step in faults["hang"]:
                     print(f"fault injection: rank {info.rank} hangs at step {step}", flush=True)
-                    time.sleep(3600)
+                    time.sleep(120)  # long enough to be killed from outside; an orphan still ends
+                    raise SystemExit(f"fault injection: rank {info.rank} was not killed during its hang")
                 if step == 1:
                     counter.reset()  # the first step carries one-off set-up traffic
                 step_loss, bad_micro = 0.0, None

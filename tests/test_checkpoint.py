@@ -1,4 +1,5 @@
 """Checkpoint / resume of launch/train_qa.py: atomic checksummed checkpoints, SIGKILL + --resume auto, guards."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -155,7 +157,11 @@ def test_zero2_two_ranks_sigkill_then_resume_auto_is_bit_identical(tiny_model_di
     while not (part / "checkpoints" / "step_6" / "manifest.json").exists():
         assert victim.poll() is None and time.time() < deadline, victim.stdout.read()[-3000:]
         time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)
+    # torchrun starts its workers in their own sessions: kill the whole tree, not just the launcher's group
+    launcher = psutil.Process(victim.pid)
+    for proc in launcher.children(recursive=True) + [launcher]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
     victim.wait(timeout=30)
     victim.stdout.close()
 
