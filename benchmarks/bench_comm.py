@@ -248,7 +248,12 @@ def main() -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    argv = [a for a in sys.argv[1:] if not a.startswith("--out")]
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # drop "--out X" and "--out=X": the worker gets its own --out
+        if skip or a.startswith("--out"):
+            skip = a == "--out" and not skip
+            continue
+        argv.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, *argv, "--out", out]
     t0 = time.time()

@@ -1,0 +1,263 @@
+"""Per-GPU memory and bytes per step of every method under DeepSpeed ZeRO-2 / ZeRO-3, before you run.
+
+    python -m sg_distributed.estimate --model llama-2-7b --nodes 2 --gpus-per-node 8 --zero 3 --method all
+    python -m sg_distributed.estimate --model smollm2 --nodes 1 --gpus-per-node 2 --zero 2 --dtype fp32
+    python -m sg_distributed.estimate --model /path/to/config.json --nodes 1 --gpus-per-node 8 --zero 2 \\
+        --method sparsegrad --micro_batch_size 4 --seq 512
+
+The module tree is built on the ``meta`` device (no memory), so targets, shapes and counts are those of
+the real model. ``llama-2-7b`` / ``llama-2-13b`` use the paper presets (up/down of every 3rd block,
+k = 100,000 / 156,977 per matrix, :mod:`sg_distributed.presets`); ``smollm2`` and ``config.json`` models use
+``--density`` (default 1 %) on every block. Row/column budgets ``--max_rows/--max_cols`` default to 0.25
+as in ``launch/train_qa.py``. p = nodes x gpus-per-node data-parallel ranks (one flat ring).
+
+How each figure is obtained (b = bytes per value of ``--dtype``; D = trainable values; "targets" = the
+converted matrices; every trainable tensor is what the library trains, see README "Methods"):
+
+* weights: every parameter of the model x b; ZeRO-3 divides the *partitioned* ones by p (DeepSpeed
+  partitions parameters, not buffers; the ``stage3_param_persistence_threshold`` is ignored here).
+  ``lora`` adds its D adapter values; ``sparsegrad_dynamic`` moves the targets into unpartitioned
+  buffers W~ (replicated on every rank even under ZeRO-3).
+* bases/buffers: ``sparsegrad`` keeps, per converted layer, P_I (m x r) and R_C (n x c) in b bytes
+  (r = min(max_rows x m, k), c = min(max_cols x n, k): an upper bound, the layer keeps the rows/cols its
+  support touches, which is the budget when k >> m, n as in the presets; a full-width P or R is the layer
+  type's shared tensor) plus int64 flat indices (8 B x k) and the used row/col indices; ``sparsegrad_dynamic`` keeps
+  P (m x m) and R (n x n) per converted layer (measured: the layers do not share them) plus its
+  dense rotated-gradient accumulators (m x n x b
+  per target); ``graddrop`` (element) caches one bool mask per target entry.
+* gradients: D x b, partitioned by p under ZeRO-2/3 (DeepSpeed reduces in the parameter dtype); the
+  reduce bucket (at most ``min(D, h^2)`` values) is added when p > 1.
+* optimizer state: AdamW moments, 8 B per trained value, + 4 B fp32 master copy when b < 4, on the
+  partition D'/p (D' = D padded to a multiple of 2p, DeepSpeed's alignment). ``sparsegrad_dynamic``
+  (``SparseStateAdam``) keeps int64 index + 2 fp32 moments for every entry *ever* selected: shown at its
+  minimum (k per matrix, after the first step); it grows with the union of supports, up to m x n.
+* activations (rough, not measured by the tests): Korthikanti et al. 2022 per transformer block without
+  recomputation, s x B x (34 h + 5 a s) bytes in 16-bit (x2 in fp32), SwiGLU's wider MLP folded in as
+  (34 h + 6 (I - 4h)); plus the fp32 logits and their gradient, 8 x s x B x V. Identical for every
+  method (the frozen layers still need their inputs for dX); LoRA/SparseGrad's extra per-layer
+  activations (s x B x (r or c)) are ignored.
+* bytes per step (per rank, sent, ring estimate as in :mod:`sg_distributed.comm`): ZeRO-2 = gradient
+  all-reduce ``2(p-1)/p x b x D`` + all-gather of the updated partitions ``(p-1)/p x b x D'`` + one fp32
+  scalar all-reduce (DeepSpeed's overflow check, 2(p-1)/p x 4). ZeRO-3 = gradient reduce-scatter
+  ``(p-1)/p x b x D'`` + parameter all-gathers of every partitioned weight, frozen ones included, in the
+  forward and again in the backward ``2 x (p-1)/p x b x P_partitioned`` + the scalar. ``sparsegrad_dynamic``
+  adds its exchange of the rotated gradients: ``exact`` = dense all-reduce ``2(p-1)/p x b x N_targets``;
+  ``sparse`` = all-gather of (int64 index, value) pairs ``(p-1) x k x (8 + b)`` + k-vector all-reduce.
+  The ZeRO-2 figures equal what ``CommCounter`` measures (tests/test_estimate.py); ZeRO-3's parameter
+  gathers depend on prefetching/persistence and are an estimate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from .comm import fmt_bytes
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+EST_METHODS = ("sparsegrad", "lora", "full", "graddrop", "sparsegrad_dynamic")
+
+# SmolLM2-135M-Instruct's config.json (HuggingFaceTB), typed in so no asset is needed.
+SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                      max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0)
+
+
+def build_meta_model(model: str):
+    """(meta-device model, SparseGradConfig overrides from a preset) for a preset name or a config path."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from .presets import PRESETS
+
+    if model in PRESETS:
+        preset = PRESETS[model]
+        return preset.build_meta_model(), {"k": preset.k, "block_stride": preset.block_stride,
+                                           "target_modules": list(preset.target_modules)}
+    if model == "smollm2":
+        config = LlamaConfig(**SMOLLM2_CONFIG)
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise ValueError(f"--model {model!r}: not a preset (llama-2-7b, llama-2-13b, smollm2) nor an existing "
+                             "config.json / model directory")
+        config = AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config), {}
+
+
+def _pad(d: int, p: int) -> int:
+    a = 2 * p
+    return int(math.ceil(d / a) * a) if d else 0
+
+
+def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf16", density: float = 0.01,
+             k: int | None = None, block_stride: int = 1, target_modules=None, max_rows: float | None = 0.25,
+             max_cols: float | None = 0.25, micro_batch_size: int = 1, seq: int = 512, exchange: str = "exact",
+             lora_rank: int | None = None, graddrop_granularity: str = "element", include_norms: bool = True,
+             reduce_bucket_size: int | None = None) -> dict[str, Any]:
+    """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
+    from torch import nn
+
+    from .config import SparseGradConfig
+    from .methods import matched_lora_rank
+    from .targets import find_target_linears, layer_type
+
+    if method not in EST_METHODS:
+        raise ValueError(f"method must be one of {EST_METHODS}, got {method!r}")
+    if zero not in (2, 3):
+        raise ValueError(f"zero must be 2 or 3, got {zero!r}")
+    if p < 1:
+        raise ValueError(f"the number of ranks must be >= 1, got {p}")
+    b = DTYPE_BYTES[dtype]
+    cfg = SparseGradConfig(density=density, k=k, block_stride=block_stride, target_modules=target_modules,
+                           max_rows=max_rows, max_cols=max_cols)
+    targets = find_target_linears(model, cfg.target_modules, cfg.blocks, cfg.block_stride)
+    shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
+    ks = {n: cfg.entries_for(o, i, n) for n, (o, i) in shapes.items()}
+    N_t = sum(o * i for o, i in shapes.values())
+    K = sum(ks.values())
+    n_params = sum(q.numel() for q in model.parameters())
+    target_weight_numel = N_t
+    norm_numel = sum(q.numel() for mod in model.modules() if "Norm" in type(mod).__name__
+                     for q in mod.parameters(recurse=False))
+    mcfg = model.config
+    h, L, V = mcfg.hidden_size, mcfg.num_hidden_layers, mcfg.vocab_size
+    a = mcfg.num_attention_heads
+    inter = getattr(mcfg, "intermediate_size", 4 * h)
+
+    partitioned = n_params  # parameters DeepSpeed ZeRO-3 would partition
+    buffers = 0
+    extra_state_note = ""
+    rank_used = None
+    if method == "sparsegrad":
+        D = K
+        shared: dict[tuple, int] = {}
+        for n, (o, i) in shapes.items():
+            # the layer keeps the rows/cols its support touches: at most the budget and at most k
+            r = min(cfg.row_budget(o) if max_rows else o, ks[n])
+            c = min(cfg.col_budget(i) if max_cols else i, ks[n])
+            # a full-width P (no row budget) is the layer type's own tensor, shared by its layers
+            for key, size in (((n, "P"), o * r) if r < o else (("shared", layer_type(n), "P"), o * o),
+                              ((n, "R"), i * c) if c < i else (("shared", layer_type(n), "R"), i * i)):
+                shared[key] = size
+            buffers += 8 * ks[n] + 8 * (r + c)
+        buffers += b * sum(shared.values())
+        partitioned += D
+    elif method == "lora":
+        rank_used = lora_rank or matched_lora_rank(model, cfg)
+        D = rank_used * sum(o + i for o, i in shapes.values())
+        partitioned += D
+    elif method in ("full", "graddrop"):
+        D = N_t
+        if method == "graddrop" and graddrop_granularity == "element":
+            buffers += N_t  # one bool per target entry
+        elif method == "graddrop":
+            buffers += sum(o for o, _ in shapes.values())
+    else:  # sparsegrad_dynamic
+        D = norm_numel if include_norms else 0
+        partitioned -= target_weight_numel  # W~ are buffers, replicated
+        buffers += b * N_t  # W~
+        buffers += b * sum(o * o + i * i for o, i in shapes.values())  # P, R: each layer holds its own copy
+        buffers += b * N_t  # rotated-gradient accumulators
+        extra_state_note = "SparseStateAdam: minimum (k entries per matrix), grows with the union of supports"
+    Dp = _pad(D, p) if p > 1 else D
+    weights = b * (partitioned / p if zero == 3 else partitioned)  # dynamic: W~ are in buffers
+    bucket = min(D, reduce_bucket_size if reduce_bucket_size is not None else h * h) * b if p > 1 else 0
+    grads = b * Dp / p + bucket
+    per_entry = 8 + (4 if b < 4 else 0)
+    optimizer = per_entry * Dp / p
+    if method == "sparsegrad_dynamic":
+        optimizer += 16 * K  # int64 index + fp32 exp_avg + exp_avg_sq, minimum
+    act_block = seq * micro_batch_size * (34 * h + 6 * max(0, inter - 4 * h) + 5 * a * seq) * (b / 2)
+    activations = L * act_block + 8 * seq * micro_batch_size * V
+
+    ring_ar = lambda n_bytes: 2 * (p - 1) / p * n_bytes
+    ring_ag = lambda n_bytes: (p - 1) / p * n_bytes
+    comm: dict[str, float] = {}
+    if zero == 2:
+        comm["grad all-reduce"] = ring_ar(b * D)
+        comm["all-gather updated partitions"] = ring_ag(b * Dp)
+    else:
+        comm["grad reduce-scatter"] = ring_ag(b * Dp)
+        comm["param all-gather (fwd + bwd)"] = 2 * ring_ag(b * partitioned)
+    comm["scalar all-reduce"] = ring_ar(4)
+    if method == "sparsegrad_dynamic":
+        if exchange == "exact":
+            comm["rotated-grad all-reduce (exact)"] = ring_ar(b * N_t)
+        else:
+            comm["sparse all-gather (int64, value)"] = (p - 1) * K * (8 + b)
+            comm["k-vector all-reduce"] = ring_ar(b * K)
+    total_mem = weights + buffers + grads + optimizer + activations
+    return {"method": method, "p": p, "zero": zero, "dtype": dtype, "matrices": len(shapes), "N_targets": N_t,
+            "k_total": K, "trainable": D, "trainable_padded": Dp, "lora_rank": rank_used, "model_params": n_params,
+            "weights": weights, "buffers": buffers, "gradients": grads, "optimizer": optimizer,
+            "activations": activations, "total_memory": total_mem, "comm": comm,
+            "comm_total": sum(comm.values()), "note": extra_state_note,
+            "micro_batch_size": micro_batch_size, "seq": seq}
+
+
+def format_table(rows: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| method | trainable | weights | bases/buffers | gradients | optimizer state | activations (est.) | "
+             "total / GPU | bytes / step / rank | of which |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        tr = f"{r['trainable']:,}" + (f" (r={r['lora_rank']})" if r["lora_rank"] else "")
+        parts = "; ".join(f"{k} {fmt_bytes(v)}" for k, v in r["comm"].items() if v)
+        lines.append(f"| {r['method']} | {tr} | {fmt_bytes(r['weights'])} | {fmt_bytes(r['buffers'])} | "
+                     f"{fmt_bytes(r['gradients'])} | {fmt_bytes(r['optimizer'])} | {fmt_bytes(r['activations'])} | "
+                     f"{fmt_bytes(r['total_memory'])} | {fmt_bytes(r['comm_total'])} | {parts} |")
+    notes = sorted({r["note"] for r in rows if r["note"]})
+    lines += ["", "Units: 1 GB = 1e9 B. Ring estimate of bytes sent per rank (sg_distributed.comm). "
+              "Activations: rough (module docstring)."] + notes
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sg_distributed.estimate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="llama-2-7b | llama-2-13b | smollm2 | path to config.json")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", "--gpus_per_node", dest="gpus_per_node", type=int, default=8)
+    ap.add_argument("--zero", type=int, choices=[2, 3], default=2)
+    ap.add_argument("--method", default="all", help=f"one of {', '.join(EST_METHODS)} or 'all'")
+    ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
+    ap.add_argument("--micro_batch_size", "--micro-batch-size", type=int, default=1)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--density", type=float, default=0.01)
+    ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--block_stride", type=int, default=None)
+    ap.add_argument("--max_rows", type=float, default=0.25, help="0 = no budget")
+    ap.add_argument("--max_cols", type=float, default=0.25, help="0 = no budget")
+    ap.add_argument("--exchange", choices=["exact", "sparse"], default="sparse", help="sparsegrad_dynamic's exchange")
+    ap.add_argument("--lora_rank", type=int, default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        ap.error("--nodes and --gpus-per-node must be >= 1")
+    methods = EST_METHODS if args.method == "all" else [args.method]
+    for m in methods:
+        if m not in EST_METHODS:
+            ap.error(f"--method must be one of {', '.join(EST_METHODS)} or all")
+    model, over = build_meta_model(args.model)
+    kw = dict(density=args.density, k=args.k if args.k is not None else over.get("k"),
+              block_stride=args.block_stride or over.get("block_stride", 1), target_modules=over.get("target_modules"),
+              max_rows=args.max_rows or None, max_cols=args.max_cols or None)
+    p = args.nodes * args.gpus_per_node
+    rows = [estimate(model, m, p=p, zero=args.zero, dtype=args.dtype, micro_batch_size=args.micro_batch_size,
+                     seq=args.seq, exchange=args.exchange, lora_rank=args.lora_rank, **kw) for m in methods]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        header = (f"## {args.model}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = {p} ranks, ZeRO-{args.zero}, "
+                  f"{args.dtype}, micro-batch {args.micro_batch_size} x {args.seq} tokens; {rows[0]['matrices']} "
+                  f"converted matrices, {rows[0]['N_targets']:,} target values, sum k = {rows[0]['k_total']:,}")
+        print(format_table(rows, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""sg_distributed.estimate against measurements.
+
+* bytes per step: a real 2-rank DeepSpeed ZeRO-2 run (tests/comm_worker.py, gloo, fp32) counted with
+  CommCounter; the estimator's ring "wire" total must equal the measured total exactly, per method.
+* optimizer state: bytes of every optimizer-state tensor after one step of a 1-process run == estimate.
+* memory (what can be measured on CPU without an allocator: tensor bytes): parameters + buffers
+  (deduplicated by storage) within 10 % of "weights + bases/buffers", and the gradients of the
+  trainable tensors == "gradients". Activations are not compared (the CPU allocator hides them).
+* the presets: the estimator's counts equal sg_distributed.presets' (DESIGN §2) for LLaMA-2-7B.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import lm_batches, make_tiny_llama
+from sg_distributed.config import SparseGradConfig
+from sg_distributed.estimate import build_meta_model, estimate, main
+from sg_distributed.methods import prepare
+
+REPO = Path(__file__).resolve().parents[1]
+HIDDEN, INTER, DENSITY = 64, 256, 0.01
+WORKER_METHODS = ("full", "lora", "sparsegrad", "graddrop", "sparsegrad_dynamic")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny():
+    return make_tiny_llama(layers=2, hidden=HIDDEN, intermediate=INTER)
+
+
+@pytest.mark.multiprocess
+def test_zero2_bytes_per_step_equal_commcounter(tmp_path):
+    out = tmp_path / "comm.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(REPO / "tests" / "comm_worker.py"), "--out", str(out),
+           "--stage", "2", "--steps", "2", "--hidden", str(HIDDEN), "--intermediate", str(INTER),
+           "--density", str(DENSITY), "--methods", ",".join(WORKER_METHODS)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    measured = json.loads(out.read_text())["ranks"][0]
+    model = _tiny()
+    for method in WORKER_METHODS:
+        est = estimate(model, method, p=2, zero=2, dtype="fp32", density=DENSITY, max_rows=None, max_cols=None,
+                       exchange="exact")
+        got = measured[method]
+        assert est["trainable"] == got["trainable_numel"], method
+        assert est["comm_total"] == pytest.approx(got["total"]["wire"], abs=1e-6), (method, est["comm"], got["total"])
+
+
+def _state_bytes(obj) -> int:
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size() if obj.dim() > 0 else 0
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
+
+
+@pytest.mark.parametrize("method,budget,density", [("full", None, DENSITY), ("lora", None, DENSITY),
+                                                   ("graddrop", None, DENSITY), ("sparsegrad", None, DENSITY),
+                                                   ("sparsegrad", 0.25, 0.05), ("sparsegrad_dynamic", None, DENSITY)])
+def test_optimizer_state_and_tensor_memory_match_one_rank(method, budget, density):
+    model = _tiny()
+    est = estimate(model, method, p=1, zero=2, dtype="fp32", density=density, max_rows=budget, max_cols=budget)
+    config = SparseGradConfig(density=density, calibration_steps=2, max_rows=budget, max_cols=budget)
+    prepared = prepare(method, model, config, calibration_batches=lm_batches(n=2, batch=2, seq=12, seed=7))
+    optimizer = prepared.make_optimizer(1e-3)
+    batch = lm_batches(n=1, batch=2, seq=12, seed=11)[0]
+    prepared.model(**batch).loss.backward()
+    net = prepared.model
+    trainable = prepared.trainable_parameters()
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
+    assert grads == est["gradients"], method
+    seen, tensor_bytes = set(), 0
+    for t in list(net.parameters()) + list(net.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            tensor_bytes += t.numel() * t.element_size()
+    accumulators = sum(m.grad_accumulator.numel() * m.grad_accumulator.element_size() for m in net.modules()
+                       if getattr(m, "grad_accumulator", None) is not None)
+    if method == "sparsegrad" and budget is None:  # k << m, n: the rows/cols touched are data-dependent
+        assert tensor_bytes <= est["weights"] + est["buffers"], method  # the estimate is an upper bound
+    else:  # k >> budget (as in the presets): the layer keeps exactly the budgeted rows/cols
+        assert tensor_bytes + accumulators == pytest.approx(est["weights"] + est["buffers"], rel=0.10), method
+    optimizer.step()
+    prepared.after_step()
+    state = _state_bytes(optimizer.state_dict()["state"])
+    sparse_opt = getattr(prepared.after_step, "__closure__", None)
+    if method == "sparsegrad_dynamic":  # SparseStateAdam, stepped by after_step: k entries per matrix now
+        opt = next(c.cell_contents for c in sparse_opt if isinstance(c.cell_contents, dict))["optimizer"]
+        state += _state_bytes(opt.state)
+    assert state == est["optimizer"], (method, state, est["optimizer"])
+
+
+def test_presets_agree_with_presets_module():
+    from sg_distributed.presets import cost_report
+
+    model, over = build_meta_model("llama-2-7b")
+    est = estimate(model, "sparsegrad", p=8, zero=2, dtype="bf16", k=over["k"], block_stride=over["block_stride"],
+                   target_modules=over["target_modules"])
+    rep = cost_report("llama-2-7b", (8,), "bf16", model=model)
+    assert est["k_total"] == rep["k_total"] == 2_200_000
+    assert est["N_targets"] == rep["N"]
+    # optimizer state over all ranks (12 B/entry in bf16) is the presets' figure, /p per rank (+ padding)
+    assert est["optimizer"] * 8 == pytest.approx(rep["optimizer_state_sparsegrad"], rel=1e-5)
+    # gradient all-reduce == the presets' k-vector all-reduce
+    assert est["comm"]["grad all-reduce"] == pytest.approx(rep["wire"][0]["kvector_allreduce"])
+    full = estimate(model, "full", p=8, zero=2, dtype="bf16", k=over["k"], block_stride=over["block_stride"],
+                    target_modules=over["target_modules"])
+    assert full["comm"]["grad all-reduce"] == pytest.approx(rep["wire"][0]["dense_allreduce"])
+
+
+def test_cli_runs_on_presets_and_config_json(tmp_path, capsys):
+    assert main(["--model", "smollm2", "--nodes", "1", "--gpus-per-node", "2", "--zero", "2", "--dtype", "fp32"]) == 0
+    text = capsys.readouterr().out
+    assert "530,820" in text and "| sparsegrad |" in text and "| sparsegrad_dynamic |" in text
+    _tiny().config.to_json_file(tmp_path / "config.json")
+    assert main(["--model", str(tmp_path / "config.json"), "--nodes", "2", "--gpus-per-node", "4", "--zero", "3",
+                 "--method", "lora"]) == 0
+    assert "ZeRO-3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--model", "smollm2", "--method", "nope"])
+    with pytest.raises(ValueError):
+        main(["--model", str(tmp_path / "missing.json")])
