@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer import ReferenceSparseGradLinear, _RotatedBiasGrad
+from .layer import ReferenceSparseGradLinear, _RotatedBiasGrad, linear_from_rotated
 
 # --------------------------------------------------------------------------------------------- layer
 
@@ -115,17 +115,9 @@ class DynamicSparseGradLinear(nn.Module):
             out = out + (_RotatedBiasGrad.apply(self.bias, self.P) if use_rotated else self.bias)
         return out
 
-    @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        W = self.rotated_weight.to(torch.float64)
-        if not self.identity:
-            W = self.P.to(torch.float64) @ W @ self.R.to(torch.float64).T
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           dtype=self.rotated_weight.dtype, device=W.device)
-        linear.weight.copy_(W.to(linear.weight.dtype))
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return linear_from_rotated(self.rotated_weight, None if self.identity else self.P,
+                                   None if self.identity else self.R, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, k={self.k}, identity={self.identity}"

@@ -236,17 +236,24 @@ class ReferenceSparseGradLinear(nn.Module):
             out = out + bias
         return out
 
-    @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
-        W = self.rotated_weight.to(torch.float64)
-        if not self.identity:
-            W = self.P.to(torch.float64) @ W @ self.R.to(torch.float64).T
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           dtype=self.rotated_weight.dtype, device=W.device)
-        linear.weight.copy_(W.to(linear.weight.dtype))
-        if self.bias is not None:
-            linear.bias.copy_(self.bias)
-        return linear
+        return linear_from_rotated(self.rotated_weight, None if self.identity else self.P,
+                                   None if self.identity else self.R, self.bias)
+
+
+@torch.no_grad()
+def linear_from_rotated(rotated_weight: torch.Tensor, P: torch.Tensor | None, R: torch.Tensor | None,
+                        bias: torch.Tensor | None) -> nn.Linear:
+    """A plain nn.Linear with W = P W~ R^T (computed in float64; P, R None = identity bases)."""
+    W = rotated_weight.to(torch.float64)
+    if P is not None:
+        W = P.to(torch.float64) @ W @ R.to(torch.float64).T
+    out_features, in_features = W.shape
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, dtype=rotated_weight.dtype, device=W.device)
+    linear.weight.copy_(W.to(linear.weight.dtype))
+    if bias is not None:
+        linear.bias.copy_(bias)
+    return linear
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:

@@ -7,8 +7,31 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import socket
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train_qa(cmd, out: Path):
+    """Run a train_qa.py command line (any launcher) into ``out``; returns (saved adapter tensors, stdout)."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd + ["--output_dir", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return load_file(str(out / "adapter" / "adapter_model.safetensors")), proc.stdout
 
 
 def make_tiny_llama(seed=0, layers=2, hidden=32, intermediate=64, vocab=128):

@@ -1,8 +1,5 @@
 """PyTorch FSDP2 (fully_shard) for SparseGrad: sg_distributed.integrations.fsdp and train_qa.py --fsdp."""
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,24 +8,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from conftest import lm_batches, make_tiny_llama, quantize_linears
+from conftest import free_port, lm_batches, make_tiny_llama, quantize_linears
+from conftest import run_train_qa as run
 
-ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--steps", "4", "--calibration_steps", "2", "--eval_size", "4", "--no_eval_before", "--density", "0.5",
           "--max_rows", "0", "--max_cols", "0", "--lr", "1e-2", "--micro_batch_size", "2"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run(cmd, out: Path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd + ["--output_dir", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return load_file(str(out / "adapter" / "adapter_model.safetensors")), proc.stdout
 
 
 def two_ranks(*args):
