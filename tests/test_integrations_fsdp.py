@@ -1,7 +1,6 @@
 """PyTorch FSDP2 (fully_shard) for SparseGrad: sg_distributed.integrations.fsdp and train_qa.py --fsdp."""
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
