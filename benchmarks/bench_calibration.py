@@ -42,20 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 SIZES = "256x688,512x1376,1024x2752,2048x5504"
 
 
-def status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from bench_methods import reset_peak, status_mib  # noqa: E402  (same /proc readings as the methods table)
 
 
 # --------------------------------------------------------------------------------------------- part 1

@@ -71,14 +71,6 @@ def test_design_cost_check_reproduces_design_numbers():
 # ------------------------------------------------------------------ counter on a 1-rank gloo group
 
 
-@pytest.fixture
-def one_rank_group():
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_counter_counts_payload_by_op_and_label(one_rank_group):
     originals = (dist.all_reduce, dist.distributed_c10d.all_gather_into_tensor)
     t = torch.ones(10)  # 40 bytes

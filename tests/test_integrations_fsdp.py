@@ -21,14 +21,6 @@ def two_ranks(*args):
             "--master_port", str(free_port()), "launch/train_qa.py", *args]
 
 
-@pytest.fixture
-def one_rank_group():
-    assert not dist.is_initialized()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _calibrated():
     from sg_distributed import SparseGradConfig
     from sg_distributed.model import get_sparsegrad_model
