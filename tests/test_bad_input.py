@@ -3,7 +3,6 @@ earlier checkpoints intact. (Exit codes: 1 bad input / configuration, 3 non-fini
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from sg_distributed import checkpoint as ckpt
+
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "6", "--calibration_steps", "2", "--eval_size", "2", "--no_eval_before", "--density", "0.5",
@@ -112,12 +113,6 @@ def test_nonfinite_stop_exit_code_and_message_from_the_command_line(tiny_model_d
     assert proc.returncode == ckpt.EXIT_NONFINITE, proc.stderr[-2000:]
     assert "error: 1 steps with a non-finite loss (steps [1]), more than --max_skipped_steps 0" in proc.stderr
     assert (tmp_path / "checkpoints" / "step_2" / "manifest.json").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.multiprocess

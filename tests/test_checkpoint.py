@@ -4,7 +4,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,12 @@ from safetensors.torch import load_file
 
 from sg_distributed import checkpoint as ckpt
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--steps", "8", "--calibration_steps", "2", "--eval_size", "2", "--no_eval_before", "--density", "0.5",
           "--max_rows", "0", "--max_cols", "0", "--lr", "1e-2", "--micro_batch_size", "2", "--save_every", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

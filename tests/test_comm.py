@@ -1,7 +1,6 @@
 """sg_distributed.comm: analytic byte formulas (DESIGN §2), the CommCounter, and a 2-rank ZeRO-2 count."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ from sg_distributed.comm import (
     wire_bytes,
 )
 from sg_distributed.config import SparseGradConfig
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,19 +133,13 @@ def test_nested_counters_share_the_patch(one_rank_group):
 # ------------------------------------------------------------------ real 2-rank ZeRO-2 run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_zero2_bytes_full_vs_sparsegrad(tmp_path):
     hidden, inter, density = 64, 256, 0.01
     out = tmp_path / "comm.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "comm_worker.py"), "--out", str(out),
+           "--master_port", str(free_port()), str(REPO / "tests" / "comm_worker.py"), "--out", str(out),
            "--stage", "2", "--steps", "2", "--hidden", str(hidden), "--intermediate", str(inter),
            "--density", str(density)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

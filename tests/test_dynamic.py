@@ -2,7 +2,6 @@
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ from sg_distributed.dynamic import (DynamicSparseGradLinear, SparseExchange, Spa
                                     dense_parameters, make_dynamic, topk_indices)
 from sg_distributed.layer import ReferenceSparseGradLinear
 from sg_distributed.optim import LazyAdam, clear_masks
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,18 +148,12 @@ def test_exchange_without_process_group_is_a_local_top_k_with_ties_to_lower_inde
         SparseExchange(3, "dense")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_two_ranks_exact_equals_single_process_and_sparse_agrees(tmp_path):
     out = tmp_path / "dynamic.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "dynamic_worker.py"), "--out", str(out)]
+           "--master_port", str(free_port()), str(REPO / "tests" / "dynamic_worker.py"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -10,7 +10,6 @@
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import lm_batches, make_tiny_llama
+from conftest import free_port, lm_batches, make_tiny_llama
 from sg_distributed.config import SparseGradConfig
 from sg_distributed.estimate import build_meta_model, estimate, main
 from sg_distributed.methods import prepare
@@ -26,12 +25,6 @@ from sg_distributed.methods import prepare
 REPO = Path(__file__).resolve().parents[1]
 HIDDEN, INTER, DENSITY = 64, 256, 0.01
 WORKER_METHODS = ("full", "lora", "sparsegrad", "graddrop", "sparsegrad_dynamic")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tiny():
@@ -43,7 +36,7 @@ def test_zero2_bytes_per_step_equal_commcounter(tmp_path):
     out = tmp_path / "comm.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "comm_worker.py"), "--out", str(out),
+           "--master_port", str(free_port()), str(REPO / "tests" / "comm_worker.py"), "--out", str(out),
            "--stage", "2", "--steps", "2", "--hidden", str(HIDDEN), "--intermediate", str(INTER),
            "--density", str(DENSITY), "--methods", ",".join(WORKER_METHODS)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

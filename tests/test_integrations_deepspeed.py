@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from sg_distributed.integrations.deepspeed import (
     skip_shm_comm_build,
     validate_ds_config,
 )
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "ds_configs"
@@ -206,18 +207,12 @@ def test_skip_shm_comm_build_is_idempotent():
 # ------------------------------------------------------------------ real 2-rank run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 def test_zero2_two_ranks_torchrun(tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "ds_smoke_worker.py"),
+           "--master_port", str(free_port()), str(REPO / "tests" / "ds_smoke_worker.py"),
            "--config", str(CONFIGS / "zero2.json"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from conftest import free_port, lm_batches, make_tiny_llama, quantize_linears
