@@ -526,12 +526,7 @@ def main(argv=None) -> dict:
         results["quantized_base_digest_after"] = quantized_weights_digest(model)
 
     out = Path(args.output_dir)
-    fsdp_full = gathered([], False)
-    if args.fsdp:  # sharded k-vectors become whole tensors (a collective); replicated ones are whole already
-        from sg_distributed.integrations.fsdp import gathered_full_params
-
-        fsdp_full = gathered_full_params(prepared.model)
-    with gathered(prepared.trainable_parameters(), zero3), fsdp_full:  # a collective under ZeRO-3: all ranks enter
+    with full_params():  # a collective under ZeRO-3 / sharded FSDP2: all ranks enter
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             if args.method not in ("full", "graddrop"):  # dense methods would save the whole model
