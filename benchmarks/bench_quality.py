@@ -31,6 +31,9 @@ unfreeze               [full] + ``GradualUnfreezing`` over the blocks' target we
 sparsegrad             [sparsegrad] fixed support, textbook convention (R = Q), density 1 %,
                        max_rows = max_cols = 0.25 (launch/train_qa.py's defaults)
 sparsegrad_refconv     the same with ``input_convention="reference"`` (the authors' R = Q^T)
+sparsegrad_reselect    the same plus drop-and-grow re-selection: every ``--reselect_every`` steps (10) the
+                       ``--reselect_fraction`` (0.2) of each support with the smallest |v| is swapped for
+                       the largest accumulated |G~| of its rows x cols block (``reselect.py``)
 sparsegrad_reference   [sparsegrad_reference] paper-exact: dense rotated weight, per-step top-k of
                        |G~| (k = 1 % per matrix, no row/col budget), LazyAdam, authors' input convention
 =====================  ================================================================================
@@ -77,14 +80,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ALL_VARIANTS = ("none", "head_only", "full", "lora", "lora_r8", "meprop", "graddrop", "graddrop_row", "unfreeze",
-                "sparsegrad", "sparsegrad_refconv", "sparsegrad_reference")
+                "sparsegrad", "sparsegrad_refconv", "sparsegrad_reselect", "sparsegrad_reference")
 # base learning rates (qa: launch/train_qa.py's per-method defaults; bbc: the same family, encoder-sized)
 BASE_LR = {
     "qa": {"full": 2e-5, "graddrop": 2e-5, "graddrop_row": 2e-5, "unfreeze": 2e-5, "lora": 1e-3, "lora_r8": 1e-3,
-           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_refconv": 1e-2, "sparsegrad_reference": 1e-4},
+           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2,
+           "sparsegrad_reference": 1e-4},
     "bbc": {"full": 1e-4, "graddrop": 1e-4, "graddrop_row": 1e-4, "unfreeze": 1e-4, "lora": 1e-3, "lora_r8": 1e-3,
-            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_refconv": 1e-2, "sparsegrad_reference": 1e-3,
-            "head_only": 0.0},
+            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2,
+            "sparsegrad_reference": 1e-3, "head_only": 0.0},
 }
 NO_LR = ("none", "head_only")
 
@@ -228,11 +232,13 @@ def run_job(job: dict) -> dict:
 
     base = {"density": args.density, "calibration_steps": args.calibration_steps}
     method, cfg, extra = variant, dict(base), {}
-    if variant in ("sparsegrad", "sparsegrad_refconv"):
+    if variant in ("sparsegrad", "sparsegrad_refconv", "sparsegrad_reselect"):
         method = "sparsegrad"
         cfg.update(max_rows=args.max_rows or None, max_cols=args.max_cols or None)
         if variant == "sparsegrad_refconv":
             cfg["input_convention"] = "reference"
+        if variant == "sparsegrad_reselect":
+            cfg.update(reselect_every=args.reselect_every, reselect_fraction=args.reselect_fraction)
     elif variant == "sparsegrad_reference":
         cfg.update(input_convention="reference", reference_freeze_layernorm=True)
     elif variant == "meprop":
@@ -331,6 +337,8 @@ def run_job(job: dict) -> dict:
 def job_key(task, variant, seed, lr, phase, args) -> str:
     sizes = f"steps={args.steps},mb={args.micro_batch_size},seq={args.seq},density={args.density}"
     sizes += f",eval={args.eval_size},val={args.val_size}" + (f",train={args.bbc_train}" if task == "bbc" else "")
+    if variant == "sparsegrad_reselect":
+        sizes += f",reselect={args.reselect_every}x{args.reselect_fraction}"
     return f"{task}|{variant}|seed={seed}|lr={lr:.3g}|{phase}|{sizes}"
 
 
@@ -409,7 +417,7 @@ def run_task(task: str, args) -> None:
     grid = [float(g) for g in args.lr_grid.split(",")]
     jargs = {k: getattr(args, k) for k in ("steps", "micro_batch_size", "seq", "density", "calibration_steps",
                                            "max_rows", "max_cols", "eval_size", "val_size", "val_groups",
-                                           "bbc_train", "head_lr")}
+                                           "bbc_train", "head_lr", "reselect_every", "reselect_fraction")}
     ns = argparse.Namespace(**jargs)
 
     def job(variant, seed, lr, phase):
@@ -534,6 +542,8 @@ def main() -> None:
     p.add_argument("--val_groups", type=int, default=20, help="qa: training-side top-level questions held for validation")
     p.add_argument("--bbc_train", type=int, default=400)
     p.add_argument("--head_lr", type=float, default=1e-3)
+    p.add_argument("--reselect_every", type=int, default=10, help="sparsegrad_reselect: steps between re-selections")
+    p.add_argument("--reselect_fraction", type=float, default=0.2, help="sparsegrad_reselect: share swapped")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--worker", help=argparse.SUPPRESS)

@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_rows", type=float, default=0.25, help="row budget of P (fraction or count); 0 = none")
     p.add_argument("--max_cols", type=float, default=0.25, help="column budget of R (fraction or count); 0 = none")
     p.add_argument("--input_convention", choices=["textbook", "reference"], default="textbook")
+    p.add_argument("--reselect_every", type=int, default=0,
+                   help="sparsegrad: drop-and-grow re-selection of the support every N steps (0 = fixed support)")
+    p.add_argument("--reselect_fraction", type=float, default=0.2, help="share of each support swapped per re-selection")
     p.add_argument("--block_stride", type=int, default=1)
     p.add_argument("--calibration_steps", type=int, default=8)
     p.add_argument("--drop_prob", type=float, default=0.5, help="GradDrop p")
@@ -203,6 +206,7 @@ def fingerprint(args, info, model_path: str, global_batch: int) -> dict:
     return {"method": args.method, "density": args.density, "k": args.k, "max_rows": args.max_rows,
             "max_cols": args.max_cols, "input_convention": args.input_convention, "block_stride": args.block_stride,
             "calibration_steps": args.calibration_steps, "drop_prob": args.drop_prob, "lora_rank": args.lora_rank,
+            "reselect_every": args.reselect_every, "reselect_fraction": args.reselect_fraction,
             "lr": args.lr if args.lr is not None else DEFAULT_LR[args.method], "seed": args.seed,
             "global_batch": global_batch, "max_length": args.max_length, "precision": args.precision,
             "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit,
@@ -306,7 +310,9 @@ def main(argv=None) -> dict:
 
     config = SparseGradConfig(density=args.density, k=args.k, max_rows=args.max_rows or None,
                               max_cols=args.max_cols or None, input_convention=args.input_convention,
-                              block_stride=args.block_stride, calibration_steps=args.calibration_steps)
+                              block_stride=args.block_stride, calibration_steps=args.calibration_steps,
+                              reselect_every=args.reselect_every if args.method == "sparsegrad" else 0,
+                              reselect_fraction=args.reselect_fraction)
     t0 = time.perf_counter()
     adapter = (resume_dir / "adapter" if resume_dir is not None and args.method in ckpt.SPARSEGRAD_METHODS
                else args.init_adapter)
@@ -358,6 +364,10 @@ def main(argv=None) -> dict:
     if args.fsdp and (ds_config is not None or args.method not in ("sparsegrad", "lora", "full")):
         raise SystemExit("error: --fsdp runs --method sparsegrad, lora or full without --ds_config (the other "
                          "methods keep per-step state on parameter objects or gradient hooks, which FSDP2 replaces)")
+    if args.reselect_every and (args.fsdp or zero3):
+        raise SystemExit("error: --reselect_every runs in one process, under DDP and under DeepSpeed ZeRO-1/2; "
+                         "ZeRO-3 and FSDP2 shard the k-vectors (not supported yet): use ds_configs/zero2.json or "
+                         "--reselect_every 0")
     if resolved and args.method == "sparsegrad_reference":
         raise SystemExit("error: --method sparsegrad_reference keeps per-step selection masks on parameter objects, "
                          "which ZeRO replaces by flat partitions; use --method sparsegrad_dynamic (same algorithm, "
@@ -370,6 +380,7 @@ def main(argv=None) -> dict:
     backend = ckpt.backend_name(engine)
     sparse_optimizer = prepared.info.get("sparse", {}).get("optimizer")  # SparseStateAdam (dynamic mode)
     controller = prepared.info.get("controller")  # GradDrop masks
+    reselector = prepared.info.get("reselector")  # drop-and-grow schedule and growth scores
 
     def full_params():
         """Trainable parameters whole on every rank (a collective under ZeRO-3 / sharded FSDP2)."""
@@ -406,6 +417,11 @@ def main(argv=None) -> dict:
             controller.load_state_dict(rank_state["graddrop"])
         if sparse_optimizer is not None:
             sparse_optimizer.load_state_dict(rank_state["sparse_adam"])
+        if reselector is not None:  # schedule + growth scores; resharded: rank 0 takes every old rank's scores
+            reselector.load_state_dict(rank_state["reselect"], scores=same_world)
+            if not same_world and info.is_main:
+                for old_rank in range(resume_manifest["world_size"]):
+                    reselector.add_scores(ckpt.load_rank_state(resume_dir, old_rank)["reselect"])
         ckpt.set_rng_state(rank_state["rng"])  # last: nothing between here and the loop draws random numbers
         results["resumed_from"] = str(resume_dir)
 
@@ -416,7 +432,8 @@ def main(argv=None) -> dict:
             ckpt.save_rank_state(tmp, info.rank, {
                 "rng": ckpt.rng_state(), "comm": ckpt.counter_state(counter),
                 "graddrop": controller.state_dict() if controller is not None else None,
-                "sparse_adam": sparse_optimizer.state_dict() if sparse_optimizer is not None else None})
+                "sparse_adam": sparse_optimizer.state_dict() if sparse_optimizer is not None else None,
+                "reselect": reselector.state_dict() if reselector is not None else None})
 
         def crash(tmp: Path) -> None:  # SG_FAULT_INJECT=crash_in_save_at_step_N: die with a half-written step_N.tmp
             if step in faults["crash_in_save"]:
@@ -424,7 +441,8 @@ def main(argv=None) -> dict:
 
         extra = {"backend": backend, "world_size": info.world_size,
                  "fingerprint": fingerprint(args, info, args.model, global_batch),
-                 "structure_checksum": results.get("structure_checksum")}
+                 # now, not at calibration: re-selection changes the supports
+                 "structure_checksum": ckpt.structure_checksum(prepared.model) if "structure_checksum" in results else None}
         state = {"losses": losses, "skipped_steps": skipped,
                  "results": {k: results[k] for k in ("before", "quantized_base_digest_before") if k in results}}
         with counter.paused():

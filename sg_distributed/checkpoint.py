@@ -344,24 +344,10 @@ def structure_checksum(model) -> str:
 
 def prepared_from_adapter(method: str, model, adapter_dir: str | Path, weight_decay: float = 0.0):
     """``methods.prepare`` without calibration: the SparseGrad model rebuilt from a saved adapter."""
-    from .methods import Prepared
+    from .methods import prepared_sparsegrad
     from .model import SparseGradModel
-    from .optim import clear_masks
 
-    wrapped = SparseGradModel.from_pretrained(model, adapter_dir)
-    config = wrapped.peft_config
-    if config.support_mode == "dynamic":
-        sparse = {}
-
-        def make(lr):
-            sparse["optimizer"] = wrapped.make_sparse_optimizer(lr)
-            return wrapped.make_optimizer(lr, weight_decay=weight_decay)
-
-        return Prepared(method, wrapped, make, lambda: sparse["optimizer"].step(),
-                        {"config": config.to_dict(), "sparse": sparse})
-    after = (lambda: clear_masks(wrapped.trainable_parameters())) if config.support_mode == "reference" else (lambda: None)
-    return Prepared(method, wrapped, lambda lr: wrapped.make_optimizer(lr, weight_decay=weight_decay), after,
-                    {"config": config.to_dict()})
+    return prepared_sparsegrad(method, SparseGradModel.from_pretrained(model, adapter_dir), weight_decay)
 
 
 # ------------------------------------------------------------------------------------ engine state

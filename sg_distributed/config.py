@@ -45,8 +45,10 @@ class SparseGradConfig:
     exchange / exchange_oversample: dynamic mode's exchange: ``exact`` (dense all-reduce, then top-k;
         equals one process) or ``sparse`` (local top-k -> all-gather (index, value) -> global top-k ->
         one k-vector all-reduce; approximate choice, exact values).
-    reselect_every: re-select a fixed support every N optimizer steps (0 = never; not implemented yet,
-        values > 0 are refused by ``get_sparsegrad_model``).
+    reselect_every / reselect_fraction: every N optimizer steps (0 = never) a fixed support drops the
+        ``reselect_fraction`` of its entries with the smallest |v| and grows as many entries of its rows x
+        cols block with the largest |G~| since the last re-selection (``reselect.py``). Needs a row/column
+        budget (the dense-block kernel provides the scores).
     calibration_steps: batches used by ``calibrate`` when the caller does not limit them.
     score: accumulate ``abs`` |G~| or ``square`` G~^2 to rank entries.
     reference_rotated_bias_grad / reference_freeze_layernorm: the authors' quirks, reference mode only.
@@ -66,6 +68,7 @@ class SparseGradConfig:
     exchange: str = "exact"
     exchange_oversample: float = 1.0
     reselect_every: int = 0
+    reselect_fraction: float = 0.2
     calibration_steps: int = 8
     score: str = "abs"
     reference_rotated_bias_grad: bool = False
@@ -94,6 +97,14 @@ class SparseGradConfig:
                 raise ValueError(f"SparseGradConfig.{name} must be > 0 (an int, or a fraction < 1), got {value}")
         if self.reselect_every < 0:
             raise ValueError(f"SparseGradConfig.reselect_every must be >= 0, got {self.reselect_every}")
+        if not 0.0 < float(self.reselect_fraction) <= 1.0:
+            raise ValueError(f"SparseGradConfig.reselect_fraction must be in (0, 1], got {self.reselect_fraction!r}")
+        if self.reselect_every and self.support_mode != "fixed":
+            raise ValueError(f"SparseGradConfig.reselect_every re-selects a fixed support; support_mode="
+                             f"{self.support_mode!r} already selects at every step (use reselect_every=0)")
+        if self.reselect_every and self.max_rows is None and self.max_cols is None:
+            raise ValueError("SparseGradConfig.reselect_every needs a row/column budget (max_rows/max_cols, e.g. "
+                             "0.25): growth scores come from the dense-block kernel")
         if self.calibration_steps < 1:
             raise ValueError(f"SparseGradConfig.calibration_steps must be >= 1, got {self.calibration_steps}")
 

@@ -54,31 +54,46 @@ class _SparseDelta(torch.autograd.Function):
 
 
 class SupportStructure:
-    """Index structure of S inside the touched r x c block, with the two kernels it needs."""
+    """Index structure of S inside the touched r x c block, with the two kernels it needs.
+
+    Entries are in *slot order* (slot i holds ``values[i]``): row-major after calibration, permuted when
+    re-selection puts a new entry into a dropped entry's slot. CSR kernels see a row-major view.
+    ``score`` (r*c, float32), when set, accumulates |G~| or G~^2 of the whole block at every backward:
+    the growth scores of support re-selection (dense-block kernel only, where G~ of the block is computed
+    anyway).
+    """
 
     def __init__(self, local_rows: torch.Tensor, local_cols: torch.Tensor, r: int, c: int, dense_block: bool):
         self.r, self.c, self.dense_block = r, c, dense_block
         self.local_rows, self.local_cols = local_rows, local_cols
         self.flat = local_rows * c + local_cols
         k = local_rows.numel()
-        # CSR of S (support is row-major sorted) and of S^T (needs a permutation of the values).
+        self.order = torch.argsort(self.flat)  # slot order -> row-major
+        self.in_order = bool(torch.equal(self.order, torch.arange(k, device=self.order.device)))
+        # CSR of S (row-major view) and of S^T (needs a permutation of the values).
         self.crow = torch.zeros(r + 1, dtype=torch.int64, device=local_rows.device)
         self.crow[1:] = torch.bincount(local_rows, minlength=r).cumsum(0)
+        self.col = local_cols[self.order]
         self.perm_t = torch.argsort(local_cols * r + local_rows)
         self.crow_t = torch.zeros(c + 1, dtype=torch.int64, device=local_rows.device)
         self.crow_t[1:] = torch.bincount(local_cols, minlength=c).cumsum(0)
         self.col_t = local_rows[self.perm_t]
         self._ones = None
         self.k = k
+        self.score: torch.Tensor | None = None
+        self.score_square = False
 
     def dense(self, values: torch.Tensor) -> torch.Tensor:
         return values.new_zeros(self.r * self.c).index_copy_(0, self.flat, values).view(self.r, self.c)
+
+    def _row_major(self, values):
+        return values if self.in_order else values[self.order]
 
     def right_multiply_transpose(self, values, B):
         """B S^T (T x r)."""
         if self.dense_block:
             return B @ self.dense(values).T
-        return (_csr(self.crow, self.local_cols, values, (self.r, self.c)) @ B.T).T
+        return (_csr(self.crow, self.col, self._row_major(values), (self.r, self.c)) @ B.T).T
 
     def right_multiply(self, values, A):
         """A S (T x c)."""
@@ -87,17 +102,23 @@ class SupportStructure:
         return (_csr(self.crow_t, self.col_t, values[self.perm_t], (self.c, self.r)) @ A.T).T
 
     def sampled_product(self, A, B):
-        """(A^T B) at the support, in support order."""
+        """(A^T B) at the support, in slot order."""
         if self.dense_block:
-            return (A.T @ B).reshape(-1).index_select(0, self.flat)
+            block = (A.T @ B).reshape(-1)
+            if self.score is not None:
+                self.score.add_(block.float().square() if self.score_square else block.float().abs())
+            return block.index_select(0, self.flat)
         if self._ones is None or self._ones.dtype != A.dtype or self._ones.device != A.device:
             self._ones = torch.ones(self.k, dtype=A.dtype, device=A.device)
-        pattern = _csr(self.crow, self.local_cols, self._ones, (self.r, self.c))
-        return torch.sparse.sampled_addmm(pattern, A.T.contiguous(), B.contiguous(), beta=0.0).values()
+        pattern = _csr(self.crow, self.col, self._ones, (self.r, self.c))
+        sampled = torch.sparse.sampled_addmm(pattern, A.T.contiguous(), B.contiguous(), beta=0.0).values()
+        return sampled if self.in_order else torch.empty_like(sampled).index_copy_(0, self.order, sampled)
 
     def to(self, device) -> "SupportStructure":
-        for name in ("local_rows", "local_cols", "flat", "crow", "perm_t", "crow_t", "col_t"):
+        for name in ("local_rows", "local_cols", "flat", "order", "crow", "col", "perm_t", "crow_t", "col_t"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.score is not None:
+            self.score = self.score.to(device)
         self._ones = None
         return self
 
@@ -106,7 +127,8 @@ class SparseGradLinear(nn.Module):
     """Frozen ``base`` (nn.Linear, bnb Linear8bitLt or Linear4bit) + trainable k-vector ``sparse_values``."""
 
     def __init__(self, base: nn.Linear, P: torch.Tensor, R: torch.Tensor, support: Support,
-                 values: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+                 values: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                 block: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         m, n = base.out_features, base.in_features
         if tuple(support.shape) != (m, n) or P.shape != (m, m) or R.shape != (n, n):
@@ -119,8 +141,11 @@ class SparseGradLinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = n, m
         dtype = dtype or _compute_dtype(base)
-        rows_used = torch.unique(support.rows)
-        cols_used = torch.unique(support.cols)
+        # The touched block: the support's rows x cols, or (re-selected supports) the block it was grown in.
+        rows_used, cols_used = (torch.unique(support.rows), torch.unique(support.cols)) if block is None else block
+        rows_used, cols_used = rows_used.to(torch.int64), cols_used.to(torch.int64)
+        if block is not None and not (torch.isin(support.rows, rows_used).all() and torch.isin(support.cols, cols_used).all()):
+            raise ValueError(f"SparseGradLinear({m}x{n}): the support has entries outside the given rows x cols block")
         r, c = rows_used.numel(), cols_used.numel()
         # Full bases are shared tensors (no copy); a budget keeps only the touched columns.
         self.register_buffer("P_sub", (P if r == m else P[:, rows_used]).to(dtype), persistent=False)
@@ -128,16 +153,53 @@ class SparseGradLinear(nn.Module):
         self.register_buffer("support_flat", support.flat())
         self.register_buffer("rows_used", rows_used, persistent=False)
         self.register_buffer("cols_used", cols_used, persistent=False)
-        self.structure = SupportStructure(
-            torch.searchsorted(rows_used, support.rows), torch.searchsorted(cols_used, support.cols),
-            r, c, dense_block=r * c <= DENSE_BLOCK_FRACTION * m * n,
-        )
+        self.structure = self._structure(support.rows, support.cols)
         init = torch.zeros(support.k, dtype=dtype) if values is None else values.detach().to(dtype).clone()
         self.sparse_values = nn.Parameter(init)
 
+    def _structure(self, rows: torch.Tensor, cols: torch.Tensor) -> SupportStructure:
+        r, c = self.rows_used.numel(), self.cols_used.numel()
+        return SupportStructure(torch.searchsorted(self.rows_used, rows), torch.searchsorted(self.cols_used, cols),
+                                r, c, dense_block=r * c <= DENSE_BLOCK_FRACTION * self.out_features * self.in_features)
+
     @property
     def support(self) -> Support:
-        return Support.from_flat(self.support_flat, (self.out_features, self.in_features))
+        """The support in slot order: ``support.rows[i], support.cols[i]`` hold ``sparse_values[i]``."""
+        return Support.from_flat(self.support_flat, (self.out_features, self.in_features), sort=False)
+
+    # --- support re-selection (see reselect.py) -----------------------------------------------------
+    def start_scoring(self, square: bool = False) -> torch.Tensor:
+        """Accumulate |G~| (or G~^2) of the r x c block at every backward; returns the (r*c,) buffer."""
+        s = self.structure
+        if not s.dense_block:
+            raise ValueError(
+                f"SparseGradLinear({self.out_features}x{self.in_features}): support re-selection needs the "
+                f"dense-block kernel (a row/column budget with rows x cols <= {DENSE_BLOCK_FRACTION} of the "
+                f"matrix; this layer touches {s.r}x{s.c}); set max_rows/max_cols, e.g. 0.25"
+            )
+        if s.score is None:
+            s.score = torch.zeros(s.r * s.c, dtype=torch.float32, device=self.support_flat.device)
+        s.score_square = square
+        return s.score
+
+    def block_to_flat(self, block_index: torch.Tensor) -> torch.Tensor:
+        """Index in the r x c block -> index in the m x n rotated matrix."""
+        c = self.cols_used.numel()
+        return self.rows_used[block_index // c] * self.in_features + self.cols_used[block_index % c]
+
+    @torch.no_grad()
+    def replace_entries(self, slots: torch.Tensor, block_index: torch.Tensor) -> None:
+        """Slot ``slots[i]`` now holds block entry ``block_index[i]``, starting from 0 (callers reset the
+        slots' optimizer state: see ``reselect.reset_slots``)."""
+        flat = self.support_flat.clone()
+        flat[slots] = self.block_to_flat(block_index)
+        if torch.unique(flat).numel() != flat.numel():
+            raise ValueError("SparseGradLinear.replace_entries: the new support has repeated entries")
+        n = self.in_features
+        score, square = self.structure.score, self.structure.score_square
+        self.support_flat.copy_(flat)
+        self.structure = self._structure(flat // n, flat % n)
+        self.structure.score, self.structure.score_square = score, square
 
     @property
     def k(self) -> int:

@@ -61,6 +61,30 @@ def _dense_targets(model: nn.Module, config: SparseGradConfig) -> dict[str, nn.L
     return targets
 
 
+def prepared_sparsegrad(method: str, wrapped, weight_decay: float = 0.0) -> Prepared:
+    """The training form of a calibrated (or restored) SparseGradModel: optimizer factory and step hook."""
+    config = wrapped.peft_config
+    info: dict[str, Any] = {"config": config.to_dict()}
+    if config.support_mode == "dynamic":
+        info["sparse"] = sparse = {}
+
+        def make(lr):  # the engine gets the dense optimizer (norms, biases); W~ buffers step here
+            sparse["optimizer"] = wrapped.make_sparse_optimizer(lr)  # SparseStateAdam
+            return wrapped.make_optimizer(lr, weight_decay=weight_decay)
+
+        return Prepared(method, wrapped, make, lambda: sparse["optimizer"].step(), info)
+    if config.reselect_every:  # the re-selector resets moments in the optimizer the engine steps
+
+        def make_with_reselector(lr):
+            optimizer = wrapped.make_optimizer(lr, weight_decay=weight_decay)
+            info["reselector"] = wrapped.make_reselector(optimizer)
+            return optimizer
+
+        return Prepared(method, wrapped, make_with_reselector, lambda: info["reselector"].step(), info)
+    after = (lambda: clear_masks(wrapped.trainable_parameters())) if config.support_mode == "reference" else (lambda: None)
+    return Prepared(method, wrapped, lambda lr: wrapped.make_optimizer(lr, weight_decay=weight_decay), after, info)
+
+
 def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration_batches=None,
             loss_fn=None, graddrop: GradDropConfig | None = None, lora_rank: int | None = None,
             weight_decay: float = 0.0, show_progress: bool = False) -> Prepared:
@@ -78,18 +102,7 @@ def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration
             raise ValueError(f"method {method!r} needs calibration batches")
         wrapped = get_sparsegrad_model(model, config).calibrate(calibration_batches, loss_fn=loss_fn,
                                                                 show_progress=show_progress)
-        if config.support_mode == "dynamic":
-            sparse = {}
-
-            def make(lr):  # the engine gets the dense optimizer (norms, biases); W~ buffers step here
-                sparse["optimizer"] = wrapped.make_sparse_optimizer(lr)
-                return wrapped.make_optimizer(lr, weight_decay=weight_decay)
-
-            return Prepared(method, wrapped, make, lambda: sparse["optimizer"].step(),
-                            {"config": config.to_dict(), "sparse": sparse})  # "optimizer": SparseStateAdam
-        after = (lambda: clear_masks(wrapped.trainable_parameters())) if config.support_mode == "reference" else (lambda: None)
-        return Prepared(method, wrapped, lambda lr: wrapped.make_optimizer(lr, weight_decay=weight_decay), after,
-                        {"config": config.to_dict()})
+        return prepared_sparsegrad(method, wrapped, weight_decay)
 
     if method == "lora":
         from peft import LoraConfig, get_peft_model

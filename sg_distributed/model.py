@@ -18,6 +18,7 @@ from .io import atomic_directory
 from .dynamic import SparseStateAdam, make_dynamic
 from .layer import ReferenceSparseGradLinear, SparseGradLinear
 from .optim import LazyAdam
+from .reselect import SupportReselector
 from .selection import Support, select_support
 from .targets import find_target_linears, layer_type
 
@@ -42,9 +43,6 @@ class SparseGradModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: SparseGradConfig):
         super().__init__()
-        if config.reselect_every:
-            raise NotImplementedError("SparseGradConfig.reselect_every > 0: support re-selection is not implemented "
-                                      "yet; use reselect_every=0 (fixed support) or support_mode='reference'")
         self.base_model = model
         self.peft_config = config
         targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
@@ -188,6 +186,18 @@ class SparseGradModel(nn.Module):
             return LazyAdam(params, lr=lr, betas=betas)
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
 
+    def make_reselector(self, optimizer: torch.optim.Optimizer | None = None) -> SupportReselector:
+        """Drop-and-grow re-selection every ``reselect_every`` steps: call its ``step()`` after each
+        optimizer step. ``optimizer``: the one whose moments the swapped slots reset (under DeepSpeed, the
+        client optimizer given to ``deepspeed.initialize``)."""
+        config = self.peft_config
+        if not self.calibrated:
+            raise RuntimeError("SparseGradModel: calibrate before creating the re-selector")
+        if not config.reselect_every:
+            raise RuntimeError("SparseGradModel.make_reselector: set SparseGradConfig.reselect_every > 0")
+        return SupportReselector(self.converted_layers(), config.reselect_every, config.reselect_fraction,
+                                 square=config.score == "square", optimizer=optimizer)
+
     def make_sparse_optimizer(self, lr: float, betas=(0.9, 0.999)) -> SparseStateAdam:
         """Dynamic mode: the optimizer of the W~ buffers (step it once per optimizer step, after the engine's)."""
         if self.peft_config.support_mode != "dynamic":
@@ -253,6 +263,8 @@ class SparseGradModel(nn.Module):
                 tensors[f"{name}.sparse_values"] = module.sparse_values.detach()
                 small = module.in_features * module.out_features < 2**31  # int32 indices halve the file
                 tensors[f"{name}.support"] = module.support_flat.to(torch.int32 if small else torch.int64)
+                tensors[f"{name}.block_rows"] = module.rows_used.to(torch.int32)  # the block re-selection grows in
+                tensors[f"{name}.block_cols"] = module.cols_used.to(torch.int32)
             else:
                 tensors[f"{name}.rotated_weight"] = module.rotated_weight.detach()
                 if module.bias is not None:
@@ -309,8 +321,10 @@ class SparseGradModel(nn.Module):
                                       if config.basis == "hosvd" else identity_bases(*shape, dtype=torch.float64, device=device))
             bases = wrapper.bases[key]
             if config.support_mode == "fixed":
-                support = Support.from_flat(tensors[f"{name}.support"], tuple(shape))
-                new = SparseGradLinear(module, bases.P, bases.R, support, values=tensors[f"{name}.sparse_values"])
+                support = Support.from_flat(tensors[f"{name}.support"], tuple(shape), sort=False)  # slot order
+                block = (tensors[f"{name}.block_rows"], tensors[f"{name}.block_cols"]) if f"{name}.block_rows" in tensors else None
+                new = SparseGradLinear(module, bases.P, bases.R, support, values=tensors[f"{name}.sparse_values"],
+                                       block=block)
             else:
                 new = wrapper._reference_layer(name, module, bases)
                 with torch.no_grad():  # a parameter in reference mode, a buffer in dynamic mode

@@ -8,7 +8,8 @@ import torch
 
 @dataclass
 class Support:
-    """k index pairs (rows[i], cols[i]) of the rotated matrix, sorted row-major (CSR order)."""
+    """k index pairs (rows[i], cols[i]) of the rotated matrix: row-major (CSR order) when selected, slot order
+    (entry i holds value i) once re-selection has replaced entries."""
 
     rows: torch.Tensor  # int64 (k,)
     cols: torch.Tensor  # int64 (k,)
@@ -22,8 +23,11 @@ class Support:
         return self.rows * self.shape[1] + self.cols
 
     @classmethod
-    def from_flat(cls, flat: torch.Tensor, shape: tuple[int, int]) -> "Support":
-        flat = torch.sort(flat.to(torch.int64)).values
+    def from_flat(cls, flat: torch.Tensor, shape: tuple[int, int], sort: bool = True) -> "Support":
+        """``sort=False`` keeps the given (slot) order: a re-selected support pairs slots with values."""
+        flat = flat.to(torch.int64)
+        if sort:
+            flat = torch.sort(flat).values
         return cls(rows=flat // shape[1], cols=flat % shape[1], shape=tuple(shape))
 
 

@@ -88,6 +88,31 @@ def test_single_process_trainer_trains_k_vectors_and_checkpoints_adapter(tiny_mo
         torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
 
 
+def test_trainer_runs_support_reselection_on_its_step_count(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from sg_distributed import SparseGradConfig, get_sparsegrad_model
+    from sg_distributed.data.qa import QACollator, load_qa_pairs
+    from sg_distributed.integrations.trainer import SparseGradCallback, SparseGradTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = SparseGradConfig(density=0.05, max_rows=0.5, max_cols=0.5, calibration_steps=2, reselect_every=3)
+    model = get_sparsegrad_model(base, config)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=3e-2,
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = SparseGradTrainer(model=model, args=args, train_dataset=load_qa_pairs()[:40],
+                                data_collator=QACollator(tokenizer, max_length=64), processing_class=tokenizer)
+    trainer.train()
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SparseGradCallback))
+    assert [r["step"] for r in callback.reselector.history] == [3, 6]
+    assert all(r["swapped"] > 0 for r in callback.reselector.history)
+    state = trainer.optimizer.optimizer.state  # the moments of the swapped slots were reset in the real optimizer
+    assert callback.reselector.optimizer is trainer.optimizer.optimizer and state
+    assert any(not layer.structure.in_order for layer in model.converted_layers().values())
+
+
 def test_plain_trainer_callback_refuses_uncalibrated_model(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -17,24 +17,31 @@ def one_rank_runs(tiny_model_dir, tmp_path_factory):
     """1-rank reference results per method (micro-batch 2, accumulation 2 = the 2-rank global batch)."""
     cache = {}
 
-    def get(method):
-        if method not in cache:
+    def get(method, extra=()):
+        if (method, extra) not in cache:
             out = tmp_path_factory.mktemp("one_rank")
             cmd = [sys.executable, "launch/train_qa.py", "--model", str(tiny_model_dir), *COMMON, "--grad_accum", "2",
-                   "--method", method]
-            cache[method] = run(cmd, out)[0]
-        return cache[method]
+                   "--method", method, *extra]
+            cache[method, extra] = run(cmd, out)[0]
+        return cache[method, extra]
 
     return get
 
 
+# drop-and-grow re-selection after steps 2 and 4 (needs a row/column budget for its growth scores)
+RESELECT = ("--density", "0.05", "--max_rows", "0.5", "--max_cols", "0.5", "--reselect_every", "2",
+            "--reselect_fraction", "0.5")
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("method,stage", [("sparsegrad", 2), ("sparsegrad", 3), ("sparsegrad_dynamic", 2)])
-def test_two_rank_zero_equals_one_rank(method, stage, tiny_model_dir, one_rank_runs, tmp_path):
-    one_rank = one_rank_runs(method)
+@pytest.mark.parametrize("method,stage,extra", [("sparsegrad", 2, ()), ("sparsegrad", 3, ()),
+                                                ("sparsegrad_dynamic", 2, ()), ("sparsegrad", 2, RESELECT)],
+                         ids=["sparsegrad-zero2", "sparsegrad-zero3", "dynamic-zero2", "reselect-zero2"])
+def test_two_rank_zero_equals_one_rank(method, stage, extra, tiny_model_dir, one_rank_runs, tmp_path):
+    one_rank = one_rank_runs(method, extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), "launch/train_qa.py", "--model", str(tiny_model_dir), *COMMON,
-           "--grad_accum", "1", "--ds_config", f"ds_configs/zero{stage}.json", "--method", method]
+           "--grad_accum", "1", "--ds_config", f"ds_configs/zero{stage}.json", "--method", method, *extra]
     two_rank, stdout = run(cmd, tmp_path)
     assert f'"stage": {stage}' in stdout and "world size 2" in stdout
     suffix = "sparse_values" if method == "sparsegrad" else "rotated_weight"
@@ -45,6 +52,9 @@ def test_two_rank_zero_equals_one_rank(method, stage, tiny_model_dir, one_rank_r
         torch.testing.assert_close(two_rank[key], one_rank[key], atol=1e-5, rtol=0, msg=key)
     if method == "sparsegrad":
         assert any(one_rank[k].abs().sum() > 0 for k in values)  # training moved the values
+    if extra:  # re-selection happened: the supports left row-major order, identically on both layouts
+        supports = [k for k in one_rank if k.endswith(".support")]
+        assert any(not torch.equal(one_rank[k], one_rank[k].sort().values) for k in supports)
 
 
 @pytest.mark.multiprocess

@@ -20,8 +20,9 @@ engine are built. Callbacks also receive no train dataloader before that point. 
   and the "purely quantized model" guard for int8/nf4 bases.
 * :class:`SparseGradCallback` (added by ``SparseGradTrainer``; usable alone with a plain ``Trainer`` and a
   model calibrated beforehand) checks at ``on_train_begin`` that the model is calibrated and that the
-  optimizer holds only trainable SparseGrad parameters, and at ``on_save`` makes sure the adapter is in
-  the checkpoint directory. With a plain ``Trainer`` the full-model save still happens as well (and fails
+  optimizer holds only trainable SparseGrad parameters, runs support re-selection after each optimizer
+  step when ``reselect_every`` is set, and at ``on_save`` makes sure the adapter is in the checkpoint
+  directory. With a plain ``Trainer`` the full-model save still happens as well (and fails
   for tied embeddings, since safetensors refuses shared tensors): prefer ``SparseGradTrainer``.
 
 Pitfall: with a ZeRO-3 DeepSpeed config, create the model *before* ``TrainingArguments`` (which turns on
@@ -132,6 +133,13 @@ def _optimized_parameters(optimizer) -> list:
     return [p for group in getattr(opt, "param_groups", []) for p in group["params"]]
 
 
+def _client_optimizer(optimizer):
+    """The torch optimizer under accelerate's and DeepSpeed's wrappers (each keeps it in ``.optimizer``)."""
+    while optimizer is not None and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
 class SparseGradCallback(TrainerCallback):
     """Guards a Trainer run of a SparseGradModel and puts the adapter into every checkpoint dir."""
 
@@ -149,6 +157,13 @@ class SparseGradCallback(TrainerCallback):
                 raise RuntimeError("the optimizer holds no parameters (was the model calibrated before it was built?)")
             if any(id(p) not in allowed for p in held):
                 raise RuntimeError("the optimizer holds parameters outside the SparseGrad k-vectors")
+        if wrapper.peft_config.reselect_every:  # drop-and-grow on the Trainer's step count
+            self.reselector = wrapper.make_reselector(_client_optimizer(optimizer))
+            self.reselector.steps = state.global_step  # a resumed run keeps the schedule; its scores restart
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if getattr(self, "reselector", None) is not None:
+            self.reselector.step()
 
     def on_save(self, args, state, control, model=None, **kwargs):
         wrapper = find_sparsegrad_model(model)
