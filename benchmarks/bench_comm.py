@@ -1,9 +1,18 @@
 #!/usr/bin/env python
-"""Bytes between ranks per optimizer step, every method, 2 ranks under DeepSpeed ZeRO (CPU / gloo).
+"""Bytes between ranks, step time, peak memory and optimizer state per rank, every method, 2 ranks under
+DeepSpeed ZeRO (CPU / gloo): the 2-rank systems table.
 
     .venv/bin/python benchmarks/bench_comm.py                      # tiny Llama, ZeRO-2, ~30 s
     .venv/bin/python benchmarks/bench_comm.py --stage 3
     .venv/bin/python benchmarks/bench_comm.py --model smollm2 --steps 2   # embedded SmolLM2-135M
+
+Every method runs in its own ``torch.distributed.run`` launch (so a rank's peak RSS is that method's),
+``--rounds`` times, interleaved; step time is the median over rounds of the mean counted step (rank 0),
+peak memory the training peak (VmHWM reset after calibration and engine set-up) above the RSS with the
+model loaded, optimizer state the bytes this rank holds (ZeRO partitions; SparseStateAdam included).
+SparseGrad variants use the row/column budget ``--budget`` (train_qa.py's default 0.25); bytes do not
+depend on it. ``sparsegrad_reselect`` swaps supports every ``--reselect_every`` steps: its bytes per step
+include that all-reduce of the r x c score blocks, amortised over the counted steps.
 
 Started with plain python it relaunches itself with ``torch.distributed.run`` (2 ranks, OMP_NUM_THREADS=1,
 DS_ACCELERATOR=cpu). Every method trains the same target layers (SparseGradConfig defaults: the MLP
@@ -35,8 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("full", "lora", "sparsegrad", "graddrop", "sparsegrad_reference", "sparsegrad_dynamic",
-           "sparsegrad_dynamic_sparse")
+METHODS = ("full", "lora", "sparsegrad", "sparsegrad_reselect", "graddrop", "sparsegrad_reference",
+           "sparsegrad_dynamic", "sparsegrad_dynamic_sparse")
 NOTES = {"sparsegrad_reference": "dense exchange through ZeRO (per-step top-k on flat partitions: use dynamic)",
          "graddrop": "dense exchange (masked entries still travel as zeros)",
          "sparsegrad_dynamic": "exact exchange: dense all-reduce of G~, then top-k (equals 1 rank)",
@@ -53,6 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--micro-batch-size", type=int, default=2)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved launches per method; medians reported")
+    ap.add_argument("--budget", type=float, default=0.25, help="SparseGrad max_rows = max_cols (0 = none)")
+    ap.add_argument("--reselect_every", type=int, default=2, help="sparsegrad_reselect: steps between swaps")
     ap.add_argument("--out", default=None, help="write the raw JSON here")
     ap.add_argument("--local_rank", type=int, default=-1)
     return ap.parse_args(argv)
@@ -102,6 +114,7 @@ def ds_config(stage: int, micro: int, world: int) -> dict:
 
 
 def run_method(method: str, args, rank: int, world: int) -> dict:
+    import torch
     import torch.distributed as dist
 
     from sg_distributed.comm import CommCounter
@@ -110,10 +123,17 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     from sg_distributed.methods import prepare
     from sg_distributed.targets import find_target_linears
 
+    from bench_methods import reset_peak, status_mib
+
     model, vocab = build_model(args.model)
+    rss_loaded = status_mib("VmRSS")
+    variant = method
     exchange = "sparse" if method.endswith("_sparse") else "exact"
-    method = method.removesuffix("_sparse")
-    config = SparseGradConfig(density=args.density, calibration_steps=2, exchange=exchange)
+    method = method.removesuffix("_sparse").removesuffix("_reselect")
+    budget = {"max_rows": args.budget or None, "max_cols": args.budget or None} if method == "sparsegrad" else {}
+    if variant == "sparsegrad_reselect":
+        budget["reselect_every"] = args.reselect_every
+    config = SparseGradConfig(density=args.density, calibration_steps=2, exchange=exchange, **budget)
     targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
     dense_numel = sum(m.weight.numel() for m in targets.values())
     k_total = sum(config.entries_for(m.out_features, m.in_features, n) for n, m in targets.items())
@@ -124,6 +144,7 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     optimizer = prepared.make_optimizer(1e-4)
     engine = initialize_engine(prepared.model, optimizer, ds_config(args.stage, args.micro_batch_size, world))
     data = batches((args.steps + 1) * world, args.micro_batch_size, args.seq, vocab, seed=11)
+    reset_peak()  # training's peak, not calibration's or DeepSpeed set-up's
 
     def one_step(i: int, counter) -> None:
         with counter.label("forward"):
@@ -141,10 +162,14 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
         for i in range(1, args.steps + 1):
             one_step(i, counter)
     seconds = (time.perf_counter() - t0) / args.steps
+    peak = status_mib("VmHWM")
+    states = [optimizer] + [prepared.info.get("sparse", {}).get("optimizer")]  # SparseStateAdam (dynamic)
+    opt_bytes = sum(t.numel() * t.element_size() for o in states if o is not None for st in o.state.values()
+                    for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
     snap = counter.per_step(args.steps)
     d = snap.to_dict()
     d["by_label_op"] = {f"{lab}/{op}": vars(s) for (lab, op), s in snap.stats.items()}
-    d.update(method=method + ("_sparse" if exchange == "sparse" and method == "sparsegrad_dynamic" else ""),
+    d.update(method=variant, peak_over_loaded_mib=peak - rss_loaded, peak_rss_mib=peak, opt_state_bytes=opt_bytes,
              trainable_numel=int(sum(getattr(p, "ds_numel", p.numel()) for p in trainable)),
              dense_numel=dense_numel, k_total=k_total, model_numel=total_numel, step_s=seconds,
              world=world, info={k: v for k, v in prepared.info.items() if k == "lora_rank"})
@@ -226,6 +251,7 @@ def report(data: dict) -> str:
                   f"{r['total']['wire'] / full['total']['wire']:.4f}" if full else "-",
                   f"{bw / full_bw:.4f}" if full_bw else "-", fmt_bytes(grad), note]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", systems_table(data)]
     agree = all(abs(bw_payload(a) - bw_payload(b)) <= 64 and abs(a["total"]["wire"] - b["total"]["wire"]) <= 1024
                 for a, b in zip(data["ranks"][0], data["ranks"][-1]))
     lines += ["", f"ranks agree on gradient-reduce payload (64 B) and total wire (1 kB): {agree} "
@@ -233,10 +259,58 @@ def report(data: dict) -> str:
     return "\n".join(lines)
 
 
+def systems_table(data: dict) -> str:
+    """Step time (rank 0), training peak above the loaded model (worst rank) and optimizer state per rank."""
+    r0 = data["ranks"][0]
+    by = {r["method"]: r for r in r0}
+    peaks = {r["method"]: max(rank[i]["peak_over_loaded_mib"] for rank in data["ranks"]) for i, r in enumerate(r0)}
+
+    def ratio(value, ref):
+        return f"{value / ref:.2f}" if ref else "-"
+
+    lines = [f"Systems, {r0[0]['world']} ranks, ZeRO-{data['stage']}, medians of {data.get('rounds', 1)} round(s):",
+             "", "| method | step s | x LoRA | x full | training peak over loaded MiB (worst rank) | x LoRA | x full | "
+             "optimizer state per rank MiB | x full |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lora, full = by.get("lora"), by.get("full")
+    for r in r0:
+        m = r["method"]
+        lines.append(
+            f"| {m} | {r['step_s']:.3f} | {ratio(r['step_s'], lora and lora['step_s'])} | "
+            f"{ratio(r['step_s'], full and full['step_s'])} | {peaks[m]:.0f} | {ratio(peaks[m], lora and peaks['lora'])} | "
+            f"{ratio(peaks[m], full and peaks['full'])} | {r['opt_state_bytes'] / 2**20:.2f} | "
+            f"{ratio(r['opt_state_bytes'], full and full['opt_state_bytes'])} |")
+    return "\n".join(lines)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch(args, argv: list[str], methods: str, out: str, env: dict) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, *argv, "--methods", methods,
+           "--out", out]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-6000:])
+        sys.exit(proc.returncode)
+    with open(out, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def merge_rounds(runs: list[dict]) -> dict:
+    """One result per method and rank: the first round's bytes, medians of time and memory over rounds."""
+    import statistics
+
+    merged = runs[0]
+    for rank, results in enumerate(merged["ranks"]):
+        for i, r in enumerate(results):
+            for key in ("step_s", "peak_over_loaded_mib", "peak_rss_mib"):
+                r[key] = statistics.median(run["ranks"][rank][i][key] for run in runs)
+            r["rounds"] = len(runs)
+    return merged
 
 
 def main() -> None:
@@ -249,22 +323,27 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     argv, skip = [], False
-    for a in sys.argv[1:]:  # drop "--out X" and "--out=X": the worker gets its own --out
-        if skip or a.startswith("--out"):
-            skip = a == "--out" and not skip
+    for a in sys.argv[1:]:  # drop "--out X" / "--methods X" (and "=" forms): each launch gets its own
+        if skip or a.startswith(("--out", "--methods")):
+            skip = a in ("--out", "--methods") and not skip
             continue
         argv.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__, *argv, "--out", out]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-6000:])
-        sys.exit(proc.returncode)
-    with open(out, encoding="utf-8") as fh:
-        data = json.load(fh)
+    methods = args.methods.split(",")
+    per_method: dict[str, list[dict]] = {m: [] for m in methods}
+    for r in range(args.rounds):  # one launch per method: a rank's peak RSS is that method's own
+        for m in methods:
+            print(f"round {r + 1}/{args.rounds}: {m}", file=sys.stderr, flush=True)
+            per_method[m].append(launch(args, argv, m, out + f".{m}.tmp", env))
+            os.unlink(out + f".{m}.tmp")
+    merged = {m: merge_rounds(runs) for m, runs in per_method.items()}
+    first = merged[methods[0]]
+    data = {**{k: first[k] for k in ("stage", "model", "steps", "density")}, "rounds": args.rounds,
+            "ranks": [[merged[m]["ranks"][rank][0] for m in methods] for rank in range(len(first["ranks"]))]}
+    with open(out, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
     print(report(data))
-    command = " ".join(["python", "benchmarks/bench_comm.py", *argv])
+    command = " ".join(["python", "benchmarks/bench_comm.py", *sys.argv[1:]])
     print(f"\n({time.time() - t0:.0f} s; raw JSON: {out}; command: {command})")
 
 

@@ -12,9 +12,9 @@ entries, in the manner of RigL / SpIEL (Evci et al. 2020; Ansell et al. 2024):
 
 A grown entry takes a dropped entry's *slot*: the k-vector, its optimizer state and their ZeRO/FSDP
 partitioning keep their layout, and only the swapped slots' value and moments are reset to zero
-(``reset_slots``). Scores come from the dense-block kernel, which forms G~ of the block anyway, so
-re-selection needs a row/column budget. Every rank ends with the same support: scores are
-all-reduced, values are replicated, and ties break by index.
+(``reset_slots``, local on every rank). Scores come from the dense-block kernel, which forms G~ of
+the block anyway, so re-selection needs a row/column budget. Every rank ends with the same support:
+scores are all-reduced (one collective for all layers), values are replicated, ties break by index.
 """
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def reset_slots(param: torch.nn.Parameter, slots: torch.Tensor, optimizer: torch
     """Set ``param[slots]`` and its optimizer moments there to zero, wherever the engine keeps them.
 
     Plain torch optimizers (one process, DDP): ``optimizer.state[param]``. DeepSpeed ZeRO-1/2: the fp32
-    master copy and the moments live in flat partitions, reached with DeepSpeed's tensor-fragment API.
+    master copy and the moments live in flat partitions; each rank zeroes the slots inside the fragment
+    it owns (DeepSpeed's ``_hp_mapping`` tensor fragment, the mapping behind its ``safe_*`` API): no
+    communication, since every rank knows the slots.
     """
     if hasattr(param, "ds_id") or hasattr(param, "full_tensor") or hasattr(param, "_local_tensor"):
         raise NotImplementedError(
@@ -60,21 +62,13 @@ def reset_slots(param: torch.nn.Parameter, slots: torch.Tensor, optimizer: torch
             "ZeRO-3 and FSDP2 shard the k-vectors and are not supported yet (set reselect_every=0)"
         )
     _zero_at(param.data, slots)
-    if hasattr(param, "_hp_mapping"):  # DeepSpeed ZeRO-1/2: this rank may hold a fragment of master and moments
-        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        # Collectives below: the same keys on every rank, so take them from the client optimizer's state
-        # (keyed by flat partitions: every rank has one), not from this parameter's fragment (may be None).
-        keys = sorted({key for state in (optimizer.state.values() if optimizer is not None else ())
-                       for key, value in state.items() if torch.is_tensor(value) and value.dim() > 0})
-        master = safe_get_full_fp32_param(param)
-        _zero_at(master, slots)
-        safe_set_full_fp32_param(param, master)
-        for key in keys:
-            state = safe_get_full_optimizer_state(param, key)
-            _zero_at(state, slots)
-            safe_set_full_optimizer_state(param, state, key)
+    if hasattr(param, "_hp_mapping"):  # DeepSpeed ZeRO-1/2; None when this rank owns no part of param
+        mapping = param._hp_mapping
+        if mapping is not None:
+            start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+            local = slots[(slots >= start) & (slots < start + numel)] - start
+            for key in (None, *mapping.get_optim_state_keys()):
+                _zero_at(mapping.get_hp_fragment(key), local)
         return
     if optimizer is not None:
         for value in optimizer.state.get(param, {}).values():
@@ -110,10 +104,14 @@ class SupportReselector:
     def reselect(self) -> dict:
         swapped = total = 0
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:  # one all-reduce of every layer's scores
+            scores = [layer.structure.score for layer in self.layers.values()]
+            flat = torch.cat(scores)
+            dist.all_reduce(flat)
+            for score, summed in zip(scores, flat.split([s.numel() for s in scores])):
+                score.copy_(summed)
         for layer in self.layers.values():
             score = layer.structure.score
-            if distributed:
-                dist.all_reduce(score)
             count = round(self.fraction * layer.k)
             slots, grown = plan_swap(layer.sparse_values, score, layer.structure.flat, count)
             if slots.numel():
