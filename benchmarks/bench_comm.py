@@ -153,7 +153,7 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
             engine.backward(loss)
         with counter.label("step"):
             engine.step()
-        prepared.after_step()
+            prepared.after_step()  # SparseStateAdam's exchange, re-selection's score all-reduce
 
     with CommCounter() as warm:  # warm-up (lazy buffers, first gathers), not reported
         one_step(0, warm)

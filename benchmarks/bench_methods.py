@@ -26,6 +26,8 @@ VARIANTS = {
     "lora": ("lora", {}),
     "sparsegrad": ("sparsegrad", {"max_rows": 0.25, "max_cols": 0.25}),
     "sparsegrad_nobudget": ("sparsegrad", {}),
+    # swaps every 3 steps: with --steps 6 two swaps fall in the timed steps (pessimistic vs N = 10+)
+    "sparsegrad_reselect": ("sparsegrad", {"max_rows": 0.25, "max_cols": 0.25, "reselect_every": 3}),
     "meprop": ("meprop", {}),
     "graddrop": ("graddrop", {}),
 }

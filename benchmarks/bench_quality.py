@@ -454,6 +454,7 @@ def run_task(task: str, args) -> None:
                "train_loss": mean_std([r["train_loss_last_quarter"] if r["train_losses"] else None for r in rs])}
         for k in (("answer_loss", "exact_match", "f1") if task == "qa" else ("accuracy", "loss")):
             row[k] = mean_std([r["metrics"][k] for r in rs])
+            row[f"{k}_per_seed"] = [r["metrics"][k] for r in rs]
         rows.append(row)
     md = format_tables(task, rows, sweep, args, elapsed)
     print(md)
@@ -494,6 +495,8 @@ def format_tables(task: str, rows: list[dict], sweep: dict, args, elapsed: float
 
 
 def plot(task: str, rows: list[dict], path: Path, args) -> None:
+    """One horizontal dot plot per metric: every seed (small dots), mean ± std (bar); untrained rows
+    (``none``) are named in the title instead of stretching the axis."""
     try:
         import matplotlib
 
@@ -502,22 +505,31 @@ def plot(task: str, rows: list[dict], path: Path, args) -> None:
     except ImportError:
         return
     keys = ("answer_loss", "f1") if task == "qa" else ("accuracy",)
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
-    names = [r["variant"] for r in rows]
+    trained = [r for r in rows if r["variant"] != "none"]
+    untrained = {r["variant"]: r for r in rows if r["variant"] == "none"}
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 0.42 * len(trained) + 1.6), squeeze=False)
     for ax, k in zip(axes[0], keys):
-        means = [r[k][0] for r in rows]
-        stds = [r[k][1] for r in rows]
-        colors = ["tab:red" if n.startswith("sparsegrad") else "tab:blue" if n.startswith("lora") else "tab:gray"
-                  for n in names]
-        ax.bar(range(len(rows)), means, yerr=stds, capsize=3, color=colors)
-        ax.set_xticks(range(len(rows)))
-        ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-        ax.set_title({"answer_loss": "held-out answer loss (lower is better)", "f1": "held-out token F1",
-                      "accuracy": "held-out accuracy"}[k], fontsize=9)
-        if k == "accuracy":
-            lo = min(m - s for m, s in zip(means, stds) if m > 0.3) if any(m > 0.3 for m in means) else 0
-            ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-    fig.suptitle(f"{task}: {args.steps} steps, seeds {args.seeds} (mean ± std)", fontsize=10)
+        for y, r in enumerate(trained):
+            name = r["variant"]
+            color = "tab:red" if name.startswith("sparsegrad") else "tab:blue" if name.startswith("lora") else "tab:gray"
+            mean, std = r[k]
+            ax.errorbar(mean, y, xerr=std, fmt="o", color=color, capsize=3, markersize=6)
+            seeds = r.get(f"{k}_per_seed", [])
+            ax.scatter(seeds, [y] * len(seeds), s=10, color=color, alpha=0.45, zorder=3)
+        lora = next((r for r in trained if r["variant"] == "lora"), None)
+        if lora:
+            ax.axvline(lora[k][0], color="tab:blue", lw=0.8, ls="--")
+        ax.set_yticks(range(len(trained)))
+        ax.set_yticklabels([r["variant"] + (f" ({r['lr']:g})" if r["lr"] else "") for r in trained], fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+        title = {"answer_loss": "held-out answer loss (lower is better)", "f1": "held-out token F1",
+                 "accuracy": "held-out accuracy"}[k]
+        if "none" in untrained:
+            title += f"\nno training: {untrained['none'][k][0]:.3f}"
+        ax.set_title(title, fontsize=9)
+    fig.suptitle(f"{task}: {args.steps} steps, seeds {args.seeds}; dashed: LoRA mean; (lr) chosen on validation",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

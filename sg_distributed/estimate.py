@@ -24,7 +24,8 @@ converted matrices; every trainable tensor is what the library trains, see READM
   type's shared tensor) plus int64 flat indices (8 B x k) and the used row/col indices; ``sparsegrad_dynamic`` keeps
   P (m x m) and R (n x n) per converted layer (measured: the layers do not share them) plus its
   dense rotated-gradient accumulators (m x n x b
-  per target); ``graddrop`` (element) caches one bool mask per target entry.
+  per target); ``graddrop`` (element) caches one bool mask per target entry. ``--reselect_every N``
+  adds ``sparsegrad``'s float32 r x c growth-score block per layer (same upper bound on r, c).
 * gradients: D x b, partitioned by p under ZeRO-2/3 (DeepSpeed reduces in the parameter dtype); the
   reduce bucket (at most ``min(D, h^2)`` values) is added when p > 1.
 * optimizer state: AdamW moments, 8 B per trained value, + 4 B fp32 master copy when b < 4, on the
@@ -98,7 +99,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
              k: int | None = None, block_stride: int = 1, target_modules=None, max_rows: float | None = 0.25,
              max_cols: float | None = 0.25, micro_batch_size: int = 1, seq: int = 512, exchange: str = "exact",
              lora_rank: int | None = None, graddrop_granularity: str = "element", include_norms: bool = True,
-             reduce_bucket_size: int | None = None) -> dict[str, Any]:
+             reduce_bucket_size: int | None = None, reselect_every: int = 0) -> dict[str, Any]:
     """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
     from torch import nn
 
@@ -133,6 +134,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     buffers = 0
     extra_state_note = ""
     rank_used = None
+    score_block = 0  # sum of r x c over layers: re-selection's float32 score blocks
     if method == "sparsegrad":
         D = K
         shared: dict[tuple, int] = {}
@@ -145,7 +147,10 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
                               ((n, "R"), i * c) if c < i else (("shared", layer_type(n), "R"), i * i)):
                 shared[key] = size
             buffers += 8 * ks[n] + 8 * (r + c)
+            score_block += r * c
         buffers += b * sum(shared.values())
+        if reselect_every:
+            buffers += 4 * score_block
         partitioned += D
     elif method == "lora":
         rank_used = lora_rank or matched_lora_rank(model, cfg)
@@ -185,6 +190,8 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
         comm["grad reduce-scatter"] = ring_ag(b * Dp)
         comm["param all-gather (fwd + bwd)"] = 2 * ring_ag(b * partitioned)
     comm["scalar all-reduce"] = ring_ar(4)
+    if method == "sparsegrad" and reselect_every:
+        comm[f"re-selection scores (every {reselect_every} steps, amortised)"] = ring_ar(4 * score_block) / reselect_every
     if method == "sparsegrad_dynamic":
         if exchange == "exact":
             comm["rotated-grad all-reduce (exact)"] = ring_ar(b * N_t)
@@ -234,6 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max_cols", type=float, default=0.25, help="0 = no budget")
     ap.add_argument("--exchange", choices=["exact", "sparse"], default="sparse", help="sparsegrad_dynamic's exchange")
     ap.add_argument("--lora_rank", type=int, default=None)
+    ap.add_argument("--reselect_every", type=int, default=0, help="sparsegrad: support re-selection every N steps")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -248,7 +256,8 @@ def main(argv=None) -> int:
               max_rows=args.max_rows or None, max_cols=args.max_cols or None)
     p = args.nodes * args.gpus_per_node
     rows = [estimate(model, m, p=p, zero=args.zero, dtype=args.dtype, micro_batch_size=args.micro_batch_size,
-                     seq=args.seq, exchange=args.exchange, lora_rank=args.lora_rank, **kw) for m in methods]
+                     seq=args.seq, exchange=args.exchange, lora_rank=args.lora_rank, reselect_every=args.reselect_every,
+                     **kw) for m in methods]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

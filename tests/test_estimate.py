@@ -97,6 +97,23 @@ def test_optimizer_state_and_tensor_memory_match_one_rank(method, budget, densit
     assert state == est["optimizer"], (method, state, est["optimizer"])
 
 
+def test_reselection_scores_match_the_layers_score_blocks():
+    """k >> budget (0.05 density, 0.25 budget): every layer's score block is exactly the budgeted r x c, so
+    the estimate's extra memory and amortised all-reduce equal what the calibrated layers allocate."""
+    kw = dict(p=4, zero=2, dtype="fp32", density=0.05, max_rows=0.25, max_cols=0.25)
+    plain = estimate(_tiny(), "sparsegrad", **kw)
+    est = estimate(_tiny(), "sparsegrad", reselect_every=5, **kw)
+    config = SparseGradConfig(density=0.05, calibration_steps=2, max_rows=0.25, max_cols=0.25, reselect_every=5)
+    prepared = prepare("sparsegrad", _tiny(), config, calibration_batches=lm_batches(n=2, batch=2, seq=12, seed=7))
+    prepared.make_optimizer(1e-3)
+    scores = [layer.structure.score for layer in prepared.model.converted_layers().values()]
+    score_bytes = sum(t.numel() * t.element_size() for t in scores)
+    assert score_bytes > 0 and est["buffers"] - plain["buffers"] == score_bytes
+    extra = {k: v for k, v in est["comm"].items() if k not in plain["comm"]}
+    assert list(extra) == ["re-selection scores (every 5 steps, amortised)"]
+    assert extra[next(iter(extra))] == pytest.approx(2 * 3 / 4 * score_bytes / 5)
+
+
 def test_presets_agree_with_presets_module():
     from sg_distributed.presets import cost_report
 
