@@ -364,9 +364,9 @@ def main(argv=None) -> dict:
     if args.fsdp and (ds_config is not None or args.method not in ("sparsegrad", "lora", "full")):
         raise SystemExit("error: --fsdp runs --method sparsegrad, lora or full without --ds_config (the other "
                          "methods keep per-step state on parameter objects or gradient hooks, which FSDP2 replaces)")
-    if args.reselect_every and (args.fsdp or zero3):
-        raise SystemExit("error: --reselect_every runs in one process, under DDP and under DeepSpeed ZeRO-1/2; "
-                         "ZeRO-3 and FSDP2 shard the k-vectors (not supported yet): use ds_configs/zero2.json or "
+    if args.reselect_every and args.fsdp:
+        raise SystemExit("error: --reselect_every runs in one process, under DDP and under DeepSpeed ZeRO-1/2/3; "
+                         "FSDP2 shards the k-vectors as DTensors (not supported yet): use --ds_config or "
                          "--reselect_every 0")
     if resolved and args.method == "sparsegrad_reference":
         raise SystemExit("error: --method sparsegrad_reference keeps per-step selection masks on parameter objects, "

@@ -203,7 +203,7 @@ class SparseGradLinear(nn.Module):
 
     @property
     def k(self) -> int:
-        return self.sparse_values.numel()
+        return getattr(self.sparse_values, "ds_numel", self.sparse_values.numel())  # ZeRO-3: a placeholder
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -53,14 +53,18 @@ def reset_slots(param: torch.nn.Parameter, slots: torch.Tensor, optimizer: torch
 
     Plain torch optimizers (one process, DDP): ``optimizer.state[param]``. DeepSpeed ZeRO-1/2: the fp32
     master copy and the moments live in flat partitions; each rank zeroes the slots inside the fragment
-    it owns (DeepSpeed's ``_hp_mapping`` tensor fragment, the mapping behind its ``safe_*`` API): no
-    communication, since every rank knows the slots.
+    it owns (DeepSpeed's ``_hp_mapping`` tensor fragment, the mapping behind its ``safe_*`` API). ZeRO-3:
+    the slots inside this rank's partition of the parameter, its master and moments (DeepSpeed's local
+    API). No communication: every rank knows the slots.
     """
-    if hasattr(param, "ds_id") or hasattr(param, "full_tensor") or hasattr(param, "_local_tensor"):
+    if hasattr(param, "full_tensor") or hasattr(param, "_local_tensor"):
         raise NotImplementedError(
-            "support re-selection runs in one process, under DDP and under DeepSpeed ZeRO-1/2; "
-            "ZeRO-3 and FSDP2 shard the k-vectors and are not supported yet (set reselect_every=0)"
+            "support re-selection runs in one process, under DDP and under DeepSpeed ZeRO-1/2/3; "
+            "FSDP2 shards the k-vectors as DTensors and is not supported yet (set reselect_every=0)"
         )
+    if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3: this rank's partition of param, master and moments
+        _reset_zero3_slots(param, slots, optimizer)
+        return
     _zero_at(param.data, slots)
     if hasattr(param, "_hp_mapping"):  # DeepSpeed ZeRO-1/2; None when this rank owns no part of param
         mapping = param._hp_mapping
@@ -74,6 +78,33 @@ def reset_slots(param: torch.nn.Parameter, slots: torch.Tensor, optimizer: torch
         for value in optimizer.state.get(param, {}).values():
             if torch.is_tensor(value) and value.shape == param.shape:
                 _zero_at(value, slots)
+
+
+def _state_keys(optimizer) -> list[str]:
+    """Tensor state keys of the client optimizer (DeepSpeed keys its state by flat partitions)."""
+    return sorted({key for state in (optimizer.state.values() if optimizer is not None else ())
+                   for key, value in state.items() if torch.is_tensor(value) and value.dim() > 0})
+
+
+def _reset_zero3_slots(param, slots: torch.Tensor, optimizer) -> None:
+    """ZeRO-3 partitions every parameter flat and evenly: rank i holds [i*s, (i+1)*s) of it (s = the
+    partition size) in low precision (``ds_tensor``) and in fp32 with its moments (DeepSpeed's local API)."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+
+    size = param.ds_tensor.numel()
+    start = dist.get_rank(group=getattr(param, "ds_process_group", None)) * size if dist.is_initialized() else 0
+    local = slots[(slots >= start) & (slots < start + size)] - start
+    _zero_at(param.ds_tensor.data, local)
+    if param.data.numel() == param.ds_numel:  # persistent (small) parameters also stay whole on every rank
+        _zero_at(param.data, slots)
+    master = safe_get_local_fp32_param(param)
+    _zero_at(master, local)
+    safe_set_local_fp32_param(param, master)
+    for key in _state_keys(optimizer):
+        state = safe_get_local_optimizer_state(param, key)
+        _zero_at(state, local)
+        safe_set_local_optimizer_state(param, state, key)
 
 
 class SupportReselector:
@@ -110,19 +141,29 @@ class SupportReselector:
             dist.all_reduce(flat)
             for score, summed in zip(scores, flat.split([s.numel() for s in scores])):
                 score.copy_(summed)
-        for layer in self.layers.values():
+        for layer, values in zip(self.layers.values(), self._full_values()):
             score = layer.structure.score
-            count = round(self.fraction * layer.k)
-            slots, grown = plan_swap(layer.sparse_values, score, layer.structure.flat, count)
+            count = round(self.fraction * values.numel())  # not layer.k: ZeRO-3 leaves an empty placeholder
+            slots, grown = plan_swap(values, score, layer.structure.flat, count)
             if slots.numel():
                 reset_slots(layer.sparse_values, slots, self.optimizer)
                 layer.replace_entries(slots, grown)
             score.zero_()
             swapped += slots.numel()
-            total += layer.k
+            total += values.numel()
         record = {"step": self.steps, "swapped": swapped, "entries": total}
         self.history.append(record)
         return record
+
+    def _full_values(self) -> list[torch.Tensor]:
+        """Every layer's whole k-vector (ZeRO-3 partitions them: gathered once for all layers)."""
+        params = [layer.sparse_values for layer in self.layers.values()]
+        if not any(hasattr(p, "ds_id") for p in params):
+            return [p.detach() for p in params]
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            return [p.detach().clone() for p in params]
 
     # --- checkpoints: the schedule and this rank's partial scores (summed across ranks at re-selection) ----
     def state_dict(self) -> dict:

@@ -35,8 +35,9 @@ RESELECT = ("--density", "0.05", "--max_rows", "0.5", "--max_cols", "0.5", "--re
 
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("method,stage,extra", [("sparsegrad", 2, ()), ("sparsegrad", 3, ()),
-                                                ("sparsegrad_dynamic", 2, ()), ("sparsegrad", 2, RESELECT)],
-                         ids=["sparsegrad-zero2", "sparsegrad-zero3", "dynamic-zero2", "reselect-zero2"])
+                                                ("sparsegrad_dynamic", 2, ()), ("sparsegrad", 2, RESELECT),
+                                                ("sparsegrad", 3, RESELECT)],
+                         ids=["sparsegrad-zero2", "sparsegrad-zero3", "dynamic-zero2", "reselect-zero2", "reselect-zero3"])
 def test_two_rank_zero_equals_one_rank(method, stage, extra, tiny_model_dir, one_rank_runs, tmp_path):
     one_rank = one_rank_runs(method, extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
