@@ -364,10 +364,9 @@ def main(argv=None) -> dict:
     if args.fsdp and (ds_config is not None or args.method not in ("sparsegrad", "lora", "full")):
         raise SystemExit("error: --fsdp runs --method sparsegrad, lora or full without --ds_config (the other "
                          "methods keep per-step state on parameter objects or gradient hooks, which FSDP2 replaces)")
-    if args.reselect_every and args.fsdp:
-        raise SystemExit("error: --reselect_every runs in one process, under DDP and under DeepSpeed ZeRO-1/2/3; "
-                         "FSDP2 shards the k-vectors as DTensors (not supported yet): use --ds_config or "
-                         "--reselect_every 0")
+    if args.reselect_every and args.fsdp_shard_sparse_values:
+        raise SystemExit("error: --reselect_every with --fsdp_shard_sparse_values: the k-vectors would be DTensor "
+                         "shards (not supported yet); keep them replicated (the --fsdp default) or use --ds_config")
     if resolved and args.method == "sparsegrad_reference":
         raise SystemExit("error: --method sparsegrad_reference keeps per-step selection masks on parameter objects, "
                          "which ZeRO replaces by flat partitions; use --method sparsegrad_dynamic (same algorithm, "

@@ -59,8 +59,8 @@ def reset_slots(param: torch.nn.Parameter, slots: torch.Tensor, optimizer: torch
     """
     if hasattr(param, "full_tensor") or hasattr(param, "_local_tensor"):
         raise NotImplementedError(
-            "support re-selection runs in one process, under DDP and under DeepSpeed ZeRO-1/2/3; "
-            "FSDP2 shards the k-vectors as DTensors and is not supported yet (set reselect_every=0)"
+            "support re-selection runs in one process, under DDP, DeepSpeed ZeRO-1/2/3 and FSDP2 with replicated "
+            "k-vectors; FSDP2-sharded k-vectors (DTensors) are not supported yet (shard_sparse_values=False)"
         )
     if hasattr(param, "ds_id"):  # DeepSpeed ZeRO-3: this rank's partition of param, master and moments
         _reset_zero3_slots(param, slots, optimizer)

@@ -120,6 +120,22 @@ def test_two_rank_fsdp2_equals_one_rank(shard, tiny_model_dir, one_rank_adapter,
 
 
 @pytest.mark.multiprocess
+def test_two_rank_fsdp2_reselection_equals_one_rank(tiny_model_dir, tmp_path):
+    """Replicated k-vectors (the default) keep a plain torch optimizer: swaps work as under DDP."""
+    reselect = ["--density", "0.05", "--max_rows", "0.5", "--max_cols", "0.5", "--reselect_every", "2",
+                "--reselect_fraction", "0.5"]
+    one_rank = run([sys.executable, "launch/train_qa.py", "--model", str(tiny_model_dir), *COMMON, *reselect,
+                    "--grad_accum", "2"], tmp_path / "one")[0]
+    two_rank, _ = run(two_ranks("--model", str(tiny_model_dir), *COMMON, *reselect, "--grad_accum", "1", "--fsdp"),
+                      tmp_path / "two")
+    supports = [k for k in one_rank if k.endswith(".support")]
+    assert any(not torch.equal(one_rank[k], one_rank[k].sort().values) for k in supports)  # swaps happened
+    assert sorted(two_rank) == sorted(one_rank)
+    for key in one_rank:
+        torch.testing.assert_close(two_rank[key], one_rank[key], atol=1e-5, rtol=0, msg=key)
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_base_under_fsdp2_trains_and_stays_bit_identical(bits, tiny_model_dir, tmp_path):
     # nf4 works at hidden 32 because train_qa.py turns off bnb's CPU eval repacking (which crashed for
