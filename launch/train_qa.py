@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-DEFAULT_LR = {"sparsegrad": 1e-2, "sparsegrad_reference": 1e-4, "sparsegrad_dynamic": 1e-4, "meprop": 1e-4,
+DEFAULT_LR = {"sparsegrad": 1e-3, "sparsegrad_reference": 1e-4, "sparsegrad_dynamic": 1e-4, "meprop": 1e-4,
               "graddrop": 2e-5,
               "lora": 1e-3, "full": 2e-5}
 

@@ -41,7 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_steps", type=int, default=40)
     p.add_argument("--micro_batch_size", type=int, default=4)
     p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--k", type=int, default=None)
