@@ -17,6 +17,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# train_qa.py flags for drop-and-grow re-selection on the tiny model: swaps after steps 2 and 4 (a row/column
+# budget is required: growth scores come from the dense-block kernel)
+RESELECT_ARGS = ("--density", "0.05", "--max_rows", "0.5", "--max_cols", "0.5", "--reselect_every", "2",
+                 "--reselect_fraction", "0.5")
+
+
+def supports_reselected(adapter: dict) -> bool:
+    """True when some saved support left row-major order, i.e. re-selection swapped entries."""
+    return any(not torch.equal(t, t.sort().values) for k, t in adapter.items() if k.endswith(".support"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

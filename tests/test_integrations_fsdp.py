@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port, lm_batches, make_tiny_llama, quantize_linears
+from conftest import RESELECT_ARGS, free_port, lm_batches, make_tiny_llama, quantize_linears, supports_reselected
 from conftest import run_train_qa as run
 
 COMMON = ["--steps", "4", "--calibration_steps", "2", "--eval_size", "4", "--no_eval_before", "--density", "0.5",
@@ -122,14 +122,11 @@ def test_two_rank_fsdp2_equals_one_rank(shard, tiny_model_dir, one_rank_adapter,
 @pytest.mark.multiprocess
 def test_two_rank_fsdp2_reselection_equals_one_rank(tiny_model_dir, tmp_path):
     """Replicated k-vectors (the default) keep a plain torch optimizer: swaps work as under DDP."""
-    reselect = ["--density", "0.05", "--max_rows", "0.5", "--max_cols", "0.5", "--reselect_every", "2",
-                "--reselect_fraction", "0.5"]
-    one_rank = run([sys.executable, "launch/train_qa.py", "--model", str(tiny_model_dir), *COMMON, *reselect,
+    one_rank = run([sys.executable, "launch/train_qa.py", "--model", str(tiny_model_dir), *COMMON, *RESELECT_ARGS,
                     "--grad_accum", "2"], tmp_path / "one")[0]
-    two_rank, _ = run(two_ranks("--model", str(tiny_model_dir), *COMMON, *reselect, "--grad_accum", "1", "--fsdp"),
-                      tmp_path / "two")
-    supports = [k for k in one_rank if k.endswith(".support")]
-    assert any(not torch.equal(one_rank[k], one_rank[k].sort().values) for k in supports)  # swaps happened
+    two_rank, _ = run(two_ranks("--model", str(tiny_model_dir), *COMMON, *RESELECT_ARGS, "--grad_accum", "1",
+                                "--fsdp"), tmp_path / "two")
+    assert supports_reselected(one_rank)
     assert sorted(two_rank) == sorted(one_rank)
     for key in one_rank:
         torch.testing.assert_close(two_rank[key], one_rank[key], atol=1e-5, rtol=0, msg=key)

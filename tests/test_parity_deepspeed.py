@@ -5,12 +5,11 @@ import sys
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import RESELECT_ARGS, free_port, supports_reselected
 from conftest import run_train_qa as run
 
 COMMON = ["--steps", "4", "--calibration_steps", "2", "--eval_size", "4", "--no_eval_before", "--density", "0.5",
           "--max_rows", "0", "--max_cols", "0", "--lr", "1e-2", "--micro_batch_size", "2"]
-
 
 @pytest.fixture(scope="module")
 def one_rank_runs(tiny_model_dir, tmp_path_factory):
@@ -28,15 +27,10 @@ def one_rank_runs(tiny_model_dir, tmp_path_factory):
     return get
 
 
-# drop-and-grow re-selection after steps 2 and 4 (needs a row/column budget for its growth scores)
-RESELECT = ("--density", "0.05", "--max_rows", "0.5", "--max_cols", "0.5", "--reselect_every", "2",
-            "--reselect_fraction", "0.5")
-
-
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("method,stage,extra", [("sparsegrad", 2, ()), ("sparsegrad", 3, ()),
-                                                ("sparsegrad_dynamic", 2, ()), ("sparsegrad", 2, RESELECT),
-                                                ("sparsegrad", 3, RESELECT)],
+                                                ("sparsegrad_dynamic", 2, ()), ("sparsegrad", 2, RESELECT_ARGS),
+                                                ("sparsegrad", 3, RESELECT_ARGS)],
                          ids=["sparsegrad-zero2", "sparsegrad-zero3", "dynamic-zero2", "reselect-zero2", "reselect-zero3"])
 def test_two_rank_zero_equals_one_rank(method, stage, extra, tiny_model_dir, one_rank_runs, tmp_path):
     one_rank = one_rank_runs(method, extra)
@@ -54,9 +48,7 @@ def test_two_rank_zero_equals_one_rank(method, stage, extra, tiny_model_dir, one
     if method == "sparsegrad":
         assert any(one_rank[k].abs().sum() > 0 for k in values)  # training moved the values
     if extra:  # re-selection happened: the supports left row-major order, identically on both layouts
-        supports = [k for k in one_rank if k.endswith(".support")]
-        assert any(not torch.equal(one_rank[k], one_rank[k].sort().values) for k in supports)
-
+        assert supports_reselected(one_rank)
 
 @pytest.mark.multiprocess
 def test_eight_bit_base_under_zero2_trains_and_stays_bit_identical(tiny_model_dir, tmp_path):
