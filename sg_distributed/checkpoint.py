@@ -326,8 +326,8 @@ def load_rank_state(path: Path, rank: int) -> dict:
 def structure_checksum(model) -> str:
     """SHA-256 of what the SparseGrad layers compute with (supports, P/R in compute dtype).
 
-    Unlike ``SparseGradModel.support_checksum`` (which hashes the float64 calibration bases) this is equal
-    for a calibrated model and the same model restored by ``from_pretrained``."""
+    Unlike ``SparseGradModel.support_checksum`` (which hashes the float64 calibration bases in reference
+    and dynamic mode) this is equal for a calibrated model and the same model restored by ``from_pretrained``."""
     from .layer import SparseGradLinear
 
     digest = hashlib.sha256()

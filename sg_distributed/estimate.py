@@ -18,10 +18,11 @@ converted matrices; every trainable tensor is what the library trains, see READM
   partitions parameters, not buffers; the ``stage3_param_persistence_threshold`` is ignored here).
   ``lora`` adds its D adapter values; ``sparsegrad_dynamic`` moves the targets into unpartitioned
   buffers W~ (replicated on every rank even under ZeRO-3).
-* bases/buffers: ``sparsegrad`` keeps, per converted layer, P_I (m x r) and R_C (n x c) in b bytes
-  (r = min(max_rows x m, k), c = min(max_cols x n, k): an upper bound, the layer keeps the rows/cols its
-  support touches, which is the budget when k >> m, n as in the presets; a full-width P or R is the layer
-  type's shared tensor) plus int64 flat indices (8 B x k) and the used row/col indices; ``sparsegrad_dynamic`` keeps
+* bases/buffers: ``sparsegrad`` keeps P (m x m) and R (n x n) once per layer type, in b bytes (the
+  layers share them and gather their P_I / R_C slices at each use), plus per converted layer int64 flat
+  indices (8 B x k) and the used row/col indices (r = min(max_rows x m, k), c = min(max_cols x n, k): an
+  upper bound, the layer keeps the rows/cols its support touches, which is the budget when k >> m, n as in
+  the presets); ``sparsegrad_dynamic`` keeps
   P (m x m) and R (n x n) per converted layer (measured: the layers do not share them) plus its
   dense rotated-gradient accumulators (m x n x b
   per target); ``graddrop`` (element) caches one bool mask per target entry. ``--reselect_every N``
@@ -137,15 +138,12 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     score_block = 0  # sum of r x c over layers: re-selection's float32 score blocks
     if method == "sparsegrad":
         D = K
-        shared: dict[tuple, int] = {}
+        shared: dict[tuple, int] = {}  # P, R of each layer type (and shape), shared by its layers
         for n, (o, i) in shapes.items():
             # the layer keeps the rows/cols its support touches: at most the budget and at most k
             r = min(cfg.row_budget(o) if max_rows else o, ks[n])
             c = min(cfg.col_budget(i) if max_cols else i, ks[n])
-            # a full-width P (no row budget) is the layer type's own tensor, shared by its layers
-            for key, size in (((n, "P"), o * r) if r < o else (("shared", layer_type(n), "P"), o * o),
-                              ((n, "R"), i * c) if c < i else (("shared", layer_type(n), "R"), i * i)):
-                shared[key] = size
+            shared[layer_type(n), o, i] = o * o + i * i
             buffers += 8 * ks[n] + 8 * (r + c)
             score_block += r * c
         buffers += b * sum(shared.values())

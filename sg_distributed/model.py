@@ -16,7 +16,7 @@ from .calibration import gradient_tap, gradients_flowing, run_backward_passes
 from .config import SparseGradConfig
 from .io import atomic_directory
 from .dynamic import SparseStateAdam, make_dynamic
-from .layer import ReferenceSparseGradLinear, SparseGradLinear
+from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
 from .optim import LazyAdam
 from .reselect import SupportReselector
 from .selection import Support, select_support
@@ -53,6 +53,7 @@ class SparseGradModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.bases: dict[str, Bases] = {}
+        self.shared_bases: dict[tuple, SharedBasis] = {}
         self.calibrated = False
         self.skipped_steps = 0
 
@@ -62,6 +63,26 @@ class SparseGradModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.base_model, name)
+
+    @property
+    def bases(self) -> dict[str, Bases]:
+        """P, R per basis key: once fixed-support layers exist, the compute-dtype tensors they share (the
+        float64 calibration bases are then dropped); otherwise the calibration bases."""
+        if self.shared_bases:
+            return {key: Bases(s.P, s.R) for (key, _, _), s in reversed(self.shared_bases.items())}
+        return self._calibration_bases
+
+    @bases.setter
+    def bases(self, value: dict[str, Bases]) -> None:
+        self._calibration_bases = value
+
+    def _shared_basis(self, key: str, bases: Bases, module: nn.Module) -> SharedBasis:
+        """One SharedBasis per (type, compute dtype, device): layers of a type on one device share it."""
+        dtype, device = compute_dtype_of(module), module.weight.device
+        slot = (key, dtype, device)
+        if slot not in self.shared_bases:
+            self.shared_bases[slot] = SharedBasis(bases.P.to(device), bases.R.to(device), dtype)
+        return self.shared_bases[slot]
 
     def forward(self, *args, **kwargs):
         if not self.calibrated:
@@ -107,13 +128,17 @@ class SparseGradModel(nn.Module):
             self.bases = self._fit_bases(batches, modules, loss_fn, gram_dtype, show_progress)
             if self.peft_config.support_mode == "fixed":
                 supports = self._select_supports(batches, modules, loss_fn, gram_dtype, show_progress)
+        calibration_bases = self.bases
         for name, module in modules.items():
-            bases = self.bases[self.basis_key(name)]
+            bases = calibration_bases[self.basis_key(name)]
             if self.peft_config.support_mode == "fixed":
-                new = SparseGradLinear(module, bases.P, bases.R, supports[name])
+                basis = self._shared_basis(self.basis_key(name), bases, module)
+                new = SparseGradLinear(module, None, None, supports[name], basis=basis)
             else:
                 new = self._reference_layer(name, module, bases)
             _replace_module(self.base_model, name, new)
+        if self.shared_bases:
+            self.bases = {}  # the layers' shared copies replace the float64 ones (bases() reads those)
         self._mark_trainable()
         self.calibrated = True
         return self
@@ -231,7 +256,8 @@ class SparseGradModel(nn.Module):
         return trainable, total
 
     def support_checksum(self) -> str:
-        """SHA-256 of all supports and bases (exact bytes): equal on every rank after calibration."""
+        """SHA-256 of all supports and bases (exact bytes): equal on every rank after calibration. The bases
+        are those in ``bases``: the layers' compute-dtype copies in fixed mode, else the float64 ones."""
         digest = hashlib.sha256()
         for name, module in self.converted_layers().items():
             digest.update(name.encode())
@@ -256,7 +282,7 @@ class SparseGradModel(nn.Module):
         basis_dtype: dict[str, torch.dtype] = {}
         for name, module in self.converted_layers().items():
             key = self.basis_key(name)
-            compute = module.P_sub if isinstance(module, SparseGradLinear) else module.rotated_weight
+            compute = module.basis.Pt if isinstance(module, SparseGradLinear) else module.rotated_weight
             basis_dtype.setdefault(key, compute.dtype)  # the dtype the layers compute in
             layers[name] = {"shape": [module.out_features, module.in_features], "basis_key": key}
             if isinstance(module, SparseGradLinear):
@@ -304,7 +330,8 @@ class SparseGradModel(nn.Module):
         wrapper.basis_keys = {name: info["basis_key"] for name, info in meta["layers"].items()}
         for p in model.parameters():
             p.requires_grad_(False)
-        wrapper.bases = {}
+        wrapper.bases, wrapper.shared_bases = {}, {}
+        loaded: dict[tuple, Bases] = {}
         for name, info in meta["layers"].items():
             try:
                 module = model.get_submodule(name)
@@ -315,17 +342,18 @@ class SparseGradModel(nn.Module):
                 raise ValueError(f"adapter layer {name!r} was trained on a {info['shape'][0]}x{info['shape'][1]} "
                                  f"weight, but the base model's is {shape[0]}x{shape[1]}")
             key = info["basis_key"]
-            if key not in wrapper.bases:
-                device = module.weight.device
-                wrapper.bases[key] = (Bases(tensors[f"bases.{key}.P"].to(device), tensors[f"bases.{key}.R"].to(device))
-                                      if config.basis == "hosvd" else identity_bases(*shape, dtype=torch.float64, device=device))
-            bases = wrapper.bases[key]
+            device = module.weight.device
+            if (key, device) not in loaded:
+                loaded[key, device] = (Bases(tensors[f"bases.{key}.P"].to(device), tensors[f"bases.{key}.R"].to(device))
+                                       if config.basis == "hosvd" else identity_bases(*shape, dtype=torch.float64, device=device))
+            bases = loaded[key, device]
             if config.support_mode == "fixed":
                 support = Support.from_flat(tensors[f"{name}.support"], tuple(shape), sort=False)  # slot order
                 block = (tensors[f"{name}.block_rows"], tensors[f"{name}.block_cols"]) if f"{name}.block_rows" in tensors else None
-                new = SparseGradLinear(module, bases.P, bases.R, support, values=tensors[f"{name}.sparse_values"],
-                                       block=block)
+                new = SparseGradLinear(module, None, None, support, values=tensors[f"{name}.sparse_values"],
+                                       block=block, basis=wrapper._shared_basis(key, bases, module))
             else:
+                wrapper.bases.setdefault(key, bases)
                 new = wrapper._reference_layer(name, module, bases)
                 with torch.no_grad():  # a parameter in reference mode, a buffer in dynamic mode
                     new.rotated_weight.copy_(tensors[f"{name}.rotated_weight"])

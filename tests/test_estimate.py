@@ -77,7 +77,8 @@ def test_optimizer_state_and_tensor_memory_match_one_rank(method, budget, densit
     grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable if p.grad is not None)
     assert grads == est["gradients"], method
     seen, tensor_bytes = set(), 0
-    for t in list(net.parameters()) + list(net.buffers()):
+    shared_bases = [t for basis in getattr(net, "shared_bases", {}).values() for t in basis.tensors()]
+    for t in list(net.parameters()) + list(net.buffers()) + shared_bases:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             tensor_bytes += t.numel() * t.element_size()

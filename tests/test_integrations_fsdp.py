@@ -47,9 +47,9 @@ def test_fsdp2_one_rank_matches_plain_training_and_kernel_sees_plain_tensors(one
     seen = []
     original = _SparseDelta.forward
 
-    def spy(ctx, x2d, values, P_sub, R_sub, structure):
-        seen.append(tuple(type(t) for t in (x2d, values, P_sub, R_sub)))
-        return original(ctx, x2d, values, P_sub, R_sub, structure)
+    def spy(ctx, x2d, values, Pt, Rt, rows, cols, structure):
+        seen.append(tuple(type(t) for t in (x2d, values, Pt, Rt)))
+        return original(ctx, x2d, values, Pt, Rt, rows, cols, structure)
 
     monkeypatch.setattr(_SparseDelta, "forward", staticmethod(spy))
     batches = lm_batches(n=3, seed=5)

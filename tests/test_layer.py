@@ -97,3 +97,34 @@ def test_shape_mismatch_is_named():
     support = Support.from_flat(torch.tensor([0, 1]), (4, 9))
     with pytest.raises(ValueError, match="base is 4x8 but support is \\(4, 9\\)"):
         SparseGradLinear(base, torch.eye(4), torch.eye(8), support)
+
+
+def test_layers_share_one_basis_through_dtype_moves_and_deepcopy():
+    """Two layers built on one SharedBasis keep sharing it after ``.to(dtype)`` (converted once, not once
+    per layer) and after deepcopy / pickling; outputs follow the converted basis exactly."""
+    import copy
+    import pickle
+
+    from sg_distributed.layer import SharedBasis
+
+    m, n, k = 12, 20, 15
+    P, R = orthogonal(m, 1), orthogonal(n, 2)
+    basis = SharedBasis(P, R, torch.float32)
+    layers = nn.Sequential(*[
+        SparseGradLinear(nn.Linear(n, m), None, None, select_support(torch.rand(m, n), k, 6, 8),
+                         values=torch.randn(k), basis=basis)
+        for _ in range(2)])
+    assert all(not any("P" in name or "R_" in name for name, _ in layer.named_buffers()) for layer in layers)
+    layers.to(torch.float64)
+    assert layers[0].basis is layers[1].basis and layers[0].basis.Pt.dtype == torch.float64
+    torch.testing.assert_close(layers[0].basis.P, P, atol=1e-7, rtol=0)  # float32 round trip, shared once
+    x = torch.randn(4, n, dtype=torch.float64)
+    for layer in layers:  # independent dense computation with the (converted) shared basis
+        S = torch.zeros(m, n, dtype=torch.float64)
+        S[layer.support.rows, layer.support.cols] = layer.sparse_values.detach()
+        dense = layer.base.weight + layer.basis.P @ S @ layer.basis.R.T
+        torch.testing.assert_close(layer(x), x @ dense.T + layer.base.bias, atol=1e-12, rtol=0)
+    for clone in (copy.deepcopy(layers), pickle.loads(pickle.dumps(layers))):
+        assert clone[0].basis is clone[1].basis and clone[0].basis is not basis
+        for copied, layer in zip(clone, layers):
+            torch.testing.assert_close(copied(x), layer(x), atol=0, rtol=0)

@@ -44,9 +44,10 @@ Plain tensors in the autograd Function
 ======================================
 Inside an FSDP2 block's forward the registered parameters are the *unsharded* plain ``nn.Parameter``
 objects (FSDP2 swaps DTensors out in its pre-forward hook), so ``_SparseDelta`` receives ordinary
-tensors in both modes; ``P_sub`` / ``R_sub`` and the index buffers are buffers, which FSDP2 never shards
-(it only moves them to the mesh device, without ``_apply``: ``apply_fsdp2`` therefore moves the model
-with ``model.to`` first so ``SparseGradLinear.structure`` follows).
+tensors in both modes; the index buffers are buffers, which FSDP2 never shards, and the shared bases
+(``SharedBasis``) are plain attributes FSDP2 never sees (it moves buffers to the mesh device without
+``_apply``: ``apply_fsdp2`` therefore moves the model with ``model.to`` first so the bases and
+``SparseGradLinear.structure`` follow).
 """
 from __future__ import annotations
 
