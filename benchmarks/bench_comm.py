@@ -44,9 +44,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("full", "lora", "sparsegrad", "sparsegrad_reselect", "graddrop", "sparsegrad_reference",
-           "sparsegrad_dynamic", "sparsegrad_dynamic_sparse")
-NOTES = {"sparsegrad_reference": "dense exchange through ZeRO (per-step top-k on flat partitions: use dynamic)",
+METHODS = ("full", "lora", "sparsegrad", "sparsegrad_b125", "sparsegrad_reselect", "graddrop",
+           "sparsegrad_reference", "sparsegrad_dynamic", "sparsegrad_dynamic_sparse")
+NOTES = {"sparsegrad_b125": "row/column budget 0.125 (fewer rotated products per step)",
+         "sparsegrad_reference": "dense exchange through ZeRO (per-step top-k on flat partitions: use dynamic)",
          "graddrop": "dense exchange (masked entries still travel as zeros)",
          "sparsegrad_dynamic": "exact exchange: dense all-reduce of G~, then top-k (equals 1 rank)",
          "sparsegrad_dynamic_sparse": "sparse exchange: local top-k, all-gather (int64 idx, fp32 val), k-vector all-reduce"}
@@ -129,8 +130,9 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     rss_loaded = status_mib("VmRSS")
     variant = method
     exchange = "sparse" if method.endswith("_sparse") else "exact"
-    method = method.removesuffix("_sparse").removesuffix("_reselect")
-    budget = {"max_rows": args.budget or None, "max_cols": args.budget or None} if method == "sparsegrad" else {}
+    method = method.removesuffix("_sparse").removesuffix("_reselect").removesuffix("_b125")
+    share = 0.125 if variant == "sparsegrad_b125" else args.budget  # b125: the faster, smaller budget
+    budget = {"max_rows": share or None, "max_cols": share or None} if method == "sparsegrad" else {}
     if variant == "sparsegrad_reselect":
         budget["reselect_every"] = args.reselect_every
     config = SparseGradConfig(density=args.density, calibration_steps=2, exchange=exchange, **budget)
