@@ -68,9 +68,12 @@ class SparseGradModel(nn.Module):
     def bases(self) -> dict[str, Bases]:
         """P, R per basis key: once fixed-support layers exist, the compute-dtype tensors they share (the
         float64 calibration bases are then dropped); otherwise the calibration bases."""
-        if self.shared_bases:
-            return {key: Bases(s.P, s.R) for (key, _, _), s in reversed(self.shared_bases.items())}
-        return self._calibration_bases
+        if not self.shared_bases:
+            return self._calibration_bases
+        first: dict[str, Bases] = {}
+        for (key, _, _), shared in self.shared_bases.items():  # a type on several devices: its first copy
+            first.setdefault(key, Bases(shared.P, shared.R))
+        return first
 
     @bases.setter
     def bases(self, value: dict[str, Bases]) -> None:
