@@ -40,7 +40,7 @@ def eigenbasis(gram: torch.Tensor) -> torch.Tensor:
     pivots = vectors.abs().argmax(dim=0)
     signs = torch.sign(vectors[pivots, torch.arange(vectors.shape[1])])
     signs[signs == 0] = 1
-    return vectors * signs
+    return (vectors * signs).contiguous()  # eigh's output is column-major; collectives send raw storage
 
 
 class GramAccumulator:
@@ -93,11 +93,23 @@ class GramAccumulator:
             dist.all_reduce(self.in_gram[key])
 
     def bases(self, input_convention: str = "textbook") -> dict[str, Bases]:
-        """P, R for every key. ``reference`` uses R = Q^T, the authors' convention."""
+        """P, R for every key. ``reference`` uses R = Q^T, the authors' convention.
+
+        In a process group rank 0 solves the eigenproblems and broadcasts the bases (on the Grams'
+        device, so NCCL can carry them): every rank gets rank 0's bits, even where ranks' LAPACK /
+        cuSOLVER builds would round differently (mixed GPU kinds), and the others skip the solve.
+        """
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         result = {}
-        for key in self.out_gram:
-            P = eigenbasis(self.out_gram[key])
-            Q = eigenbasis(self.in_gram[key])
+        for key in sorted(self.out_gram):  # same order on every rank
+            out_gram, in_gram = self.out_gram[key], self.in_gram[key]
+            if not distributed or dist.get_rank() == 0:
+                P, Q = eigenbasis(out_gram), eigenbasis(in_gram)
+            else:
+                P, Q = torch.empty_like(out_gram, dtype=torch.float64), torch.empty_like(in_gram, dtype=torch.float64)
+            if distributed:
+                dist.broadcast(P, src=0)
+                dist.broadcast(Q, src=0)
             R = Q if input_convention == "textbook" else Q.T.contiguous()
             result[key] = Bases(P=P, R=R)
         return result

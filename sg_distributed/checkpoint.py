@@ -37,6 +37,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .io import tensor_bytes
+
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 FORMAT = "sg_distributed.checkpoint/1"
@@ -324,7 +326,7 @@ def load_rank_state(path: Path, rank: int) -> dict:
 
 
 def structure_checksum(model) -> str:
-    """SHA-256 of what the SparseGrad layers compute with (supports, P/R in compute dtype).
+    """SHA-256 of what the SparseGrad layers compute with (supports, full-precision P/R slices).
 
     Unlike ``SparseGradModel.support_checksum`` (which hashes the float64 calibration bases in reference
     and dynamic mode) this is equal for a calibrated model and the same model restored by ``from_pretrained``."""
@@ -338,7 +340,7 @@ def structure_checksum(model) -> str:
         else:
             tensors = [getattr(module, n) for n in ("P", "R") if getattr(module, n, None) is not None]
         for t in tensors:
-            digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(tensor_bytes(t))
     return digest.hexdigest()
 
 

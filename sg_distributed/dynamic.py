@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer import ReferenceSparseGradLinear, _RotatedBiasGrad, linear_from_rotated
+from .layer import (ReferenceSparseGradLinear, _apply_keeping_precision, _RotatedBiasGrad, compute_dtype_for,
+                    linear_from_rotated, master_dtype)
 
 # --------------------------------------------------------------------------------------------- layer
 
@@ -44,6 +45,7 @@ class _DynamicRotated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         xr, weight, P, R = ctx.saved_tensors
+        grad_out = grad_out.to(xr.dtype)
         a = grad_out if P is None else grad_out @ P  # T x m
         ctx.module._accumulate(a.T @ xr)
         grad_x = None
@@ -72,10 +74,10 @@ class DynamicSparseGradLinear(nn.Module):
             raise ValueError(f"DynamicSparseGradLinear: W~ is {m}x{n} but P is {tuple(P.shape)}, R is {tuple(R.shape)}")
         if not 0 < k <= m * n:
             raise ValueError(f"DynamicSparseGradLinear: k={k} must be in [1, {m * n}]")
-        dtype = rotated_weight.dtype
+        dtype = master_dtype(rotated_weight.dtype)  # W~ is updated in place: full precision (see layer.master_dtype)
         self.out_features, self.in_features, self.k = m, n, k
         self.identity = P is None
-        self.register_buffer("rotated_weight", rotated_weight.detach().clone())
+        self.register_buffer("rotated_weight", rotated_weight.detach().to(dtype).clone())
         if not self.identity:
             self.register_buffer("P", P.detach().to(dtype), persistent=False)
             self.register_buffer("R", R.detach().to(dtype), persistent=False)
@@ -85,7 +87,14 @@ class DynamicSparseGradLinear(nn.Module):
         self.grad_accumulator: torch.Tensor | None = None
         self.backward_count = 0
 
+    _full_precision = ("rotated_weight", "bias", "P", "R")
+
+    def _apply(self, fn, recurse=True):
+        _apply_keeping_precision(self, fn, recurse, self._full_precision, super()._apply)
+        return self
+
     def _accumulate(self, grad: torch.Tensor) -> None:
+        grad = grad.to(self.rotated_weight.dtype)  # summed over micro-batches in W~'s precision
         if self.grad_accumulator is None:
             self.grad_accumulator = grad.detach()
         else:
@@ -97,22 +106,25 @@ class DynamicSparseGradLinear(nn.Module):
         self.backward_count = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        P = None if self.identity else self.P
-        R = None if self.identity else self.R
-        x2d = x.reshape(-1, x.shape[-1])
-        if torch.is_grad_enabled() and self.requires_rotated_grad:
-            # The anchor is a throw-away leaf that requires grad, so the backward runs even when nothing
-            # upstream of x requires grad (first layer) and no m x n parameter exists.
-            anchor = torch.empty(0, device=x.device, requires_grad=True)
-            out = _DynamicRotated.apply(x2d, anchor, self.rotated_weight, P, R, self)
-        else:
-            out = x2d if R is None else x2d @ R
-            out = out @ self.rotated_weight.T
-            out = out if P is None else out @ P.T
+        dtype = compute_dtype_for(x)
+        P = None if self.identity else self.P.to(dtype)
+        R = None if self.identity else self.R.to(dtype)
+        weight = self.rotated_weight.to(dtype)
+        x2d = x.reshape(-1, x.shape[-1]).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen above, for both passes
+            if torch.is_grad_enabled() and self.requires_rotated_grad:
+                # The anchor is a throw-away leaf that requires grad, so the backward runs even when nothing
+                # upstream of x requires grad (first layer) and no m x n parameter exists.
+                anchor = torch.empty(0, device=x.device, requires_grad=True)
+                out = _DynamicRotated.apply(x2d, anchor, weight, P, R, self)
+            else:
+                out = x2d if R is None else x2d @ R
+                out = out @ weight.T
+                out = out if P is None else out @ P.T
         out = out.reshape(*x.shape[:-1], self.out_features)
         if self.bias is not None:
             use_rotated = self.rotated_bias_grad and not self.identity
-            out = out + (_RotatedBiasGrad.apply(self.bias, self.P) if use_rotated else self.bias)
+            out = out + (_RotatedBiasGrad.apply(self.bias, self.P) if use_rotated else self.bias).to(dtype)
         return out
 
     def merged_linear(self) -> nn.Linear:

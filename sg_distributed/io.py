@@ -1,4 +1,4 @@
-"""Atomic directory writes: a saved directory appears complete or not at all."""
+"""Atomic directory writes (a saved directory appears complete or not at all) and exact tensor bytes."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +6,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import torch
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The tensor's raw bytes, for hashing: any dtype (numpy has no bf16), any device, any layout."""
+    return tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
 @contextlib.contextmanager

@@ -35,21 +35,65 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-class SharedBasis:
-    """P^T and R^T of one layer type in the layers' compute dtype, held once and read by all its layers.
+def _csr_dtype(dtype: torch.dtype) -> torch.dtype:
+    """torch's CSR products have no bf16/fp16 on CPU (MKL) and no low-precision ``sampled_addmm`` on CUDA:
+    those run in fp32 and are cast back."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
-    Not a buffer: registering it on every layer would make ``model.to()`` copy it once per layer. Each
-    layer's ``_apply`` calls ``apply(fn)``, which converts the tensors once per ``fn`` (one ``model.to()``
-    call passes the same ``fn`` to every module).
+
+def master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision kept for trained values and bases: float64 in a float64 model, else float32.
+
+    bf16/fp16 models compute in low precision but keep these in fp32: a bf16 value of size 0.05 cannot
+    move by less than ~2e-4, so small optimizer updates would round away (and a bf16 basis saved with an
+    adapter would make loading it onto an fp32 base lossy).
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
+    """The dtype the sparse update runs in: autocast's for x's device when autocast is on, else x's own.
+
+    Decided per call from the input, so engine casts that bypass ``Module._apply`` (DeepSpeed's
+    ``p.data = p.data.to(bf16)``, FSDP2 mixed precision) never leave an fp32 delta in a bf16 model.
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _converted_like(fn, tensor: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype that ``Module._apply``'s ``fn`` would give ``tensor``, with the dtype kept at
+    ``master_dtype`` precision when ``fn`` changes it (a device-only move keeps the dtype as it is: DeepSpeed
+    casts its bf16 params itself, then moves the module)."""
+    target = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+    dtype = tensor.dtype if target.dtype == tensor.dtype else master_dtype(target.dtype)
+    return target.device, dtype
+
+
+class SharedBasis:
+    """P^T and R^T of one layer type, held once and read by all its layers.
+
+    The *master* copy stays on the host in full precision (``master_dtype``: fp32, or float64 in a
+    float64 model): it is what adapters save and checksums hash. Layers compute with a copy in their
+    compute dtype on their device, made from the master on first use and kept (one per device) until
+    the dtype or the model's placement changes; an fp32 CPU model uses the master itself. Not a buffer:
+    registering it on every layer would make ``model.to()`` copy it once per layer. Each layer's
+    ``_apply`` calls ``apply(fn)``, which acts once per ``fn`` (one ``model.to()`` passes the same
+    ``fn`` to every module).
     """
 
     def __init__(self, P: torch.Tensor, R: torch.Tensor, dtype: torch.dtype | None = None):
-        self.Pt = P.detach().T.to(dtype or P.dtype).contiguous()  # m x m, row i = column i of P
-        self.Rt = R.detach().T.to(dtype or R.dtype).contiguous()  # n x n
+        dtype = master_dtype(dtype or P.dtype)
+        self.Pt = P.detach().T.to("cpu", dtype).contiguous()  # m x m, row i = column i of P
+        self.Rt = R.detach().T.to("cpu", dtype).contiguous()  # n x n
+        self._compute: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._applied_fn = None
 
     @property
     def dtype(self) -> torch.dtype:
+        """The master's dtype (compute copies follow the input: see ``for_compute``)."""
         return self.Pt.dtype
 
     @property
@@ -60,15 +104,32 @@ class SharedBasis:
     def R(self) -> torch.Tensor:
         return self.Rt.T
 
+    def for_compute(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P^T, R^T) in ``dtype`` on ``device``: the master itself when it matches, else a cached copy."""
+        device = torch.device(device)
+        if dtype == self.Pt.dtype and device == self.Pt.device:
+            return self.Pt, self.Rt
+        cached = self._compute.get(device)
+        if cached is None or cached[0].dtype != dtype:
+            cached = self._compute[device] = (self.Pt.to(device, dtype), self.Rt.to(device, dtype))
+        return cached
+
     def apply(self, fn) -> None:
-        if fn is not self._applied_fn:
-            self.Pt, self.Rt, self._applied_fn = fn(self.Pt), fn(self.Rt), fn
+        """Follow a ``model.to()``-style conversion: a float64 model gets a float64 master; compute copies
+        are dropped (remade on the next forward where and as the layers then run)."""
+        if fn is self._applied_fn:
+            return
+        self._applied_fn = fn
+        _, dtype = _converted_like(fn, self.Pt)  # the master stays on the host
+        self.Pt, self.Rt = self.Pt.to(dtype), self.Rt.to(dtype)
+        self._compute.clear()
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.Pt, self.Rt]
+        """Every tensor held: the master and the compute copies (for memory accounting)."""
+        return [self.Pt, self.Rt] + [t for pair in self._compute.values() for t in pair]
 
     def __getstate__(self):  # the remembered fn is a closure: not picklable, and only meaningful in-process
-        return {**self.__dict__, "_applied_fn": None}
+        return {**self.__dict__, "_applied_fn": None, "_compute": {}}
 
 
 def _gather_rows(full: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -97,7 +158,7 @@ class _SparseDelta(torch.autograd.Function):
         B, values = ctx.saved_tensors
         Pt, Rt, rows, cols = ctx.bases
         structure = ctx.structure
-        A = grad_out @ _gather_rows(Pt, rows).T  # T x r
+        A = grad_out.to(B.dtype) @ _gather_rows(Pt, rows).T  # T x r
         grad_x = grad_values = None
         if ctx.needs_input_grad[1]:
             grad_values = structure.sampled_product(A, B)  # gather_Omega(A^T B)
@@ -146,13 +207,17 @@ class SupportStructure:
         """B S^T (T x r)."""
         if self.dense_block:
             return B @ self.dense(values).T
-        return (_csr(self.crow, self.col, self._row_major(values), (self.r, self.c)) @ B.T).T
+        work = _csr_dtype(B.dtype)
+        S = _csr(self.crow, self.col, self._row_major(values).to(work), (self.r, self.c))
+        return (S @ B.T.to(work)).T.to(B.dtype)
 
     def right_multiply(self, values, A):
         """A S (T x c)."""
         if self.dense_block:
             return A @ self.dense(values)
-        return (_csr(self.crow_t, self.col_t, values[self.perm_t], (self.c, self.r)) @ A.T).T
+        work = _csr_dtype(A.dtype)
+        St = _csr(self.crow_t, self.col_t, values[self.perm_t].to(work), (self.c, self.r))
+        return (St @ A.T.to(work)).T.to(A.dtype)
 
     def sampled_product(self, A, B):
         """(A^T B) at the support, in slot order."""
@@ -161,10 +226,12 @@ class SupportStructure:
             if self.score is not None:
                 self.score.add_(block.float().square() if self.score_square else block.float().abs())
             return block.index_select(0, self.flat)
-        if self._ones is None or self._ones.dtype != A.dtype or self._ones.device != A.device:
-            self._ones = torch.ones(self.k, dtype=A.dtype, device=A.device)
+        work = _csr_dtype(A.dtype)
+        if self._ones is None or self._ones.dtype != work or self._ones.device != A.device:
+            self._ones = torch.ones(self.k, dtype=work, device=A.device)
         pattern = _csr(self.crow, self.col, self._ones, (self.r, self.c))
-        sampled = torch.sparse.sampled_addmm(pattern, A.T.contiguous(), B.contiguous(), beta=0.0).values()
+        sampled = torch.sparse.sampled_addmm(pattern, A.T.to(work).contiguous(), B.to(work).contiguous(),
+                                             beta=0.0).values().to(A.dtype)
         return sampled if self.in_order else torch.empty_like(sampled).index_copy_(0, self.order, sampled)
 
     def to(self, device) -> "SupportStructure":
@@ -188,7 +255,7 @@ class SparseGradLinear(nn.Module):
                  block: tuple[torch.Tensor, torch.Tensor] | None = None, basis: SharedBasis | None = None):
         super().__init__()
         m, n = base.out_features, base.in_features
-        dtype = basis.dtype if basis is not None else (dtype or compute_dtype_of(base))
+        dtype = master_dtype(basis.dtype if basis is not None else (dtype or compute_dtype_of(base)))
         if basis is None:
             if P is None or R is None:
                 raise ValueError(f"SparseGradLinear({m}x{n}): give the bases, as P and R or as a SharedBasis")
@@ -265,7 +332,7 @@ class SparseGradLinear(nn.Module):
         return getattr(self.sparse_values, "ds_numel", self.sparse_values.numel())  # ZeRO-3: a placeholder
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
+        _apply_keeping_precision(self, fn, recurse, ("sparse_values",), super()._apply)
         self.basis.apply(fn)
         self.structure.to(self.support_flat.device)
         return self
@@ -273,30 +340,39 @@ class SparseGradLinear(nn.Module):
     def _slice_index(self, used: torch.Tensor, full: int) -> torch.Tensor | None:
         return None if used.numel() == full else used  # the whole basis: no gather
 
+    def _master_slice(self, full: torch.Tensor, used: torch.Tensor, size: int) -> torch.Tensor:
+        index = self._slice_index(used, size)
+        return _gather_rows(full, None if index is None else index.to(full.device))
+
     @property
     def P_sub(self) -> torch.Tensor:
-        """P_I (m x r), gathered from the shared basis (a copy; the layer keeps no slice)."""
-        return _gather_rows(self.basis.Pt, self._slice_index(self.rows_used, self.out_features)).T
+        """P_I (m x r) in full precision, gathered from the shared basis's master (a copy on the host; the
+        layer keeps no slice)."""
+        return self._master_slice(self.basis.Pt, self.rows_used, self.out_features).T
 
     @property
     def R_sub(self) -> torch.Tensor:
-        """R_C (n x c), gathered from the shared basis."""
-        return _gather_rows(self.basis.Rt, self._slice_index(self.cols_used, self.in_features)).T
+        """R_C (n x c) in full precision, gathered from the shared basis's master."""
+        return self._master_slice(self.basis.Rt, self.cols_used, self.in_features).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        dtype = self.basis.dtype
+        dtype = compute_dtype_for(x)
+        Pt, Rt = self.basis.for_compute(dtype, x.device)
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        delta = _SparseDelta.apply(x2d, self.sparse_values.to(dtype), self.basis.Pt, self.basis.Rt,
-                                   self._slice_index(self.rows_used, self.out_features),
-                                   self._slice_index(self.cols_used, self.in_features), self.structure)
+        with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen above, for both passes
+            delta = _SparseDelta.apply(x2d, self.sparse_values.to(dtype), Pt, Rt,
+                                       self._slice_index(self.rows_used, self.out_features),
+                                       self._slice_index(self.cols_used, self.in_features), self.structure)
         return out + delta.reshape(*out.shape[:-1], self.out_features).to(out.dtype)
 
     @torch.no_grad()
     def delta_weight(self, dtype=torch.float64) -> torch.Tensor:
-        """P S R^T as a dense m x n matrix (for merging and tests, not for training)."""
+        """P S R^T as a dense m x n matrix from the full-precision bases (for merging and tests, not for
+        training), on the layer's device."""
+        device = self.sparse_values.device
         S = self.structure.dense(self.sparse_values.to(dtype))
-        return self.P_sub.to(dtype) @ S @ self.R_sub.to(dtype).T
+        return self.P_sub.to(device, dtype) @ S @ self.R_sub.to(device, dtype).T
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
@@ -327,7 +403,7 @@ class _RotatedBiasGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (P,) = ctx.saved_tensors
-        return grad @ P, None
+        return grad.to(P.dtype) @ P, None
 
 
 class ReferenceSparseGradLinear(nn.Module):
@@ -342,7 +418,7 @@ class ReferenceSparseGradLinear(nn.Module):
                  rotated_bias_grad: bool = False):
         super().__init__()
         W = dequantized_weight(base)
-        dtype = compute_dtype_of(base)
+        dtype = master_dtype(compute_dtype_of(base))  # trained in full precision, computed in the input's
         self.in_features, self.out_features, self.k = base.in_features, base.out_features, k
         self.identity = P is None
         if not self.identity:
@@ -363,14 +439,22 @@ class ReferenceSparseGradLinear(nn.Module):
         self.rotated_weight._sg_mask = mask if previous is None else previous | mask
         return grad * mask
 
+    _full_precision = ("rotated_weight", "bias", "P", "R")
+
+    def _apply(self, fn, recurse=True):
+        _apply_keeping_precision(self, fn, recurse, self._full_precision, super()._apply)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = compute_dtype_for(x)
+        x, weight = x.to(dtype), self.rotated_weight.to(dtype)
         if self.identity:
-            out = F.linear(x, self.rotated_weight)
+            out = F.linear(x, weight)
         else:
-            out = F.linear(F.linear(F.linear(x, self.R.T), self.rotated_weight), self.P)
+            out = F.linear(F.linear(F.linear(x, self.R.T.to(dtype)), weight), self.P.to(dtype))
         if self.bias is not None:
             bias = _RotatedBiasGrad.apply(self.bias, self.P) if (self.rotated_bias_grad and not self.identity) else self.bias
-            out = out + bias
+            out = out + bias.to(dtype)
         return out
 
     def merged_linear(self) -> nn.Linear:
@@ -391,6 +475,24 @@ def linear_from_rotated(rotated_weight: torch.Tensor, P: torch.Tensor | None, R:
     if bias is not None:
         linear.bias.copy_(bias)
     return linear
+
+
+def _apply_keeping_precision(module: nn.Module, fn, recurse: bool, names: tuple[str, ...], apply) -> None:
+    """``Module._apply`` for ``module``, except that the parameters / buffers ``names`` follow ``fn``'s device
+    but keep ``master_dtype`` precision: ``model.to(torch.bfloat16)`` must not round trained values to bf16."""
+    kept = {(table, name): getattr(module, table).pop(name) for table in ("_parameters", "_buffers")
+            for name in names if getattr(module, table).get(name) is not None}
+    try:
+        apply(fn, recurse)
+    finally:
+        for (table, name), tensor in kept.items():
+            getattr(module, table)[name] = tensor
+    for param in kept.values():
+        device, dtype = _converted_like(fn, param)
+        if param.device != device or param.dtype != dtype:
+            param.data = param.data.to(device, dtype)
+            if param.grad is not None:
+                param.grad.data = param.grad.data.to(device, dtype)
 
 
 def compute_dtype_of(base: nn.Module) -> torch.dtype:

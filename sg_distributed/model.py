@@ -14,7 +14,7 @@ from torch import nn
 from .basis import Bases, GramAccumulator, compute_dtype, identity_bases
 from .calibration import gradient_tap, gradients_flowing, run_backward_passes
 from .config import SparseGradConfig
-from .io import atomic_directory
+from .io import atomic_directory, tensor_bytes
 from .dynamic import SparseStateAdam, make_dynamic
 from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
 from .optim import LazyAdam
@@ -33,9 +33,23 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_reduce_sum(tensor: torch.Tensor) -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.all_reduce(tensor)
+
+
+def _from_rank0(support: Support) -> Support:
+    """Rank 0's support on every rank: ranks select from identical summed scores, but a top-k tie could
+    still break differently on different hardware; k indices are cheap to send."""
+    if not _distributed():
+        return support
+    flat = support.flat()
+    dist.broadcast(flat, src=0)
+    return Support.from_flat(flat, support.shape)
 
 
 class SparseGradModel(nn.Module):
@@ -53,7 +67,7 @@ class SparseGradModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.bases: dict[str, Bases] = {}
-        self.shared_bases: dict[tuple, SharedBasis] = {}
+        self.shared_bases: dict[str, SharedBasis] = {}
         self.calibrated = False
         self.skipped_steps = 0
 
@@ -66,26 +80,21 @@ class SparseGradModel(nn.Module):
 
     @property
     def bases(self) -> dict[str, Bases]:
-        """P, R per basis key: once fixed-support layers exist, the compute-dtype tensors they share (the
-        float64 calibration bases are then dropped); otherwise the calibration bases."""
+        """P, R per basis key: once fixed-support layers exist, the full-precision host masters they share
+        (the float64 calibration bases are then dropped); otherwise the calibration bases."""
         if not self.shared_bases:
             return self._calibration_bases
-        first: dict[str, Bases] = {}
-        for (key, _, _), shared in self.shared_bases.items():  # a type on several devices: its first copy
-            first.setdefault(key, Bases(shared.P, shared.R))
-        return first
+        return {key: Bases(shared.P, shared.R) for key, shared in self.shared_bases.items()}
 
     @bases.setter
     def bases(self, value: dict[str, Bases]) -> None:
         self._calibration_bases = value
 
     def _shared_basis(self, key: str, bases: Bases, module: nn.Module) -> SharedBasis:
-        """One SharedBasis per (type, compute dtype, device): layers of a type on one device share it."""
-        dtype, device = compute_dtype_of(module), module.weight.device
-        slot = (key, dtype, device)
-        if slot not in self.shared_bases:
-            self.shared_bases[slot] = SharedBasis(bases.P.to(device), bases.R.to(device), dtype)
-        return self.shared_bases[slot]
+        """One SharedBasis per type: its layers share the master and, per device, the compute copy."""
+        if key not in self.shared_bases:
+            self.shared_bases[key] = SharedBasis(bases.P, bases.R, compute_dtype_of(module))
+        return self.shared_bases[key]
 
     def forward(self, *args, **kwargs):
         if not self.calibrated:
@@ -174,7 +183,8 @@ class SparseGradModel(nn.Module):
             m, n = module.out_features, module.in_features
             _all_reduce_sum(scores[name])
             k = self.peft_config.entries_for(m, n, name)
-            supports[name] = select_support(scores[name], k, self.peft_config.row_budget(m), self.peft_config.col_budget(n))
+            support = select_support(scores[name], k, self.peft_config.row_budget(m), self.peft_config.col_budget(n))
+            supports[name] = _from_rank0(support)
         return supports
 
     def _reference_layer(self, name, module, bases: Bases) -> nn.Module:
@@ -259,17 +269,17 @@ class SparseGradModel(nn.Module):
         return trainable, total
 
     def support_checksum(self) -> str:
-        """SHA-256 of all supports and bases (exact bytes): equal on every rank after calibration. The bases
-        are those in ``bases``: the layers' compute-dtype copies in fixed mode, else the float64 ones."""
+        """SHA-256 of all supports and bases (exact bytes, any dtype): equal on every rank after calibration.
+        The bases are those in ``bases``: the fp32 masters in fixed mode, else the float64 ones."""
         digest = hashlib.sha256()
         for name, module in self.converted_layers().items():
             digest.update(name.encode())
             if isinstance(module, SparseGradLinear):
-                digest.update(module.support_flat.cpu().numpy().tobytes())
+                digest.update(tensor_bytes(module.support_flat))
         for key in sorted(self.bases):
             digest.update(key.encode())
-            digest.update(self.bases[key].P.detach().cpu().contiguous().numpy().tobytes())
-            digest.update(self.bases[key].R.detach().cpu().contiguous().numpy().tobytes())
+            digest.update(tensor_bytes(self.bases[key].P))
+            digest.update(tensor_bytes(self.bases[key].R))
         return digest.hexdigest()
 
     # --- persistence --------------------------------------------------------------------------------
@@ -286,7 +296,7 @@ class SparseGradModel(nn.Module):
         for name, module in self.converted_layers().items():
             key = self.basis_key(name)
             compute = module.basis.Pt if isinstance(module, SparseGradLinear) else module.rotated_weight
-            basis_dtype.setdefault(key, compute.dtype)  # the dtype the layers compute in
+            basis_dtype.setdefault(key, compute.dtype)  # full precision (fp32, or float64 in a float64 model)
             layers[name] = {"shape": [module.out_features, module.in_features], "basis_key": key}
             if isinstance(module, SparseGradLinear):
                 tensors[f"{name}.sparse_values"] = module.sparse_values.detach()
@@ -303,7 +313,7 @@ class SparseGradModel(nn.Module):
             if p.requires_grad and not any(name.startswith(prefix) for prefix in converted):
                 tensors[f"extra.{name}"] = p.detach()
         if self.peft_config.basis == "hosvd":
-            for key, b in self.bases.items():  # in the layers' compute dtype: lossless for their outputs
+            for key, b in self.bases.items():  # as precise as the layers' masters: lossless onto any base dtype
                 tensors[f"bases.{key}.P"] = b.P.to(basis_dtype[key])
                 tensors[f"bases.{key}.R"] = b.R.to(basis_dtype[key])
         sharded = [k for k, v in tensors.items() if hasattr(v, "full_tensor")]  # FSDP2 DTensor params

@@ -238,8 +238,8 @@ def test_reference_mode_adapter_carries_the_trained_norms(tmp_path):
 
 
 def test_layers_of_one_type_share_the_basis_and_no_float64_copy_stays():
-    """Fixed mode keeps one P, R per layer type in the compute dtype (the layers gather their slices at each
-    use): no per-layer slices, no float64 calibration copy; ``bases`` reads the shared tensors."""
+    """Fixed mode keeps one P, R per layer type, an fp32 master (the layers gather their slices at each use):
+    no per-layer slices, no float64 calibration copy; ``bases`` reads the shared tensors."""
     model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(density=0.05, max_rows=0.5, max_cols=0.5))
     model.calibrate(lm_batches())
     layers = model.converted_layers()
@@ -250,6 +250,6 @@ def test_layers_of_one_type_share_the_basis_and_no_float64_copy_stays():
     assert {t.dtype for basis in model.shared_bases.values() for t in basis.tensors()} == {torch.float32}
     assert model._calibration_bases == {}
     for key, bases in model.bases.items():
-        shared = next(s for (k, _, _), s in model.shared_bases.items() if k == key)
+        shared = model.shared_bases[key]
         assert bases.P.data_ptr() == shared.Pt.data_ptr()
         torch.testing.assert_close(bases.P.T @ bases.P, torch.eye(bases.P.shape[0]), atol=1e-5, rtol=0)
