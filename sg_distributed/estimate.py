@@ -25,7 +25,8 @@ converted matrices; every trainable tensor is what the library trains, see READM
   the presets); ``sparsegrad_dynamic`` keeps
   P (m x m) and R (n x n) per converted layer (measured: the layers do not share them) plus its
   dense rotated-gradient accumulators (m x n x b
-  per target); ``graddrop`` (element) caches one bool mask per target entry. ``--reselect_every N``
+  per target); ``graddrop`` keeps no mask state (each backward draws a target's mask on its device and
+  frees it: a transient 5 B per entry of one target, not counted). ``--reselect_every N``
   adds ``sparsegrad``'s float32 r x c growth-score block per layer (same upper bound on r, c).
 * gradients: D x b, partitioned by p under ZeRO-2/3 (DeepSpeed reduces in the parameter dtype); the
   reduce bucket (at most ``min(D, h^2)`` values) is added when p > 1.
@@ -99,7 +100,7 @@ def _pad(d: int, p: int) -> int:
 def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf16", density: float = 0.01,
              k: int | None = None, block_stride: int = 1, target_modules=None, max_rows: float | None = 0.25,
              max_cols: float | None = 0.25, micro_batch_size: int = 1, seq: int = 512, exchange: str = "exact",
-             lora_rank: int | None = None, graddrop_granularity: str = "element", include_norms: bool = True,
+             lora_rank: int | None = None, include_norms: bool = True,
              reduce_bucket_size: int | None = None, reselect_every: int = 0) -> dict[str, Any]:
     """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
     from torch import nn
@@ -155,11 +156,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
         D = rank_used * sum(o + i for o, i in shapes.values())
         partitioned += D
     elif method in ("full", "graddrop"):
-        D = N_t
-        if method == "graddrop" and graddrop_granularity == "element":
-            buffers += N_t  # one bool per target entry
-        elif method == "graddrop":
-            buffers += sum(o for o, _ in shapes.values())
+        D = N_t  # graddrop: no persistent mask buffers (drawn per backward, see the module docstring)
     else:  # sparsegrad_dynamic
         D = norm_numel if include_norms else 0
         partitioned -= target_weight_numel  # W~ are buffers, replicated

@@ -20,23 +20,49 @@ gradient by ``grad * mask`` before it is accumulated into ``param.grad``. Tensor
 attach to it, so dropped entries are zero in what gets reduced.
 
 Distributed twist. A mask is a pure function of ``(seed, mask_counter, key)`` where ``key`` is the
-parameter name (element granularity) or its module's name (row/layer granularity); the generator seed
+parameter name (element granularity) or its module's name (row/layer granularity): the generator seed
 comes from a keyed BLAKE2b hash, never Python's salted ``hash()``. Every rank of a data-parallel job
-therefore draws the same mask with no communication, and a custom communication hook only needs to send
-the kept entries (``controller.mask_for(name)`` gives them; ``kept_fraction()`` is the traffic ratio).
-With stock DDP/ZeRO the dense (zero-filled) gradient is still reduced: the saving needs such a hook.
+therefore draws the same mask with no communication, every micro-batch of one step draws the same mask,
+and a custom communication hook only needs to send the kept entries (``controller.mask_for(name,
+device=grad.device)`` gives them; ``kept_fraction()`` is the traffic ratio). With stock DDP/ZeRO the dense
+(zero-filled) gradient is still reduced: the saving needs such a hook.
+
+How masks are drawn. Inside the gradient hook, on ``grad.device``, in the mask's compact shape (the
+parameter's shape for ``element``, one value per row or per layer otherwise): a
+``torch.Generator(device=grad.device)`` is seeded with the BLAKE2b seed and ``torch.rand`` (float32) draws
+the uniforms; an entry is dropped where the uniform is ``< p``. On CUDA that generator is Philox-4x32-10,
+a counter-based generator, so seeding is a host-side assignment and the draw is one kernel: no
+host-device sync, nothing kept between calls (the controller holds no tensor of its own). A hand-rolled
+integer hash would be bit-identical between CPU and CUDA too, but costs about ten elementwise int32
+passes per entry against one for Philox; the mask only has to agree between ranks, which share the
+device type, so Philox wins.
 
 Caveats.
 
 * Masking the gradient does not freeze the entry in the optimizer: momentum (SGD/Adam moments from
   earlier steps) and decoupled weight decay still move dropped entries. That is the "gradient noise"
   reading of GradDrop; use ``weight_decay=0`` and no momentum if a dropped entry must stay put.
-* Masks are drawn on CPU (bit-identical on every machine) and cached on the gradient's device once per
-  counter. For element granularity that costs one bool per parameter entry of device memory and a CPU
-  ``torch.rand`` over all targets per resample; row/layer masks are tiny and broadcast.
-* Under ZeRO-3 the parameter's logical shape is read from ``param.ds_shape``. Under FSDP2 the hooks
-  sit on the parameters as they are when :func:`apply_graddrop` is called; whether they see the
-  unsharded gradient after ``fully_shard`` has not been verified here.
+* Cost: every backward of every target redraws its mask (micro-batches included): for ``element``
+  granularity one uniform per entry, i.e. a transient float32 tensor and a bool tensor the size of that
+  parameter (5 B per entry, one target at a time, freed when the hook returns) plus the masked copy of
+  the gradient that any out-of-place hook makes. Row/layer masks are one value per row / per layer.
+* Identical across ranks only within one device type *and model*: CPU masks come from CPU
+  ``torch.rand`` (mt19937: the same on every machine and thread count, and the same masks
+  as earlier versions of this module, which drew everything on CPU). CUDA masks come from Philox and are
+  *not* bit-identical to the CPU masks (same distribution, different draws). PyTorch's CUDA kernel also
+  caps its grid at (SM count x max threads per SM / 256) blocks, and which Philox subsequence feeds which
+  entry depends on that grid: for tensors larger than SM count x max threads per SM entries (221,184 on
+  an A100, 270,336 on an H100 SXM) the mask differs between GPU models. A data-parallel job must
+  therefore run on one GPU model and one PyTorch version (usual anyway); mixing them silently gives
+  ranks different masks. ``mask_for(name, device=...)`` and
+  ``kept_fraction(device=...)`` reproduce the hook's mask exactly only when given the gradient's device.
+  Resuming a CUDA run that used the earlier CPU-drawn masks continues with a different (equally
+  distributed) mask sequence.
+* Under ZeRO-3 the parameter's logical shape is read from ``param.ds_shape``; the hook checks that the
+  gradient it receives has that shape (DeepSpeed hands tensor hooks the full gradient) and raises
+  otherwise, naming the parameter. Under FSDP2 the hooks sit on the parameters as they are when
+  :func:`apply_graddrop` is called; whether they see the unsharded gradient after ``fully_shard`` has
+  not been verified here (``train_qa.py`` refuses GradDrop under ``--fsdp``).
 """
 
 from __future__ import annotations
@@ -134,11 +160,14 @@ def _stable_seed(seed: int, counter: int, key: str) -> int:
     return int.from_bytes(h.digest(), "little") & ((1 << 63) - 1)
 
 
-def _draw_keep(seed: int, counter: int, key: str, n: int, p: float) -> torch.Tensor:
-    """``n`` Bernoulli(1-p) keep flags (bool, CPU), a pure function of the arguments."""
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(_stable_seed(seed, counter, key))
-    return torch.rand(n, generator=gen) >= p
+def _draw_drop(seed: int, counter: int, key: str, shape: Sequence[int], p: float,
+               device: torch.device) -> torch.Tensor:
+    """Bool drop flags of ``shape`` on ``device`` (True with probability ``p``), a pure function of the
+    arguments for a given device type (see the module docstring on CPU vs CUDA)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_stable_seed(seed, counter, key))  # host-side: sets Philox's key / reseeds mt19937
+    # float32 explicitly: a caller's torch.set_default_dtype(bf16) must not coarsen the uniforms
+    return torch.rand(shape, generator=gen, device=device, dtype=torch.float32) < p
 
 
 def _logical_shape(param: torch.Tensor) -> torch.Size:
@@ -166,8 +195,6 @@ class GradDropController:
         self._step = 0
         self._epoch = 0
         self._targets: dict[str, _Target] = {}
-        # name -> (counter, device, drop mask broadcastable to the grad)
-        self._cache: dict[str, tuple[int, torch.device, torch.Tensor]] = {}
         self._handles: list[Any] = []
         self._resolve(model)
         for t in self._targets.values():
@@ -245,51 +272,62 @@ class GradDropController:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._step = int(state["step"])
         self._epoch = int(state["epoch"])
-        self._cache.clear()
 
     # ------------------------------------------------------------------ masks
-    def _compact_keep(self, t: _Target, counter: int) -> torch.Tensor:
-        """Keep mask on CPU in its smallest broadcastable shape."""
-        cfg, shape = self.config, t.shape
-        if cfg.granularity == "element":
-            n, view = shape.numel(), shape
-        elif cfg.granularity == "row":
-            n, view = shape[0], (shape[0],) + (1,) * (len(shape) - 1)
-        else:  # layer
-            n, view = 1, (1,) * len(shape)
-        return _draw_keep(cfg.seed, counter, t.key, n, cfg.drop_prob).view(view)
+    def _compact_shape(self, t: _Target) -> tuple[int, ...]:
+        """Smallest shape of ``t``'s mask that broadcasts to the parameter."""
+        shape, granularity = t.shape, self.config.granularity
+        if granularity == "element":
+            return tuple(shape)
+        if granularity == "row":
+            return (shape[0],) + (1,) * (len(shape) - 1)
+        return (1,) * len(shape)  # layer
 
-    def mask_for(self, name: str) -> torch.Tensor:
-        """Bool keep mask (CPU, same shape as the parameter) for the current counter."""
+    def _drop_flags(self, t: _Target, counter: int, device: torch.device) -> torch.Tensor:
+        """Drop mask of ``t`` for ``counter`` in its compact shape, drawn on ``device``."""
+        cfg = self.config
+        return _draw_drop(cfg.seed, counter, t.key, self._compact_shape(t), cfg.drop_prob, device)
+
+    def mask_for(self, name: str, device: torch.device | str | None = None) -> torch.Tensor:
+        """Bool keep mask (same shape as the parameter) for the current counter, drawn on ``device``
+        (default CPU). Equals the mask the gradient hook applies when ``device`` is the gradient's."""
         if name not in self._targets:
             raise KeyError(f"{name!r} is not a GradDrop target; targets: {self.targets[:8]}...")
         t = self._targets[name]
-        return self._compact_keep(t, self.mask_counter).expand(t.shape).clone()
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        return (~self._drop_flags(t, self.mask_counter, dev)).expand(t.shape).clone()
 
-    def kept_fraction(self) -> float:
-        """Fraction of target entries whose gradient is kept for the current counter."""
-        kept = total = 0
+    def kept_fraction(self, device: torch.device | str | None = None) -> float:
+        """Fraction of target entries whose gradient is kept for the current counter, with the masks
+        drawn on ``device`` (default CPU; pass the gradients' device for the exact figure of a GPU run).
+        Redraws every mask: meant for logging, not for the training loop."""
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        kept = torch.zeros((), dtype=torch.int64, device=dev)  # summed on device: one sync at the end
+        total = 0
         for t in self._targets.values():
-            m = self._compact_keep(t, self.mask_counter)
-            kept += int(m.sum()) * (t.shape.numel() // m.numel())
+            drop = self._drop_flags(t, self.mask_counter, dev)
+            entries_per_flag = t.shape.numel() // drop.numel()
+            kept += (drop.numel() - drop.sum()) * entries_per_flag
             total += t.shape.numel()
-        return kept / total
-
-    def _drop_mask(self, t: _Target, device: torch.device) -> torch.Tensor:
-        counter = self.mask_counter
-        hit = self._cache.get(t.name)
-        if hit is not None and hit[0] == counter and hit[1] == device:
-            return hit[2]
-        drop = (~self._compact_keep(t, counter)).to(device)
-        self._cache[t.name] = (counter, device, drop)
-        return drop
+        return int(kept) / total
 
     def _make_hook(self, t: _Target):
-        scale = self.config.scale
+        cfg = self.config
+        scale = cfg.scale
 
-        def hook(grad: torch.Tensor) -> torch.Tensor:
-            out = grad.masked_fill(self._drop_mask(t, grad.device), 0)
-            return out * scale if scale != 1.0 else out
+        def hook(grad: torch.Tensor) -> torch.Tensor | None:
+            # shapes are host metadata: this check costs no sync
+            if grad.shape != t.shape:
+                raise RuntimeError(
+                    f"GradDrop: the gradient of {t.name} has shape {tuple(grad.shape)}, not the parameter's "
+                    f"logical shape {tuple(t.shape)}; the engine hands tensor hooks a sharded or reshaped "
+                    "gradient, which GradDrop does not support"
+                )
+            if cfg.drop_prob == 0.0:  # nothing to drop and scale == 1: leave the gradient as it is
+                return None
+            drop = self._drop_flags(t, self.mask_counter, grad.device)  # read the counter at backward time
+            out = grad.masked_fill(drop, 0)  # keeps grad's dtype (bf16/fp16 included)
+            return out.mul_(scale) if scale != 1.0 else out
 
         return hook
 
@@ -298,7 +336,6 @@ class GradDropController:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._cache.clear()
 
 
 def apply_graddrop(model: nn.Module, config: GradDropConfig | None = None) -> GradDropController:
