@@ -58,7 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="default depends on the method")
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="model load dtype and DeepSpeed bf16/fp16 (GPU); fp32 on CPU")
+                   help="weight dtype: the model loads in it; DeepSpeed's bf16/fp16 mode (fp32 master, fp32 "
+                   "gradient reduction and accumulation), FSDP2 mixed precision. SparseGrad's trained values "
+                   "stay fp32 in every engine. fp16 scales the loss (DeepSpeed's scaler, else torch.amp.GradScaler)")
+    p.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
+                   help="run forward passes under torch.autocast in this dtype over fp32 weights (one process, "
+                   "DDP, FSDP2); fp16 scales the loss with torch.amp.GradScaler")
+    p.add_argument("--gradient_checkpointing", nargs="?", const="non_reentrant", default=None,
+                   choices=["non_reentrant", "reentrant"],
+                   help="recompute each block's activations in backward (HF activation checkpointing; default "
+                   "torch's non-reentrant implementation)")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--k", type=int, default=None, help="entries per matrix (overrides --density)")
     p.add_argument("--max_rows", type=float, default=0.25, help="row budget of P (fraction or count); 0 = none")
@@ -100,6 +109,41 @@ DEFAULT_LR = {"sparsegrad": 1e-3, "sparsegrad_reference": 1e-4, "sparsegrad_dyna
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(args, deepspeed: bool) -> None:
+    """Refuse precision settings that cannot train correctly here, saying what to use instead."""
+    if args.autocast and args.precision != "fp32":
+        raise SystemExit(f"error: --autocast {args.autocast} runs over fp32 weights; with --precision {args.precision} "
+                         f"the weights are already {args.precision} (drop one of the two)")
+    if args.autocast and deepspeed:
+        raise SystemExit(f"error: --autocast under DeepSpeed: use --precision {args.autocast} instead (DeepSpeed's "
+                         f"{args.autocast} mode keeps fp32 master weights and reduces gradients in fp32)")
+    fp16 = "fp16" in (args.precision, args.autocast)
+    if fp16 and deepspeed:
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise SystemExit(f"error: DeepSpeed's {get_accelerator().device_name()} accelerator has no fp16 mode; use "
+                             "--precision bf16 (or fp16 without --ds_config: torch.amp.GradScaler)")
+    if fp16 and args.fsdp:
+        raise SystemExit("error: fp16 with --fsdp needs FSDP's sharded loss scaler, not wired here; use bf16 "
+                         "(--precision bf16) with --fsdp")
+    if args.precision == "fp16" and not deepspeed and args.method in ("full", "graddrop"):
+        raise SystemExit(f"error: --precision fp16 --method {args.method} would train fp16 weights with no fp32 "
+                         "master (GradScaler refuses fp16 gradients); use --ds_config (fp32 master), "
+                         "--autocast fp16 over fp32 weights, or bf16")
+
+
+def enable_gradient_checkpointing(model, mode: str) -> None:
+    """HF activation checkpointing (``gradient_checkpointing_enable`` on transformers < 5.2x) with the chosen
+    torch implementation; the input embeddings' output requires grad so frozen-input blocks still backprop."""
+    kwargs = {"use_reentrant": mode == "reentrant"}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
 
 
 def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_in_4bit: bool = False,
@@ -209,7 +253,7 @@ def fingerprint(args, info, model_path: str, global_batch: int) -> dict:
             "reselect_every": args.reselect_every, "reselect_fraction": args.reselect_fraction,
             "lr": args.lr if args.lr is not None else DEFAULT_LR[args.method], "seed": args.seed,
             "global_batch": global_batch, "max_length": args.max_length, "precision": args.precision,
-            "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit,
+            "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit, "autocast": args.autocast,
             "model_config_sha256": ckpt.file_digest(Path(model_path) / "config.json"),
             "data": ckpt.file_digest(args.data) if args.data else "default", "init_adapter": args.init_adapter,
             "fsdp_shard_sparse_values": args.fsdp_shard_sparse_values, "world_size": info.world_size}
@@ -248,6 +292,9 @@ def main(argv=None) -> dict:
         train_pairs, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=0.2, seed=0)
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise SystemExit(f"error: cannot use the training data: {err}")
+    check_precision(args, deepspeed=ds_config is not None)
+    if torch.cuda.is_available():  # before the first collective: NCCL and *_object collectives use the current device
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", args.local_rank)))
     info = init_process_group(use_deepspeed=ds_config is not None, timeout=args.collective_timeout)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     global_batch = args.micro_batch_size * args.grad_accum * info.world_size
@@ -285,13 +332,13 @@ def main(argv=None) -> dict:
             if info.is_main:
                 print(f"resume: from {resume_dir} (step {resume_manifest['step']})", flush=True)
 
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
     try:
         model, tokenizer = load_model_and_tokenizer(args.model, args.load_in_8bit, args.load_in_4bit,
                                                     DTYPES[args.precision])
     except (OSError, ValueError) as err:
         raise SystemExit(f"error: cannot load the model from {args.model}: {err}")
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model, args.gradient_checkpointing)
     heldout = heldout[: args.eval_size] if args.eval_size else heldout
     heldout = heldout[: len(heldout) - len(heldout) % info.world_size]  # equal shares per rank
     collate = QACollator(tokenizer, max_length=args.max_length)
@@ -372,9 +419,12 @@ def main(argv=None) -> dict:
                          "which ZeRO replaces by flat partitions; use --method sparsegrad_dynamic (same algorithm, "
                          "data-parallel exchange) or --method sparsegrad (fixed support) under DeepSpeed")
     counter = CommCounter()
+    bf16 = "bf16" in (args.precision, args.autocast)
+    fsdp = {"shard_sparse_values": args.fsdp_shard_sparse_values, "param_dtype": torch.bfloat16 if bf16 else None}
     engine = Engine(prepared.model, prepared.make_optimizer(lr), args.grad_accum, resolved,
-                    max_grad_norm=args.max_grad_norm, comm_counter=counter,
-                    fsdp={"shard_sparse_values": args.fsdp_shard_sparse_values} if args.fsdp else False)
+                    max_grad_norm=args.max_grad_norm, comm_counter=counter, fsdp=fsdp if args.fsdp else False,
+                    autocast=DTYPES[args.autocast] if args.autocast else None,
+                    loss_scaling="fp16" in (args.precision, args.autocast))
 
     backend = ckpt.backend_name(engine)
     sparse_optimizer = prepared.info.get("sparse", {}).get("optimizer")  # SparseStateAdam (dynamic mode)
@@ -386,7 +436,12 @@ def main(argv=None) -> dict:
         import contextlib
 
         stack = contextlib.ExitStack()
-        stack.enter_context(gathered(prepared.trainable_parameters(), zero3))
+        if engine.deepspeed and args.precision != "fp32":  # the fp32 masters, not the bf16/fp16 module copies
+            from sg_distributed.integrations.deepspeed import fp32_master_params
+
+            stack.enter_context(fp32_master_params(prepared.trainable_parameters()))
+        else:
+            stack.enter_context(gathered(prepared.trainable_parameters(), zero3))
         if args.fsdp:
             from sg_distributed.integrations.fsdp import gathered_full_params
 
@@ -459,6 +514,7 @@ def main(argv=None) -> dict:
         return bool(flag.item())
 
     t0 = time.perf_counter()
+    engine.wrapped.train()  # from_pretrained returns eval mode: dropout (and activation checkpointing) need train
     bar = tqdm(range(start_step, args.steps), desc=f"train {args.method}", disable=not info.is_main,
                initial=start_step, total=args.steps)
     try:

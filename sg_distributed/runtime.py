@@ -88,15 +88,24 @@ def rank_micro_batches(indices: list[int], info: DistInfo, micro_batch: int) -> 
 
 
 class Engine:
-    """A model + optimizer behind DeepSpeed, DDP or nothing."""
+    """A model + optimizer behind DeepSpeed, FSDP2, DDP or nothing.
+
+    Precision: the model arrives in its weight dtype (fp32 / bf16 / fp16); ``autocast`` (bf16 or fp16)
+    runs the forward under ``torch.autocast`` over those weights. fp16 outside DeepSpeed (fp16 weights or
+    fp16 autocast) scales the loss with ``torch.amp.GradScaler``, which skips steps whose gradients
+    overflow; DeepSpeed brings its own loss scaler (``fp16`` block of its config).
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
                  ds_config: dict | None = None, max_grad_norm: float | None = None, comm_counter=None,
-                 fsdp: bool | dict = False):
+                 fsdp: bool | dict = False, autocast: torch.dtype | None = None, loss_scaling: bool = False):
         self.module, self.optimizer, self.accumulation = model, optimizer, accumulation
         self.max_grad_norm = max_grad_norm
         self.deepspeed = ds_config is not None
         self.fsdp, self._micro = bool(fsdp), 0
+        self.device_type = next((p.device.type for p in model.parameters()), "cpu")
+        self.autocast = autocast
+        self.scaler = torch.amp.GradScaler(self.device_type) if loss_scaling and not self.deepspeed else None
         if self.fsdp:  # FSDP2: shard in place; the optimizer is re-pointed at the sharded parameters
             from .integrations.fsdp import apply_fsdp2
 
@@ -114,7 +123,10 @@ class Engine:
             self.wrapped = model
 
     def forward(self, batch: dict) -> torch.Tensor:
-        return self.wrapped(**batch).loss
+        if self.autocast is None:
+            return self.wrapped(**batch).loss
+        with torch.autocast(self.device_type, dtype=self.autocast):
+            return self.wrapped(**batch).loss
 
     def backward(self, loss: torch.Tensor) -> None:
         if self.deepspeed:
@@ -125,7 +137,8 @@ class Engine:
 
                 self._micro += 1
                 set_gradient_sync(self.wrapped, self._micro % self.accumulation == 0)
-            (loss / self.accumulation).backward()
+            loss = loss / self.accumulation
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> None:
         """Optimizer step (call once per global batch; DeepSpeed counts micro-steps itself)."""
@@ -135,9 +148,15 @@ class Engine:
             from .integrations.fsdp import sync_replicated_grads
 
             sync_replicated_grads(self.wrapped)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], self.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def discard_gradients(self) -> None:

@@ -86,6 +86,8 @@ def test_resolve_auto_matches_transformers_hf_trainer_config():
     hf.trainer_config_process(args)
     hf.fill_only("zero_optimization.reduce_bucket_size", 576 * 576)  # trainer_config_finalize's rule
     ours = resolve_auto(cfg, **{**HF_ARGS, "precision": "bf16"})
+    # beyond HF's rules: fp32 gradient reduction and accumulation in bf16/fp16 (see test_resolve_auto_precision)
+    assert ours.pop("communication_data_type") == "fp32" and ours.pop("data_types") == {"grad_accum_dtype": "fp32"}
     assert ours == hf.config
 
 
@@ -103,6 +105,14 @@ def test_resolve_auto_precision():
         resolve_auto({"bf16": {"enabled": False}}, **{**HF_ARGS, "precision": "bf16"})
     with pytest.raises(DeepSpeedConfigError, match="precision"):
         resolve_auto({}, **{**HF_ARGS, "precision": "fp8"})
+    # low precision reduces and accumulates gradients in fp32 unless the config says otherwise; fp32 adds nothing
+    for low in (bf16, fp16):
+        assert low["communication_data_type"] == "fp32" and low["data_types"]["grad_accum_dtype"] == "fp32"
+    fp32 = resolve_auto(cfg, **HF_ARGS)
+    assert "communication_data_type" not in fp32 and "data_types" not in fp32
+    explicit = {"communication_data_type": "bf16", "data_types": {"grad_accum_dtype": "bf16"}}
+    kept = resolve_auto(explicit, **{**HF_ARGS, "precision": "bf16"})
+    assert kept["communication_data_type"] == "bf16" and kept["data_types"] == {"grad_accum_dtype": "bf16"}
 
 
 def test_batch_sizes_that_do_not_multiply_out():

@@ -8,6 +8,7 @@ files. ``deepspeed`` itself is imported lazily: loading and resolving a config d
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -203,7 +204,10 @@ def resolve_auto(
     * ``gradient_clipping`` = max_grad_norm (``None`` → 0.0, i.e. no clipping);
     * ``zero_optimization.reduce_bucket_size`` = hidden², ``stage3_prefetch_bucket_size`` = int(0.9·hidden²),
       ``stage3_param_persistence_threshold`` = 10·hidden (filled whatever the stage, as accelerate does);
-    * ``bf16.enabled`` / ``fp16.enabled`` follow ``precision`` (explicit contradicting values are errors).
+    * ``bf16.enabled`` / ``fp16.enabled`` follow ``precision`` (explicit contradicting values are errors);
+      in bf16/fp16, gradients are reduced (``communication_data_type``) and accumulated
+      (``data_types.grad_accum_dtype``) in fp32 unless the config says otherwise: the trained values are
+      few, so full-precision gradients cost nothing, and a bf16 sum of micro-batches would round.
 
     Any "auto" left afterwards (e.g. in an ``optimizer`` or ``scheduler`` block) is an error naming its path.
     """
@@ -298,6 +302,14 @@ def _resolve_precision(out: dict, precision: str) -> None:
         out.get(precision) or (precision == "bf16" and out.get("bfloat16"))
     ):
         out[precision] = {"enabled": True}
+    if precision in ("bf16", "fp16"):
+        if out.get("communication_data_type") in (None, AUTO):
+            out["communication_data_type"] = "fp32"
+        data_types = out.setdefault("data_types", {})
+        if not isinstance(data_types, dict):
+            raise DeepSpeedConfigError("'data_types' must be a JSON object")
+        if data_types.get("grad_accum_dtype") in (None, AUTO):
+            data_types["grad_accum_dtype"] = "fp32"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,3 +360,28 @@ def initialize_engine(model, optimizer, cfg: Mapping[str, Any]):
         raise DeepSpeedConfigError(f"resolve the \"auto\" values first (see resolve_auto): {', '.join(leftover)}")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(cfg), model_parameters=None)
     return engine
+
+
+@contextlib.contextmanager
+def fp32_master_params(params):
+    """Inside the block each parameter's ``.data`` is its whole fp32 master from the DeepSpeed optimizer.
+
+    In bf16/fp16 mode the module's parameters are low-precision copies (ZeRO-3: empty placeholders); an
+    adapter saved from them would round the trained values to bf16. ``safe_get_full_fp32_param`` is a
+    collective under ZeRO-3: every rank enters. Read-only: changes inside the block are dropped.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = list(params)
+    originals = [p.data for p in params]
+    try:
+        for p in params:
+            full = safe_get_full_fp32_param(p)
+            if full is None:
+                raise RuntimeError("fp32_master_params: a parameter has no DeepSpeed fp32 master (not in the "
+                                   "engine's optimizer)")
+            p.data = full.view(getattr(p, "ds_shape", p.shape))
+        yield
+    finally:
+        for p, data in zip(params, originals):
+            p.data = data

@@ -123,7 +123,8 @@ def is_fsdp_model(model: nn.Module) -> bool:
 
 def apply_fsdp2(model: nn.Module, mesh=None, reshard_after_forward: bool = True, shard_sparse_values: bool = False,
                 ignored_params: Iterable[nn.Parameter] = (), ignore_quantized: bool = True,
-                block_pattern: str = BLOCK_PATTERN, optimizer: torch.optim.Optimizer | None = None) -> nn.Module:
+                block_pattern: str = BLOCK_PATTERN, optimizer: torch.optim.Optimizer | None = None,
+                param_dtype: torch.dtype | None = None) -> nn.Module:
     """Shard ``model`` with FSDP2: ``fully_shard`` on every block (see ``find_blocks``), then on the root.
 
     mesh: a 1-D DeviceMesh (default: all ranks, on cuda when available else cpu).
@@ -135,12 +136,15 @@ def apply_fsdp2(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
         with False, any such weight not in ``ignored_params`` raises ``FSDPSetupError`` (strict mode).
     optimizer: an optimizer built on the model's parameters *before* sharding (state still empty); its
         parameter groups are re-pointed at the parameters FSDP2 puts in their place.
+    param_dtype: mixed precision (``MixedPrecisionPolicy``): blocks all-gather and compute in this dtype
+        (e.g. bf16) while gradients are reduced in fp32; sharded parameters keep their own dtype. The
+        replicated k-vectors stay fp32 and are reduced in fp32 by ``sync_replicated_grads``.
 
     Returns ``model``, sharded in place: the blocks and ``find_root(model)`` (the model itself, or the HF
     model inside a SparseGradModel / PeftModel) become ``FSDPModule``s.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise FSDPSetupError("apply_fsdp2 needs an initialised process group (launch with torchrun; "
@@ -173,9 +177,12 @@ def apply_fsdp2(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
     if not blocks:
         raise FSDPSetupError(f"apply_fsdp2: no block matches {block_pattern!r} in {type(model).__name__}; "
                              f"pass block_pattern= (a regex on module names such as 'model.layers.3')")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
-    fully_shard(find_root(model), mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored,
+                    mp_policy=policy)
+    fully_shard(find_root(model), mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored,
+                mp_policy=policy)
 
     setattr(model, _REPLICATED, replicated)
     if optimizer is not None:
