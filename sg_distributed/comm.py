@@ -467,28 +467,38 @@ def _tensors_of(name: str, value: Any):
 
 
 def _check_tensors(op: str, tensors, group) -> None:
-    """Raise CollectiveDeviceError for the first tensor not on the expected device type."""
+    """Raise CollectiveDeviceError for the first tensor not on a device type every active check allows."""
     tensors = list(tensors)
     if not tensors:
         return
-    from .runtime import collective_device
-
-    default = None
+    group_types = None  # what the call's group takes: computed once, for the checks without a forced device
     for forced in list(_DEVICE_CHECKS):
         if forced is None:
-            if default is None:
-                try:
-                    default = collective_device(group)
-                except Exception:  # an unusual group object: judge by the default group
-                    default = collective_device()
-            want, why = default, f"the process group ({_backend_name(group)}) takes {default.type} tensors"
+            group_types = group_types if group_types is not None else _allowed_types(group)
+            allowed = group_types
+            why = f"the process group ({_backend_name(group)}) takes {' or '.join(sorted(allowed))} tensors"
         else:
-            want, why = forced, f"the check was told to expect {forced.type}"
+            allowed, why = {forced.type}, f"the check was told to expect {forced.type}"
         for path, t in tensors:
-            if t.device.type != want.type:
+            if t.device.type not in allowed:
                 raise CollectiveDeviceError(
                     f"{op}: argument {path} ({tuple(t.shape)}, {t.dtype}) is on {t.device}, but {why}; build it "
                     f"with device=sg_distributed.runtime.collective_device() or move it there before the call")
+
+
+def _allowed_types(group) -> set[str]:
+    """Device types a collective on ``group`` may take: ``collective_device``'s (cuda under nccl, cpu under
+    gloo), plus every type of a "cpu:gloo,cuda:nccl" backend string (each type goes to its own backend)."""
+    from .runtime import collective_device
+
+    try:
+        allowed = {collective_device(group).type}
+    except Exception:  # an unusual group object: judge by the default group
+        allowed = {collective_device().type}
+    backend = _backend_name(group)
+    if ":" in backend:
+        allowed |= {pair.split(":")[0].strip() for pair in backend.split(",")}
+    return allowed
 
 
 def _backend_name(group) -> str:

@@ -170,6 +170,19 @@ def test_device_check_covers_deepspeeds_cached_functions_and_the_ddp_hook(one_ra
     assert cdb.all_gather_function is comm._ORIGINALS["all_gather_into_tensor"]
 
 
+def test_device_check_follows_each_backend_of_a_mixed_group(one_rank_group, monkeypatch):
+    import types
+
+    meta = [("tensor", torch.empty(2, device="meta"))]  # stands in for a CUDA tensor
+    group = types.SimpleNamespace(_device_types=[torch.device("meta"), torch.device("cpu")])
+    with check_collective_devices():
+        monkeypatch.setattr(comm, "_backend_name", lambda g: "cpu:gloo,meta:nccl")
+        comm._check_tensors("all_reduce", meta, group)  # each device type has its backend: allowed
+        monkeypatch.setattr(comm, "_backend_name", lambda g: "gloo")
+        with pytest.raises(CollectiveDeviceError, match=r"is on meta, but the process group \(gloo\) takes cpu"):
+            comm._check_tensors("all_reduce", meta, group)
+
+
 def test_dispatch_layer_checks_c10d_operators(one_rank_group):
     with CommCounter(layer="dispatch", expected_device="cuda"):
         with pytest.raises(CollectiveDeviceError, match="c10d::allreduce_: argument args\\[0\\]\\[0\\]"):
