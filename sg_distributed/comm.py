@@ -43,6 +43,18 @@ the backward runs on the thread that entered the counter). It costs a Python rou
 DDP's reducer calls C++ collectives directly, invisible to ``layer="python"``: register
 ``model.register_comm_hook(None, counter.ddp_hook())`` (an all-reduce-mean hook that counts its bucket).
 
+Collective-device check
+=======================
+NCCL takes CUDA tensors only: a CPU tensor handed to a collective kills a multi-GPU job, and code that
+only ever ran on CPU/gloo never notices. ``CommCounter(check_device=True)``, :func:`check_collective_devices`
+or ``SG_CHECK_COLLECTIVE_DEVICE=1`` (read by ``CommCounter`` and, for the whole run, by
+``runtime.init_process_group`` and ``SparseGradTrainer``) make every collective caught by the python layer
+(DeepSpeed's cached functions and the DDP hook's all-reduce included) and, with ``layer="dispatch"``, every
+c10d operator, raise :class:`CollectiveDeviceError` when a tensor argument is not on the device type the
+call's process group takes (``runtime.collective_device``: cuda under NCCL, cpu under gloo) or on the
+``expected_device`` given. On CPU/gloo the default expectation is met by construction: there the check only
+shows that it is transparent; tests force ``expected_device`` to see it fire.
+
 Attribution
 ===========
 ``with counter.label("converted"): ...`` attributes every call issued inside to that label (default
@@ -56,6 +68,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
+import sys
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -66,6 +80,9 @@ import torch.distributed as dist
 
 __all__ = [
     "CommCounter",
+    "CollectiveDeviceError",
+    "check_collective_devices",
+    "check_collective_devices_from_env",
     "OpStats",
     "wire_bytes",
     "dense_allreduce_bytes",
@@ -338,6 +355,10 @@ def _make_wrapper(name: str, fn: Callable, composite: bool) -> Callable:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if not _ACTIVE and not _DEVICE_CHECKS:
+            return fn(*args, **kwargs)
+        if _DEVICE_CHECKS and not composite:  # composites are checked through the leaf calls they make
+            _check_call(op_name, sig, args, kwargs)
         if not _ACTIVE:
             return fn(*args, **kwargs)
         stack = getattr(_TLS, "stack", None)
@@ -423,6 +444,136 @@ def _uninstall_python_layer() -> None:
         setattr(obj, attr, orig)
 
 
+# --------------------------------------------------------------------------------------------------
+# Collective-device check
+# --------------------------------------------------------------------------------------------------
+
+CHECK_ENV = "SG_CHECK_COLLECTIVE_DEVICE"
+_DEVICE_CHECKS: list[torch.device | None] = []  # one entry per active check: the forced device, or None
+_ENV_CHECK_ON = False
+
+
+class CollectiveDeviceError(RuntimeError):
+    """A tensor handed to a collective lives on a device the process group cannot take."""
+
+
+def _tensors_of(name: str, value: Any):
+    """(argument path, tensor) for every tensor in an argument (lists of tensors, lists of lists)."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _tensors_of(f"{name}[{i}]", item)
+
+
+def _check_tensors(op: str, tensors, group) -> None:
+    """Raise CollectiveDeviceError for the first tensor not on a device type every active check allows."""
+    tensors = list(tensors)
+    if not tensors:
+        return
+    group_types = None  # what the call's group takes: computed once, for the checks without a forced device
+    for forced in list(_DEVICE_CHECKS):
+        if forced is None:
+            group_types = group_types if group_types is not None else _allowed_types(group)
+            allowed = group_types
+            why = f"the process group ({_backend_name(group)}) takes {' or '.join(sorted(allowed))} tensors"
+        else:
+            allowed, why = {forced.type}, f"the check was told to expect {forced.type}"
+        for path, t in tensors:
+            if t.device.type not in allowed:
+                raise CollectiveDeviceError(
+                    f"{op}: argument {path} ({tuple(t.shape)}, {t.dtype}) is on {t.device}, but {why}; build it "
+                    f"with device=sg_distributed.runtime.collective_device() or move it there before the call")
+
+
+def _allowed_types(group) -> set[str]:
+    """Device types a collective on ``group`` may take: ``collective_device``'s (cuda under nccl, cpu under
+    gloo), plus every type of a "cpu:gloo,cuda:nccl" backend string (each type goes to its own backend)."""
+    from .runtime import collective_device
+
+    try:
+        allowed = {collective_device(group).type}
+    except Exception:  # an unusual group object: judge by the default group
+        allowed = {collective_device().type}
+    backend = _backend_name(group)
+    if ":" in backend:
+        allowed |= {pair.split(":")[0].strip() for pair in backend.split(",")}
+    return allowed
+
+
+def _backend_name(group) -> str:
+    try:
+        return str(dist.get_backend(group))
+    except Exception:
+        return "unknown backend"
+
+
+def _check_call(op: str, sig: inspect.Signature, args, kwargs) -> None:
+    try:
+        bound = sig.bind_partial(*args, **kwargs).arguments
+    except TypeError:  # let the collective itself report a bad call
+        return
+    group = bound.get("group")
+    _check_tensors(op, (pair for name, value in bound.items() if name != "group"
+                        for pair in _tensors_of(name, value)), group)
+
+
+def _as_device(device: str | torch.device | None) -> torch.device | None:
+    return None if device is None else torch.device(device)
+
+
+def _push_check(expected: torch.device | None) -> None:
+    with _LOCK:
+        _DEVICE_CHECKS.append(expected)
+        _install_python_layer()
+
+
+def _pop_check(expected: torch.device | None) -> None:
+    with _LOCK:
+        _DEVICE_CHECKS.remove(expected)
+        if not _ACTIVE and not _DEVICE_CHECKS:
+            _uninstall_python_layer()
+
+
+@contextlib.contextmanager
+def check_collective_devices(expected_device: str | torch.device | None = None):
+    """Inside the block, a tensor handed to a collective on the wrong device raises CollectiveDeviceError.
+
+    ``expected_device``: the device type every tensor must have; default: what
+    ``runtime.collective_device(group)`` says for the call's group (cuda under NCCL, cpu under gloo).
+    """
+    expected = _as_device(expected_device)
+    _push_check(expected)
+    try:
+        yield
+    finally:
+        _pop_check(expected)
+
+
+def _env_check_enabled() -> bool:
+    value = os.environ.get(CHECK_ENV, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{CHECK_ENV}={value!r}: use 1 (check the device of every collective's tensors) or 0")
+
+
+def check_collective_devices_from_env() -> bool:
+    """With ``SG_CHECK_COLLECTIVE_DEVICE=1``, turn the check on for the rest of the process (idempotent).
+
+    Called once the process group exists (``runtime.init_process_group``, ``SparseGradTrainer``), so that
+    a run launched by a test checks calibration, training, evaluation and checkpoint collectives alike."""
+    global _ENV_CHECK_ON
+    if _ENV_CHECK_ON or not _env_check_enabled():
+        return _ENV_CHECK_ON
+    _push_check(None)
+    _ENV_CHECK_ON = True
+    # one line per process, so a log (or a test) shows the run was checked
+    print(f"{CHECK_ENV}=1: collective-device check on (rank {_my_rank()})", file=sys.stderr, flush=True)
+    return True
+
+
 # c10d operators (dispatcher level) -> (op name, cost function of the op's arguments)
 def _dispatch_cost(packet_name: str, args: Sequence[Any], world: Callable[[Any], int]) -> tuple[str, int, float] | None:
     # Schemas (torch 2.x): allreduce_(Tensor[] tensors, pg, ...), _allgather_base_(Tensor out, Tensor in, pg, ...),
@@ -506,6 +657,10 @@ def _make_dispatch_mode(counter: "CommCounter"):
             kwargs = kwargs or {}
             packet = func._overloadpacket
             if getattr(packet, "_qualified_op_name", "").startswith("c10d::"):
+                if counter.check_device:  # also sees C++ callers (DDP's reducer) on this thread
+                    pg = next((x for x in args if isinstance(x, dist.ProcessGroup)), None)
+                    _check_tensors(f"c10d::{packet.__name__}", (pair for i, x in enumerate(args)
+                                                                for pair in _tensors_of(f"args[{i}]", x)), pg)
                 try:
                     res = _dispatch_cost(packet.__name__, args, _pg_size)
                 except Exception:
@@ -522,12 +677,21 @@ class CommCounter:
 
     ``layer``: ``"python"`` (default; torch.distributed functions + DeepSpeed's cached ones) or
     ``"dispatch"`` (c10d operators through a TorchDispatchMode; also sees C++ callers on this thread).
+    ``check_device``: while active, raise CollectiveDeviceError for a collective's tensor on the wrong
+    device (see "Collective-device check" in the module doc); default: on when ``expected_device`` is
+    given or ``SG_CHECK_COLLECTIVE_DEVICE=1``. ``expected_device``: the device type to require instead of
+    ``runtime.collective_device(group)``.
     """
 
-    def __init__(self, layer: str = "python"):
+    def __init__(self, layer: str = "python", check_device: bool | None = None,
+                 expected_device: str | torch.device | None = None):
         if layer not in ("python", "dispatch"):
             raise ValueError(f"layer must be 'python' or 'dispatch', got {layer!r}")
         self.layer = layer
+        if check_device is None:
+            check_device = expected_device is not None or _env_check_enabled()
+        self.check_device = bool(check_device)
+        self.expected_device = _as_device(expected_device)
         self._stats: dict[tuple[str, str], OpStats] = defaultdict(OpStats)
         self._labels: list[str] = []
         self._paused = 0
@@ -536,6 +700,8 @@ class CommCounter:
 
     # -- context management ------------------------------------------------------------------------
     def __enter__(self) -> "CommCounter":
+        if self.check_device:
+            _push_check(self.expected_device)
         if self.layer == "python":
             with _LOCK:
                 _ACTIVE.append(self)
@@ -550,11 +716,13 @@ class CommCounter:
             with _LOCK:
                 if self in _ACTIVE:
                     _ACTIVE.remove(self)
-                if not _ACTIVE:
+                if not _ACTIVE and not _DEVICE_CHECKS:
                     _uninstall_python_layer()
         elif self._mode is not None:
             self._mode.__exit__(*exc)
             self._mode = None
+        if self.check_device:
+            _pop_check(self.expected_device)
 
     @contextlib.contextmanager
     def label(self, name: str):

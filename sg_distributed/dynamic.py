@@ -166,9 +166,11 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= scores.numel():
         return torch.arange(scores.numel(), device=scores.device)
     threshold = torch.topk(scores, k, sorted=False).values.min()
-    above = (scores > threshold).nonzero().squeeze(1)
-    tied = (scores == threshold).nonzero().squeeze(1)[: k - above.numel()]
-    return torch.sort(torch.cat([above, tied])).values
+    above, tied = scores > threshold, scores == threshold
+    # everything above the threshold plus the lowest-index ties up to k, in one nonzero: one host sync per
+    # call (it runs per layer per step in SparseStateAdam), and nonzero's output is already sorted
+    keep = above | (tied & (tied.cumsum(0) <= k - above.sum()))
+    return keep.nonzero().squeeze(1)
 
 
 def _ring_all_reduce_bytes(numel: int, itemsize: int, world: int) -> int:

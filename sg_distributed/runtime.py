@@ -33,16 +33,51 @@ def init_process_group(use_deepspeed: bool, timeout: float | None = None) -> Dis
     import datetime
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     kwargs = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
+    cpu = not torch.cuda.is_available() or (use_deepspeed and os.environ.get("DS_ACCELERATOR") == "cpu")
+    if not cpu and world > 1 and not dist.is_initialized() and local_rank < torch.cuda.device_count():
+        # NCCL's object collectives and barrier run on the *current* CUDA device: without this every
+        # rank would use cuda:0 for the first broadcast_object_list / all_gather_object. (With one visible
+        # device per process, LOCAL_RANK may exceed the count: that device is already the current one.)
+        torch.cuda.set_device(local_rank)
     if use_deepspeed:
         from .integrations.deepspeed import init_distributed
 
         init_distributed(**kwargs)
     elif world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", **kwargs)
+        dist.init_process_group(backend="gloo" if cpu else "nccl", **kwargs)
     if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        from .comm import check_collective_devices_from_env
+
+        check_collective_devices_from_env()
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
     return DistInfo()
+
+
+def collective_device(group=None) -> torch.device:
+    """The device a tensor handed to a collective on ``group`` (default: the default group) must live on.
+
+    NCCL takes CUDA tensors only (a CPU tensor kills the job), so under NCCL this is the current CUDA
+    device (``torch.cuda.set_device`` picks it; ``init_process_group`` above sets it to LOCAL_RANK).
+    Groups that take CPU tensors (gloo, or "cpu:gloo,cuda:nccl") get ``cpu``: the values are on the host
+    already. Without an initialised process group: ``cpu``.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return torch.device("cpu")
+    group = group if group is not None else dist.group.WORLD
+    try:  # the device types the group's backends were registered for: nccl [cuda], gloo [cuda, cpu]
+        types = [d.type for d in group._device_types]
+    except (AttributeError, RuntimeError):
+        types = []
+    if not types:
+        types = ["cuda"] if str(dist.get_backend(group)) == "nccl" else ["cpu"]
+    if "cpu" in types:
+        return torch.device("cpu")
+    kind = types[0]
+    module = getattr(torch, kind, None)
+    index = module.current_device() if hasattr(module, "current_device") else None
+    return torch.device(kind, index)
 
 
 def barrier() -> None:
@@ -64,10 +99,11 @@ def assert_same_on_all_ranks(value: str, what: str) -> None:
 def all_reduce_mean(values: dict[str, float], weight: float) -> dict[str, float]:
     """Weighted mean of per-rank metrics (weight = number of examples on this rank)."""
     keys = sorted(values)
-    t = torch.tensor([values[k] * weight for k in keys] + [weight], dtype=torch.float64)
+    t = torch.tensor([values[k] * weight for k in keys] + [weight], dtype=torch.float64, device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(t)
-    return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)} | {"num_examples": int(t[-1].item())}
+    totals = t.tolist()  # one device-to-host copy for all metrics
+    return {k: totals[i] / totals[-1] for i, k in enumerate(keys)} | {"num_examples": int(totals[-1])}
 
 
 def global_batch_indices(n_items: int, step: int, global_batch: int, seed: int) -> list[int]:

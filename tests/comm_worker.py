@@ -23,7 +23,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from conftest import lm_batches, make_tiny_llama  # noqa: E402
-from sg_distributed.comm import CommCounter  # noqa: E402
+from sg_distributed.comm import CommCounter, check_collective_devices_from_env  # noqa: E402
 from sg_distributed.config import SparseGradConfig  # noqa: E402
 from sg_distributed.integrations.deepspeed import init_distributed, initialize_engine  # noqa: E402
 from sg_distributed.methods import prepare  # noqa: E402
@@ -98,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
 
     init_distributed()
+    check_collective_devices_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {m: run_method(m, args, rank, world) for m in args.methods.split(",")}
     gathered: list = [None] * world

@@ -6,6 +6,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every process the tests launch (train_qa, workers; they inherit os.environ) raises on a collective whose
+# tensor is not on the device its process group takes (sg_distributed.comm, "Collective-device check").
+os.environ.setdefault("SG_CHECK_COLLECTIVE_DEVICE", "1")
 
 import socket
 import subprocess
@@ -42,6 +45,8 @@ def run_train_qa(cmd, out: Path):
     proc = subprocess.run(cmd + ["--output_dir", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    if "world size 1," not in proc.stdout:  # a multi-rank run: it must have run under the collective-device check
+        assert "collective-device check on" in proc.stderr, proc.stderr[-3000:]
     return load_file(str(out / "adapter" / "adapter_model.safetensors")), proc.stdout
 
 

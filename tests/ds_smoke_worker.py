@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from sg_distributed.comm import check_collective_devices_from_env  # noqa: E402
 from sg_distributed.integrations.deepspeed import (  # noqa: E402
     init_distributed,
     initialize_engine,
@@ -85,6 +86,7 @@ def main() -> None:
     ext_before = torch_extensions_built()
     t0 = time.time()
     init_distributed()
+    check_collective_devices_from_env()
     t_init_dist = time.time() - t0
     rank, world = dist.get_rank(), dist.get_world_size()
 

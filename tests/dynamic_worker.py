@@ -21,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
+from sg_distributed.comm import check_collective_devices_from_env  # noqa: E402
 from sg_distributed.dynamic import SparseExchange, SparseStateAdam, convert_to_dynamic, dense_parameters  # noqa: E402
 from sg_distributed.layer import ReferenceSparseGradLinear  # noqa: E402
 from sg_distributed.optim import LazyAdam, clear_masks  # noqa: E402
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     dist.init_process_group("gloo")
+    check_collective_devices_from_env()
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"rank": rank, "exact": distributed("exact", rank, world), "sparse": distributed("sparse", rank, world),
               "sparse_values_exact": sparse_values_are_exact_means(rank, world)}

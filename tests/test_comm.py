@@ -11,7 +11,9 @@ import torch.distributed as dist
 
 from sg_distributed import comm
 from sg_distributed.comm import (
+    CollectiveDeviceError,
     CommCounter,
+    check_collective_devices,
     dense_allreduce_bytes,
     design_cost_check,
     kvector_allreduce_bytes,
@@ -128,6 +130,73 @@ def test_nested_counters_share_the_patch(one_rank_group):
         assert dist.all_reduce is not comm._ORIGINALS["all_reduce"]
     assert dist.all_reduce is comm._ORIGINALS["all_reduce"]
     assert inner.snapshot().total().payload == 8 and outer.snapshot().total().payload == 16
+
+
+# ------------------------------------------------------------------ collective-device check (NCCL's rule, on CPU)
+
+
+def test_device_check_refuses_a_cpu_tensor_where_the_group_takes_cuda(one_rank_group):
+    t = torch.ones(3)
+    with CommCounter(expected_device="cuda") as counter:  # what NCCL would require
+        with pytest.raises(CollectiveDeviceError, match=r"all_reduce: argument tensor \(\(3,\), torch.float32\) is on "
+                                                        r"cpu, but the check was told to expect cuda"):
+            dist.all_reduce(t)
+    assert counter.snapshot().total().calls == 0  # refused before the call ran
+    with check_collective_devices("meta"), pytest.raises(CollectiveDeviceError,  # one bad tensor in a list
+                                                         match=r"all_gather: argument tensor_list\[1\] .* is on cpu"):
+        dist.all_gather([torch.empty(3, device="meta"), torch.empty(3)], torch.empty(3, device="meta"))
+    with CommCounter(check_device=True) as ok:  # default expectation: the group's device (gloo: cpu)
+        dist.all_reduce(t)
+        dist.all_gather_object([None], {"x": 1})
+    assert ok.snapshot().by_op()["all_reduce"].calls == 1
+    assert dist.all_reduce is comm._ORIGINALS["all_reduce"]  # the check's patch is gone with the counter
+
+
+def test_device_check_covers_deepspeeds_cached_functions_and_the_ddp_hook(one_rank_group, monkeypatch):
+    import types
+
+    # DeepSpeed's TorchBackend caches all_gather_into_tensor at init_distributed: a stand-in backend
+    cdb = types.SimpleNamespace(all_gather_function=dist.all_gather_into_tensor,
+                                reduce_scatter_function=dist.reduce_scatter_tensor)
+    monkeypatch.setitem(sys.modules, "deepspeed.comm.comm", types.SimpleNamespace(cdb=cdb))
+    ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    with check_collective_devices("cuda"):
+        with pytest.raises(CollectiveDeviceError, match="all_gather_into_tensor: argument output_tensor"):
+            cdb.all_gather_function(torch.empty(3), torch.ones(3))
+        ddp.register_comm_hook(None, CommCounter().ddp_hook())
+        with pytest.raises(RuntimeError, match="all_reduce: argument tensor .* is on cpu"):
+            ddp(torch.ones(4, 3)).sum().backward()
+    cdb.all_gather_function(torch.empty(3), torch.ones(3))  # restored: no check
+    assert cdb.all_gather_function is comm._ORIGINALS["all_gather_into_tensor"]
+
+
+def test_device_check_follows_each_backend_of_a_mixed_group(one_rank_group, monkeypatch):
+    import types
+
+    meta = [("tensor", torch.empty(2, device="meta"))]  # stands in for a CUDA tensor
+    group = types.SimpleNamespace(_device_types=[torch.device("meta"), torch.device("cpu")])
+    with check_collective_devices():
+        monkeypatch.setattr(comm, "_backend_name", lambda g: "cpu:gloo,meta:nccl")
+        comm._check_tensors("all_reduce", meta, group)  # each device type has its backend: allowed
+        monkeypatch.setattr(comm, "_backend_name", lambda g: "gloo")
+        with pytest.raises(CollectiveDeviceError, match=r"is on meta, but the process group \(gloo\) takes cpu"):
+            comm._check_tensors("all_reduce", meta, group)
+
+
+def test_dispatch_layer_checks_c10d_operators(one_rank_group):
+    with CommCounter(layer="dispatch", expected_device="cuda"):
+        with pytest.raises(CollectiveDeviceError, match="c10d::allreduce_: argument args\\[0\\]\\[0\\]"):
+            comm._ORIGINALS["all_reduce"](torch.ones(2))  # below the python layer: only the mode sees it
+
+
+def test_device_check_env_switch(monkeypatch):
+    monkeypatch.setenv("SG_CHECK_COLLECTIVE_DEVICE", "1")
+    assert CommCounter().check_device and not CommCounter(check_device=False).check_device
+    monkeypatch.setenv("SG_CHECK_COLLECTIVE_DEVICE", "0")
+    assert not CommCounter().check_device and CommCounter(expected_device="cuda").check_device
+    monkeypatch.setenv("SG_CHECK_COLLECTIVE_DEVICE", "yes please")
+    with pytest.raises(ValueError, match="SG_CHECK_COLLECTIVE_DEVICE='yes please': use 1"):
+        CommCounter()
 
 
 # ------------------------------------------------------------------ real 2-rank ZeRO-2 run

@@ -144,6 +144,11 @@ def test_exchange_without_process_group_is_a_local_top_k_with_ties_to_lower_inde
         idx, values = SparseExchange(3, mode)(grad)
         assert idx.tolist() == [1, 2, 3] and values.tolist() == [-3.0, 1.0, 3.0]
     assert topk_indices(torch.tensor([1.0, 2.0, 1.0, 1.0]), 2).tolist() == [0, 1]
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((50, 1), (50, 17), (200, 100), (7, 6)):  # many ties: values from 5 levels
+        scores = torch.randint(0, 5, (n,), generator=g).double()
+        reference = torch.sort(torch.sort(-scores, stable=True).indices[:k]).values  # ties: lower index first
+        assert torch.equal(topk_indices(scores, k), reference), (n, k)
     with pytest.raises(ValueError, match="mode"):
         SparseExchange(3, "dense")
 

@@ -126,6 +126,65 @@ def test_plain_trainer_callback_refuses_uncalibrated_model(tiny_model_dir, tmp_p
         SparseGradTrainer(model=model.base_model)
 
 
+def _fake_trainer(base, **flags):
+    """The attributes calibration_device reads, as Trainer sets them, with args.device = cuda:1."""
+    from types import SimpleNamespace
+
+    fields = dict(place_model_on_device=False, is_deepspeed_enabled=False, is_fsdp_enabled=False,
+                  is_distributed_loading_by_transformers=False,
+                  accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=flags.pop("fsdp_plugin", None))))
+    args = SimpleNamespace(device=torch.device("cuda", 1), fp16_full_eval=False, bf16_full_eval=False)
+    return SimpleNamespace(model=SimpleNamespace(base_model=base), args=args, **{**fields, **flags})
+
+
+def test_calibration_device_is_where_the_engine_will_train():
+    from types import SimpleNamespace
+
+    from torch import nn
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    from sg_distributed.integrations.trainer import calibration_device
+
+    cuda, cpu = torch.device("cuda", 1), torch.device("cpu")
+    plain = nn.Linear(2, 2)  # loaded on the CPU
+    assert calibration_device(_fake_trainer(plain, is_deepspeed_enabled=True)) == cuda  # engine moves it later
+    assert calibration_device(_fake_trainer(plain, place_model_on_device=True)) == cuda
+    assert calibration_device(_fake_trainer(plain, is_fsdp_enabled=True,
+                                            fsdp_plugin=SimpleNamespace(cpu_offload=OffloadPolicy()))) == cuda
+    assert calibration_device(_fake_trainer(plain, is_fsdp_enabled=True,
+                                            fsdp_plugin=SimpleNamespace(cpu_offload=CPUOffloadPolicy()))) == cpu
+    assert calibration_device(_fake_trainer(plain)) == cpu  # nobody will move it (e.g. SageMaker MP)
+
+    bnb = nn.Linear(2, 2)
+    bnb.quantization_method = "bitsandbytes"  # placed at load; .to() is refused
+    dispatched = nn.Linear(2, 2)
+    dispatched.hf_device_map = {"": "cpu"}
+    partitioned = nn.Linear(2, 2)
+    partitioned.weight.ds_id = 0  # ZeRO-3 partitioned (calibrate refuses it with its own error)
+    for base in (bnb, dispatched, partitioned):
+        assert calibration_device(_fake_trainer(base, is_deepspeed_enabled=True)) == cpu
+
+
+def test_calibrate_moves_the_model_to_the_calibration_device(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    from sg_distributed import SparseGradConfig, get_sparsegrad_model
+    from sg_distributed.data.qa import QACollator, load_qa_pairs
+    from sg_distributed.integrations import trainer as trainer_module
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = get_sparsegrad_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                 SparseGradConfig(density=0.5, calibration_steps=1))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none", use_cpu=True)
+    trainer = trainer_module.SparseGradTrainer(model=model, args=args, train_dataset=load_qa_pairs()[:4],
+                                               data_collator=QACollator(tokenizer, max_length=32))
+    moves = []
+    monkeypatch.setattr(trainer_module, "calibration_device", lambda t: torch.device("meta"))  # "not where it is"
+    monkeypatch.setattr(model, "to", lambda device: moves.append(device) or model, raising=False)
+    trainer.calibrate()
+    assert moves == [torch.device("meta")] and model.calibrated
+
+
 @pytest.mark.multiprocess
 def test_two_rank_trainer_deepspeed_zero2(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
@@ -134,7 +193,8 @@ def test_two_rank_trainer_deepspeed_zero2(tiny_model_dir, tmp_path):
            "--deepspeed", "ds_configs/zero2.json", "--max_steps", "8", "--save_steps", "4", "--eval_size", "8",
            "--density", "0.5", "--max_rows", "0", "--max_cols", "0", "--lr", "3e-2", "--micro_batch_size", "2",
            "--calibration_steps", "2", "--logging_steps", "1", "--output_dir", str(out)]
-    run(cmd)
+    proc = run(cmd)
+    assert proc.stderr.count("collective-device check on") == 2  # both ranks ran under the check
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["trainable_params"] > 0
     losses = [e["loss"] for e in metrics["log_history"]]
@@ -155,6 +215,7 @@ def test_accelerate_launch_deepspeed_plugin_runs_train_qa(tiny_model_dir, tmp_pa
            "--lr", "1e-2", "--micro_batch_size", "2", "--output_dir", str(tmp_path)]
     proc = run(cmd)
     assert "world size 2" in proc.stdout and '"stage": 2' in proc.stdout  # the plugin's JSON, resolved by train_qa
+    assert proc.stderr.count("collective-device check on") == 2  # both ranks ran under the check
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["deepspeed"] == "ds_configs/zero2.json"
     assert (tmp_path / "adapter" / "adapter_config.json").exists()

@@ -25,6 +25,11 @@ engine are built. Callbacks also receive no train dataloader before that point. 
   directory. With a plain ``Trainer`` the full-model save still happens as well (and fails
   for tied embeddings, since safetensors refuses shared tensors): prefer ``SparseGradTrainer``.
 
+Calibration runs on the device the model will train on (:func:`calibration_device`): under DeepSpeed, FSDP
+or full fp16/bf16 eval the Trainer leaves the model where it was loaded (often the CPU) until the engine is
+built, after calibration; ``SparseGradTrainer.calibrate`` moves it to ``args.device`` first, as the engine
+would, so the calibration Grams and scores are all-reduced on the device NCCL takes.
+
 Pitfall: with a ZeRO-3 DeepSpeed config, create the model *before* ``TrainingArguments`` (which turns on
 ``zero.Init`` for later ``from_pretrained`` calls): calibration needs whole weights.
 """
@@ -42,10 +47,12 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
+from ..calibration import model_device
 from ..model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SparseGradModel
+from ..quant import is_quantized
 
 __all__ = ["SparseGradTrainer", "SparseGradCallback", "save_adapter", "find_sparsegrad_model",
-           "configure_cpu_deepspeed_state"]
+           "configure_cpu_deepspeed_state", "calibration_device"]
 
 
 def configure_cpu_deepspeed_state() -> dict:
@@ -84,6 +91,49 @@ def find_sparsegrad_model(model: nn.Module) -> SparseGradModel | None:
 
 def _is_zero3_partitioned(params) -> bool:
     return any(hasattr(p, "ds_id") for p in params)
+
+
+def _fsdp_offloads_params(plugin) -> bool:
+    """accelerate's FSDP plugin keeps parameters on the CPU (FSDP1 CPUOffload(offload_params=True), FSDP2
+    CPUOffloadPolicy; the base OffloadPolicy means no offload)."""
+    offload = getattr(plugin, "cpu_offload", None)
+    if isinstance(offload, bool):
+        return offload
+    return bool(getattr(offload, "offload_params", False)) or type(offload).__name__ == "CPUOffloadPolicy"
+
+
+def calibration_device(trainer: Trainer) -> torch.device:
+    """The device ``SparseGradTrainer`` calibrates on: the one the model will train on.
+
+    The Trainer moves the model to ``args.device`` in ``__init__`` only when ``place_model_on_device``; under
+    DeepSpeed (the engine's ``module.to(device)``), FSDP and full fp16/bf16 eval (``accelerator.prepare``)
+    the move comes after the optimizer is built, i.e. after calibration, so calibrating where the model
+    was loaded would run on the CPU and all-reduce CPU Grams through NCCL. Models that own their placement
+    stay where they are: bitsandbytes-quantised ones (placed at load; the Trainer never moves them either),
+    ones dispatched with a ``hf_device_map``, ZeRO-3-partitioned ones, ones sharded at load time by
+    transformers, and FSDP with parameter CPU offload.
+    """
+    model = trainer.model
+    base = getattr(model, "base_model", model)
+    current = model_device(base)
+    owns_placement = (
+        getattr(base, "quantization_method", None) == "bitsandbytes"
+        or any(is_quantized(m) for m in base.modules())
+        or getattr(base, "hf_device_map", None) is not None
+        or _is_zero3_partitioned(base.parameters())
+        or getattr(trainer, "is_distributed_loading_by_transformers", False)
+    )
+    if owns_placement:
+        return current
+    if getattr(trainer, "is_fsdp_enabled", False):
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        return current if _fsdp_offloads_params(plugin) else torch.device(trainer.args.device)
+    if trainer.place_model_on_device or getattr(trainer, "is_deepspeed_enabled", False):
+        return torch.device(trainer.args.device)
+    args = trainer.args
+    if getattr(args, "fp16_full_eval", False) or getattr(args, "bf16_full_eval", False):
+        return torch.device(args.device)  # accelerator.prepare places it
+    return current  # e.g. SageMaker model parallel: its own placement
 
 
 @contextlib.contextmanager
@@ -199,6 +249,10 @@ class SparseGradTrainer(Trainer):
         if not any(isinstance(c, SparseGradCallback) or c is SparseGradCallback for c in callbacks):
             callbacks.append(SparseGradCallback())
         super().__init__(model=model, args=args, callbacks=callbacks, **kwargs)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from ..comm import check_collective_devices_from_env
+
+            check_collective_devices_from_env()  # SG_CHECK_COLLECTIVE_DEVICE=1 (tests): check the whole run
         if self.args.label_names is None:  # find_labels() sees SparseGradModel.forward(*args, **kwargs): no labels
             self.label_names = ["labels"]
         self.can_return_loss = True
@@ -221,10 +275,13 @@ class SparseGradTrainer(Trainer):
             raise RuntimeError("the base model's weights are ZeRO-3 partitioned (loaded after TrainingArguments with a "
                                "ZeRO-3 DeepSpeed config turned on zero.Init): load the model before creating "
                                "TrainingArguments, so calibration sees whole weights")
+        device = calibration_device(self)
+        if model_device(model.base_model) != device:
+            model.to(device)  # what the engine will do after calibration (see calibration_device)
         steps = self.calibration_steps or model.peft_config.calibration_steps
         batches = []
         for batch in self.get_train_dataloader():
-            batches.append(self._prepare_inputs(batch))
+            batches.append(self._prepare_inputs(batch))  # on args.device; calibration moves them to the model's
             if len(batches) == steps:
                 break
         was_training = model.training
