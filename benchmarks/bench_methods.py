@@ -6,6 +6,11 @@ that interleave the methods (the machine is noisy). Ratios are to LoRA with the 
 
     .venv/bin/python benchmarks/bench_methods.py                 # SmolLM2-135M on FanOutQA batches
     .venv/bin/python benchmarks/bench_methods.py --model llama-shaped --steps 4   # no assets needed
+    .venv/bin/python benchmarks/bench_methods.py --precision fp32,bf16              # bf16 weights beside fp32
+
+``--precision bf16`` loads the model in bf16 (SparseGrad's k-vectors and basis masters stay fp32; LoRA's
+adapters are fp32 in peft); every ratio is to LoRA at the same precision, and ``x fp32`` compares a method
+with itself in fp32 when both precisions run.
 """
 from __future__ import annotations
 
@@ -53,7 +58,14 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def build_model(name: str):
+def build_model(name: str, precision: str = "fp32"):
+    import torch
+
+    model, tokenizer = _build_model(name)
+    return model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision]), tokenizer
+
+
+def _build_model(name: str):
     import torch
 
     if name == "smollm2":
@@ -104,7 +116,7 @@ def worker(args) -> dict:
 
     torch.manual_seed(0)
     method, overrides = VARIANTS[args.worker]
-    model, tokenizer = build_model(args.model)
+    model, tokenizer = build_model(args.model, args.precision)
     batches = make_batches(tokenizer, args.calibration_steps + args.warmup + args.steps, args.micro_batch_size, args.seq)
     config = SparseGradConfig(density=args.density, calibration_steps=args.calibration_steps, **overrides)
     targets = find_target_linears(model, config.target_modules)
@@ -134,7 +146,7 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - t0)
     peak = status_mib("VmHWM")
     index_bytes = sum(b.numel() * b.element_size() for n, b in prepared.model.named_buffers() if n.endswith("support_flat"))
-    return {"variant": args.worker, "step_s": statistics.median(times), "peak_rss_mib": peak,
+    return {"variant": args.worker, "precision": args.precision, "step_s": statistics.median(times), "peak_rss_mib": peak,
             "peak_over_loaded_mib": peak - rss_loaded, "trainable": prepared.trainable_count(),
             "opt_state_bytes": optimizer_state_bytes(optimizer), "dense_adam_bytes": dense_adam_bytes,
             "support_index_bytes": index_bytes, "calibration_s": calibration_s, "lora_rank": lora_rank,
@@ -146,6 +158,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["smollm2", "llama-shaped"], default="smollm2")
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--precision", default="fp32", help="comma-separated weight dtypes to compare: fp32, bf16")
     p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions; the median is reported")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
@@ -164,37 +177,46 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     variants = args.variants.split(",")
-    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    precisions = args.precision.split(",")
+    unknown = [p for p in precisions if p not in ("fp32", "bf16")] + [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown precision/variant {unknown}; precisions: fp32, bf16; variants: {list(VARIANTS)}")
+    runs: dict[tuple[str, str], list[dict]] = {(v, prec): [] for prec in precisions for v in variants}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for r in range(args.rounds):
-        for v in variants:
-            tmp = out.with_suffix(f".{v}.tmp.json")
-            cmd = [sys.executable, __file__, "--worker", v, "--worker_out", str(tmp)] + [
+        for v, prec in runs:
+            tmp = out.with_suffix(f".{v}.{prec}.tmp.json")
+            cmd = [sys.executable, __file__, "--worker", v, "--worker_out", str(tmp), f"--precision={prec}"] + [
                 f"--{k}={getattr(args, k)}" for k in ("model", "steps", "warmup", "micro_batch_size", "seq",
                                                       "density", "calibration_steps")]
-            print(f"round {r + 1}/{args.rounds}: {v}", file=sys.stderr, flush=True)
+            print(f"round {r + 1}/{args.rounds}: {v} {prec}", file=sys.stderr, flush=True)
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-            runs[v].append(json.loads(tmp.read_text()))
+            runs[v, prec].append(json.loads(tmp.read_text()))
             tmp.unlink()
 
-    rows = {v: {k: (statistics.median(r[k] for r in rs) if isinstance(rs[0][k], (int, float)) and rs[0][k] is not None
-                    else rs[0][k]) for k in rs[0]} for v, rs in runs.items()}
-    lora = rows.get("lora")
+    rows = {key: {k: (statistics.median(r[k] for r in rs) if isinstance(rs[0][k], (int, float)) and rs[0][k] is not None
+                      else rs[0][k]) for k in rs[0]} for key, rs in runs.items()}
     print(f"\nmodel {args.model}, micro batch {args.micro_batch_size} x seq {args.seq}, density {args.density}, "
           f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, medians of {args.rounds} rounds\n")
-    header = ("| method | trainable | step s | x LoRA | training peak RSS MiB | peak over loaded MiB | x LoRA | "
-              "opt state MiB | % of dense AdamW (targets) | calibration s (= steps) | calibration peak over loaded MiB |")
+    header = ("| method | precision | trainable | step s | x LoRA | x fp32 | training peak RSS MiB | peak over loaded MiB | "
+              "x LoRA | opt state MiB | % of dense AdamW (targets) | calibration s (= steps) | "
+              "calibration peak over loaded MiB |")
     print(header)
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for v, row in rows.items():
-        ratio_t = row["step_s"] / lora["step_s"] if lora else float("nan")
-        ratio_m = row["peak_over_loaded_mib"] / lora["peak_over_loaded_mib"] if lora else float("nan")
-        print(f"| {v} | {row['trainable']:,.0f} | {row['step_s']:.3f} | {ratio_t:.2f} | {row['peak_rss_mib']:.0f} | "
-              f"{row['peak_over_loaded_mib']:.0f} | {ratio_m:.2f} | {row['opt_state_bytes'] / 2**20:.2f} | "
-              f"{100 * row['opt_state_bytes'] / row['dense_adam_bytes']:.2f}% | {row['calibration_s']:.1f} "
-              f"({row['train_step_fraction_calibration']:.0f}) | {row['calibration_peak_over_loaded_mib']:.0f} |")
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "runs": runs}, indent=2))
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    nan = float("nan")
+    for (v, prec), row in rows.items():
+        lora, fp32 = rows.get(("lora", prec)), rows.get((v, "fp32"))
+        ratio_t = row["step_s"] / lora["step_s"] if lora else nan
+        ratio_m = row["peak_over_loaded_mib"] / lora["peak_over_loaded_mib"] if lora else nan
+        vs_fp32 = row["step_s"] / fp32["step_s"] if fp32 else nan
+        print(f"| {v} | {prec} | {row['trainable']:,.0f} | {row['step_s']:.3f} | {ratio_t:.2f} | {vs_fp32:.2f} | "
+              f"{row['peak_rss_mib']:.0f} | {row['peak_over_loaded_mib']:.0f} | {ratio_m:.2f} | "
+              f"{row['opt_state_bytes'] / 2**20:.2f} | {100 * row['opt_state_bytes'] / row['dense_adam_bytes']:.2f}% | "
+              f"{row['calibration_s']:.1f} ({row['train_step_fraction_calibration']:.0f}) | "
+              f"{row['calibration_peak_over_loaded_mib']:.0f} |")
+    out.write_text(json.dumps({"args": vars(args), "rows": list(rows.values()),
+                               "runs": [r for rs in runs.values() for r in rs]}, indent=2))
     print(f"\nraw results: {out}")
 
 

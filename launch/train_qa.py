@@ -161,6 +161,9 @@ def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_
         tokenizer.pad_token = tokenizer.eos_token
     quantization = None
     if load_in_8bit or load_in_4bit:
+        from sg_distributed.quant import log_bnb_casts_once
+
+        log_bnb_casts_once()
         quantization = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                                           bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization)
@@ -293,8 +296,6 @@ def main(argv=None) -> dict:
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise SystemExit(f"error: cannot use the training data: {err}")
     check_precision(args, deepspeed=ds_config is not None)
-    if torch.cuda.is_available():  # before the first collective: NCCL and *_object collectives use the current device
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", args.local_rank)))
     info = init_process_group(use_deepspeed=ds_config is not None, timeout=args.collective_timeout)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
     global_batch = args.micro_batch_size * args.grad_accum * info.world_size

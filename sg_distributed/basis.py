@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .runtime import in_place_collective
+
 
 @dataclass
 class Bases:
@@ -89,8 +91,8 @@ class GramAccumulator:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         for key in sorted(self.out_gram):  # same order on every rank
-            dist.all_reduce(self.out_gram[key])
-            dist.all_reduce(self.in_gram[key])
+            in_place_collective(self.out_gram[key], dist.all_reduce)
+            in_place_collective(self.in_gram[key], dist.all_reduce)
 
     def bases(self, input_convention: str = "textbook") -> dict[str, Bases]:
         """P, R for every key. ``reference`` uses R = Q^T, the authors' convention.
@@ -108,8 +110,8 @@ class GramAccumulator:
             else:
                 P, Q = torch.empty_like(out_gram, dtype=torch.float64), torch.empty_like(in_gram, dtype=torch.float64)
             if distributed:
-                dist.broadcast(P, src=0)
-                dist.broadcast(Q, src=0)
+                in_place_collective(P, lambda t: dist.broadcast(t, src=0))
+                in_place_collective(Q, lambda t: dist.broadcast(t, src=0))
             R = Q if input_convention == "textbook" else Q.T.contiguous()
             result[key] = Bases(P=P, R=R)
         return result

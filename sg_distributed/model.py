@@ -19,6 +19,7 @@ from .dynamic import SparseStateAdam, make_dynamic
 from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
 from .optim import LazyAdam
 from .reselect import SupportReselector
+from .runtime import in_place_collective
 from .selection import Support, select_support
 from .targets import find_target_linears, layer_type
 
@@ -39,7 +40,7 @@ def _distributed() -> bool:
 
 def _all_reduce_sum(tensor: torch.Tensor) -> None:
     if _distributed():
-        dist.all_reduce(tensor)
+        in_place_collective(tensor, dist.all_reduce)
 
 
 def _from_rank0(support: Support) -> Support:
@@ -48,7 +49,7 @@ def _from_rank0(support: Support) -> Support:
     if not _distributed():
         return support
     flat = support.flat()
-    dist.broadcast(flat, src=0)
+    in_place_collective(flat, lambda t: dist.broadcast(t, src=0))
     return Support.from_flat(flat, support.shape)
 
 
@@ -386,9 +387,21 @@ class SparseGradModel(nn.Module):
         """Fold every update into a plain nn.Linear (W0 + P S R^T) and return the bare model."""
         if not self.calibrated:
             raise RuntimeError("SparseGradModel: nothing to merge before calibrate()")
+        dtype = self._model_dtype()
         for name, module in self.converted_layers().items():
-            _replace_module(self.base_model, name, module.merged_linear())
+            merged = module.merged_linear()  # fixed mode: in its base's dtype; reference / dynamic: full precision
+            _replace_module(self.base_model, name, merged if isinstance(module, SparseGradLinear) else merged.to(dtype))
         return self.base_model
+
+    def _model_dtype(self) -> torch.dtype:
+        """The dtype the rest of the model computes in (its input embeddings', else its first float weight
+        outside the converted layers): merged reference-mode layers are cast to it."""
+        embeddings = self.base_model.get_input_embeddings() if hasattr(self.base_model, "get_input_embeddings") else None
+        if embeddings is not None:
+            return embeddings.weight.dtype
+        converted = tuple(f"{name}." for name in self.target_names)
+        return next((p.dtype for n, p in self.base_model.named_parameters()
+                     if p.dtype.is_floating_point and not n.startswith(converted)), torch.float32)
 
 
 def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig | None = None) -> SparseGradModel:

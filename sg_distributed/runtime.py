@@ -45,7 +45,8 @@ def init_process_group(use_deepspeed: bool, timeout: float | None = None) -> Dis
         from .integrations.deepspeed import init_distributed
 
         init_distributed(**kwargs)
-    elif world > 1 and not dist.is_initialized():
+    elif (world > 1 or "TORCHELASTIC_RUN_ID" in os.environ) and not dist.is_initialized():
+        # torchrun with one process too: FSDP2 needs a process group even at world size 1
         dist.init_process_group(backend="gloo" if cpu else "nccl", **kwargs)
     if dist.is_initialized():
         from .comm import check_collective_devices_from_env
@@ -78,6 +79,18 @@ def collective_device(group=None) -> torch.device:
     module = getattr(torch, kind, None)
     index = module.current_device() if hasattr(module, "current_device") else None
     return torch.device(kind, index)
+
+
+def in_place_collective(tensor: torch.Tensor, collective) -> None:
+    """``collective(t)`` (an in-place all-reduce, broadcast...) on ``tensor``, staged through the collective
+    device when the tensor lives elsewhere (a model calibrated on the host under NCCL)."""
+    device = collective_device()
+    if tensor.device == device:
+        collective(tensor)
+        return
+    staged = tensor.to(device)
+    collective(staged)
+    tensor.copy_(staged)
 
 
 def barrier() -> None:
