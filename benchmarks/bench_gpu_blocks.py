@@ -278,6 +278,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
+        if device.index is None:  # torch.cuda.set_device wants an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     rows: list[dict] = []
     t_start = time.perf_counter()

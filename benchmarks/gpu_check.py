@@ -9,6 +9,7 @@ How to run it on the lent GPU machine (device tool), in one call:
    typing_extensions and hjson, and deepspeed's sdist; plus ``.whl/assets/``: SmolLM2-135M's config and
    tokenizer files and the FanOutQA dev JSON (the 94 MB GGUF cannot travel). It checks every
    Requires-Dist against what the machine has and fails if the folder plus the working tree exceed 60 MiB.
+   Run it in the checkout the device tool sends: the session's own (a helper's worktree does not travel).
 2. The device tool: ``run`` with ``carry: [".whl"]``, ``command: "make gpu-check"`` and ``timeout_s: 600``.
    The result comes back as ``gpu_check.md`` (the table), ``gpu_check.log`` (every command's output) and
    ``gpu_check.json`` under ``$OUT``. ``GPU_CHECK_ARGS`` passes options (``make gpu-check
@@ -278,8 +279,12 @@ def versions() -> int:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported(),
-                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+                    memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
+        try:
+            nccl = torch.cuda.nccl.version()
+            info["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+        except Exception as err:  # noqa: BLE001 - reported, not raised
+            info["nccl"] = f"unknown ({type(err).__name__})"
     for name in ("transformers", "peft", "accelerate", "safetensors", "tokenizers", "pydantic", "deepspeed",
                  "bitsandbytes"):
         try:
