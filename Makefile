@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean gpu-wheels gpu-check
 
 venv: $(VENV)/.installed
 
@@ -31,6 +31,16 @@ demo: venv
 
 bench: venv
 	$(PY) benchmarks/bench_methods.py
+
+# GPU check on a lent machine (see benchmarks/gpu_check.py). Here: download the wheels the GPU machine lacks
+# and the small assets into .whl/ (git-ignored). There (device tool: carry [".whl"], command "make gpu-check"):
+# the image's python3, no venv; GPU_CHECK_ARGS="--dry-run" prints every command instead.
+GPU_PYTHON ?= python3
+gpu-wheels: venv
+	$(PY) benchmarks/gpu_check.py --prepare .whl
+
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py --wheels .whl $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache outputs
