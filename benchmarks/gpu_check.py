@@ -326,11 +326,12 @@ def plan(args) -> list[Step]:
                                                   "no:cacheprovider"], args.step_timeout, "parallel"),
     ]
     train = "launch/train_qa.py"
-    for stage in ("zero2", "zero3"):
+    for stage, extra in (("zero2", []), ("zero3", ["--gradient_checkpointing"])):
         name = f"ds-{stage}"
-        steps.append(Step(name, f"deepspeed --num_gpus 1, ZeRO-{stage[-1]}, bf16, sparsegrad",
+        steps.append(Step(name, f"deepspeed --num_gpus 1, ZeRO-{stage[-1]}, bf16, sparsegrad" + (
+                              ", activation checkpointing" if extra else ""),
                           ["deepspeed", "--num_gpus", "1", "--master_port", str(MASTER_PORTS[name]), train,
-                           "--ds_config", f"ds_configs/{stage}.json"] + common + ["--output_dir", str(runs / name)],
+                           "--ds_config", f"ds_configs/{stage}.json"] + common + extra + ["--output_dir", str(runs / name)],
                           args.step_timeout, "parallel", needs=["install-wheels", "install-deepspeed", "model"],
                           output_dir=runs / name))
     steps.append(Step("fsdp", "torchrun --nproc_per_node 1 --fsdp (FSDP2), bf16, sparsegrad",
