@@ -32,21 +32,18 @@ class LazyAdam(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
                 mask = getattr(p, "_sg_mask", None)
-                grad = p.grad if mask is None else p.grad[mask]
-                exp_avg = state["exp_avg"] if mask is None else state["exp_avg"][mask]
-                exp_avg_sq = state["exp_avg_sq"] if mask is None else state["exp_avg_sq"][mask]
-                exp_avg = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
-                exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+                grad = p.grad
+                exp_avg = state["exp_avg"].mul(beta1).add_(grad, alpha=1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].mul(beta2).addcmul_(grad, grad, value=1 - beta2)
                 step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
                 update = exp_avg / (exp_avg_sq.sqrt() + group["eps"]) * (-step_size)
-                if mask is None:
-                    state["exp_avg"].copy_(exp_avg)
-                    state["exp_avg_sq"].copy_(exp_avg_sq)
-                    p.add_(update)
-                else:
-                    state["exp_avg"][mask] = exp_avg
-                    state["exp_avg_sq"][mask] = exp_avg_sq
-                    p[mask] += update
+                if mask is not None:  # dense where(): no data-dependent shapes, so no host sync per parameter
+                    exp_avg = torch.where(mask, exp_avg, state["exp_avg"])
+                    exp_avg_sq = torch.where(mask, exp_avg_sq, state["exp_avg_sq"])
+                    update = torch.where(mask, update, 0.0)
+                state["exp_avg"].copy_(exp_avg)
+                state["exp_avg_sq"].copy_(exp_avg_sq)
+                p.add_(update)
         return loss
 
 

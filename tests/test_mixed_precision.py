@@ -1,6 +1,7 @@
 """Mixed precision: bf16 weights, autocast over fp32, fp32 trained values, bases that follow the compute dtype."""
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from sg_distributed import SparseGradConfig
@@ -67,6 +68,9 @@ def test_sparsegrad_methods_train_save_reload_and_merge_in_bf16(case, tmp_path):
     structure = structure_checksum(wrapper)
 
     wrapper.save_pretrained(tmp_path / "adapter")
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for k, t in saved.items() if ".bases." in f".{k}" or k.endswith(("values", "rotated_weight"))} \
+        == {torch.float32}  # full precision on disk: not silently lossy onto an fp32 base
     ids = lm_batches(seed=9)[0]["input_ids"]
     with torch.no_grad():
         logits = wrapper(input_ids=ids).logits
