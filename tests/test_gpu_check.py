@@ -85,11 +85,12 @@ def test_dry_run_passes_shellcheck(dry_run):
 
 
 def test_makefile_runs_it_with_the_images_python3_not_the_venv():
-    proc = subprocess.run(["make", "-n", "gpu-check", "GPU_CHECK_ARGS=--dry-run"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+    # under `make test` the nested make inherits MAKELEVEL and would print "Entering directory" lines
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "gpu-check", "GPU_CHECK_ARGS=--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "python3 benchmarks/gpu_check.py --wheels .whl --dry-run"
-    proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", "gpu-wheels"], cwd=ROOT, capture_output=True,
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-o", ".venv/.installed", "gpu-wheels"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert "benchmarks/gpu_check.py --prepare .whl" in proc.stdout
 
