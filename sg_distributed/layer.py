@@ -271,7 +271,8 @@ class SparseGradLinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = n, m
         self.basis = basis
-        # The touched block: the support's rows x cols, or (re-selected supports) the block it was grown in.
+        # The block the layer computes in: the budget's rows x cols the support was chosen (and is re-grown) in,
+        # one shape per layer type; without a budget, the rows x cols the support touches.
         rows_used, cols_used = (torch.unique(support.rows), torch.unique(support.cols)) if block is None else block
         rows_used, cols_used = rows_used.to(torch.int64), cols_used.to(torch.int64)
         if block is not None and not (torch.isin(support.rows, rows_used).all() and torch.isin(support.cols, cols_used).all()):

@@ -44,13 +44,16 @@ def _all_reduce_sum(tensor: torch.Tensor) -> None:
 
 
 def _from_rank0(support: Support) -> Support:
-    """Rank 0's support on every rank: ranks select from identical summed scores, but a top-k tie could
-    still break differently on different hardware; k indices are cheap to send."""
+    """Rank 0's support (and budget block) on every rank: ranks select from identical summed scores, but a
+    top-k tie could still break differently on different hardware; k indices are cheap to send."""
     if not _distributed():
         return support
-    flat = support.flat()
-    in_place_collective(flat, lambda t: dist.broadcast(t, src=0))
-    return Support.from_flat(flat, support.shape)
+    tensors = [support.flat()] + (list(support.block) if support.block is not None else [])
+    for t in tensors:  # the block's sizes are the budget: equal on every rank
+        in_place_collective(t, lambda t: dist.broadcast(t, src=0))
+    result = Support.from_flat(tensors[0], support.shape)
+    result.block = (tensors[1], tensors[2]) if support.block is not None else None
+    return result
 
 
 class SparseGradModel(nn.Module):
@@ -146,7 +149,7 @@ class SparseGradModel(nn.Module):
             bases = calibration_bases[self.basis_key(name)]
             if self.peft_config.support_mode == "fixed":
                 basis = self._shared_basis(self.basis_key(name), bases, module)
-                new = SparseGradLinear(module, None, None, supports[name], basis=basis)
+                new = SparseGradLinear(module, None, None, supports[name], basis=basis, block=supports[name].block)
             else:
                 new = self._reference_layer(name, module, bases)
             _replace_module(self.base_model, name, new)

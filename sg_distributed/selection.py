@@ -14,6 +14,9 @@ class Support:
     rows: torch.Tensor  # int64 (k,)
     cols: torch.Tensor  # int64 (k,)
     shape: tuple[int, int]
+    # Under a row/column budget: the sorted rows and cols the support was chosen in (exactly the budget),
+    # so every layer of a type computes with one block shape; None: the rows and cols the support touches.
+    block: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def k(self) -> int:
@@ -35,7 +38,8 @@ def select_support(score: torch.Tensor, k: int, max_rows: int | None = None, max
     """Top-k entries of ``score`` (m x n, non-negative), optionally inside the best rows x cols block.
 
     With a budget, rows and columns are ranked by their total score first, so the support touches at
-    most ``max_rows`` columns of P and ``max_cols`` columns of R. Ties break by index (deterministic).
+    most ``max_rows`` columns of P and ``max_cols`` columns of R; that rows x cols block is returned as
+    ``Support.block``. Ties break by index (deterministic).
     """
     m, n = score.shape
     if k > m * n:
@@ -56,4 +60,7 @@ def select_support(score: torch.Tensor, k: int, max_rows: int | None = None, max
         )
     top = torch.topk(block.reshape(-1).float(), k).indices
     local_r, local_c = top // block.shape[1], top % block.shape[1]
-    return Support.from_flat(rows[local_r] * n + cols[local_c], (m, n))
+    support = Support.from_flat(rows[local_r] * n + cols[local_c], (m, n))
+    budgeted = (max_rows is not None and max_rows < m) or (max_cols is not None and max_cols < n)
+    support.block = (rows, cols) if budgeted else None
+    return support

@@ -253,3 +253,22 @@ def test_layers_of_one_type_share_the_basis_and_no_float64_copy_stays():
         shared = model.shared_bases[key]
         assert bases.P.data_ptr() == shared.Pt.data_ptr()
         torch.testing.assert_close(bases.P.T @ bases.P, torch.eye(bases.P.shape[0]), atol=1e-5, rtol=0)
+
+
+def test_a_budget_gives_every_layer_of_a_type_one_block_shape():
+    """Under a row/column budget each layer computes with exactly the budget's rows x cols (the block its
+    support was chosen in), not just the rows and cols the support touches: one GEMM shape per layer type
+    (bounded kernel caches, compiled graphs), and re-selection can grow anywhere in that block."""
+    config = SparseGradConfig(density=0.02, max_rows=0.5, max_cols=0.25)
+    model = get_sparsegrad_model(make_tiny_llama(), config).calibrate(lm_batches())
+    shapes = {}
+    for name, layer in model.converted_layers().items():
+        m, n = layer.out_features, layer.in_features
+        block = (layer.structure.r, layer.structure.c)
+        assert block == (config.row_budget(m), config.col_budget(n)), name
+        support = layer.support
+        assert torch.isin(support.rows, layer.rows_used).all() and torch.isin(support.cols, layer.cols_used).all()
+        shapes.setdefault(model.basis_key(name), set()).add(block)
+    assert all(len(s) == 1 for s in shapes.values())
+    # the support alone would touch fewer rows than the budget: the test would fail on touched rows
+    assert any(torch.unique(l.support.rows).numel() < l.structure.r for l in model.converted_layers().values())
