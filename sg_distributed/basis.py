@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .runtime import in_place_collective
+from .runtime import in_place_collective, is_distributed
 
 
 @dataclass
@@ -88,7 +88,7 @@ class GramAccumulator:
 
     def all_reduce(self) -> None:
         """Sum the Grams over all ranks (no-op without an initialised process group)."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if not is_distributed():
             return
         for key in sorted(self.out_gram):  # same order on every rank
             in_place_collective(self.out_gram[key], dist.all_reduce)
@@ -101,7 +101,7 @@ class GramAccumulator:
         device, so NCCL can carry them): every rank gets rank 0's bits, even where ranks' LAPACK /
         cuSOLVER builds would round differently (mixed GPU kinds), and the others skip the solve.
         """
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = is_distributed()
         result = {}
         for key in sorted(self.out_gram):  # same order on every rank
             out_gram, in_gram = self.out_gram[key], self.in_gram[key]

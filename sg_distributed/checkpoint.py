@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .io import tensor_bytes
+from .runtime import is_distributed
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
@@ -69,7 +70,7 @@ def _barrier() -> None:
 
 def _broadcast(obj: Any) -> Any:
     """Rank 0's value on every rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -361,7 +362,7 @@ def backend_name(engine) -> str:
         return f"deepspeed_zero{stage}"
     if engine.fsdp:
         return "fsdp2"
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         return "ddp"
     return "single"
 

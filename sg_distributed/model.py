@@ -19,7 +19,7 @@ from .dynamic import SparseStateAdam, make_dynamic
 from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
 from .optim import LazyAdam
 from .reselect import SupportReselector
-from .runtime import in_place_collective
+from .runtime import in_place_collective, is_distributed
 from .selection import Support, select_support
 from .targets import find_target_linears, layer_type
 
@@ -34,19 +34,15 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _all_reduce_sum(tensor: torch.Tensor) -> None:
-    if _distributed():
+    if is_distributed():
         in_place_collective(tensor, dist.all_reduce)
 
 
 def _from_rank0(support: Support) -> Support:
     """Rank 0's support (and budget block) on every rank: ranks select from identical summed scores, but a
     top-k tie could still break differently on different hardware; k indices are cheap to send."""
-    if not _distributed():
+    if not is_distributed():
         return support
     tensors = [support.flat()] + (list(support.block) if support.block is not None else [])
     for t in tensors:  # the block's sizes are the budget: equal on every rank

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .layer import SparseGradLinear
+from .runtime import is_distributed
 
 
 def plan_swap(values: torch.Tensor, score: torch.Tensor, support_block: torch.Tensor, count: int):
@@ -134,7 +135,7 @@ class SupportReselector:
     @torch.no_grad()
     def reselect(self) -> dict:
         swapped = total = 0
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        distributed = is_distributed()
         if distributed:  # one all-reduce of every layer's scores
             scores = [layer.structure.score for layer in self.layers.values()]
             flat = torch.cat(scores)

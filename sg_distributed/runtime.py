@@ -81,6 +81,11 @@ def collective_device(group=None) -> torch.device:
     return torch.device(kind, index)
 
 
+def is_distributed() -> bool:
+    """A process group of more than one rank is up (collectives would talk to other ranks)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def in_place_collective(tensor: torch.Tensor, collective) -> None:
     """``collective(t)`` (an in-place all-reduce, broadcast...) on ``tensor``, staged through the collective
     device when the tensor lives elsewhere (a model calibrated on the host under NCCL)."""
@@ -100,7 +105,7 @@ def barrier() -> None:
 
 def assert_same_on_all_ranks(value: str, what: str) -> None:
     """Stop with a clear error when ranks disagree (e.g. on bases/support checksums before training)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not is_distributed():
         return
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
@@ -163,7 +168,7 @@ class Engine:
             from .integrations.deepspeed import initialize_engine
 
             self.wrapped = initialize_engine(model, optimizer, ds_config)
-        elif dist.is_initialized() and dist.get_world_size() > 1:
+        elif is_distributed():
             # Bases and supports are identical on every rank after calibration: no buffer broadcasts.
             self.wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
             if comm_counter is not None:  # DDP's reducer calls C++ collectives: count them in its hook

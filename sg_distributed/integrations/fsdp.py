@@ -59,6 +59,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..runtime import is_distributed
+
 __all__ = ["FSDPSetupError", "apply_fsdp2", "find_blocks", "quantized_params", "sync_replicated_grads",
            "gathered_full_params", "set_gradient_sync", "is_fsdp_model", "find_root"]
 
@@ -204,7 +206,7 @@ def sync_replicated_grads(model: nn.Module) -> int:
     A parameter without a gradient on this rank contributes zeros (every rank must take part).
     """
     params = [p for p in _replicated(model) if p.requires_grad]
-    if not params or not dist.is_initialized() or dist.get_world_size() == 1:
+    if not params or not is_distributed():
         return 0
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
     dist.all_reduce(flat)
