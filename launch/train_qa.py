@@ -37,7 +37,8 @@ from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split
 from sg_distributed.graddrop import GradDropConfig  # noqa: E402
 from sg_distributed.methods import METHODS, prepare  # noqa: E402
 from sg_distributed.runtime import (Engine, all_reduce_mean, assert_same_on_all_ranks, barrier,  # noqa: E402
-                                    global_batch_indices, init_process_group, rank_micro_batches)
+                                    destroy_process_group, global_batch_indices, init_process_group,
+                                    rank_micro_batches)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -623,6 +624,7 @@ def _is_collective_failure(err: BaseException) -> bool:
 if __name__ == "__main__":
     try:
         main()
+        destroy_process_group()  # on success only: after an error a peer may still be inside a collective
     except Stop as stop:
         print(stop.message, file=sys.stderr, flush=True)
         sys.exit(stop.code)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig, get_sparsegrad_model  # noqa: E402
 from sg_distributed.data.qa import QACollator, load_qa_pairs, split_by_group  # noqa: E402
+from sg_distributed.runtime import destroy_process_group  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -125,3 +126,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+    destroy_process_group()  # the Trainer leaves the group up; on success only, as in train_qa.py

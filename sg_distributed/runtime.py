@@ -56,6 +56,18 @@ def init_process_group(use_deepspeed: bool, timeout: float | None = None) -> Dis
     return DistInfo()
 
 
+def destroy_process_group() -> None:
+    """Tear the process group down at the end of a successful run (a no-op without one).
+
+    PyTorch asks every trainer process to do this before it exits: a gloo/NCCL group left to the
+    interpreter's finalisation can abort the process ("terminate called without an active exception")
+    after all the work is done, and the launcher then reports the whole job as failed. Call it only on
+    success: after an error the other ranks may still be inside a collective (torchtitan does the same).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def collective_device(group=None) -> torch.device:
     """The device a tensor handed to a collective on ``group`` (default: the default group) must live on.
 

@@ -37,13 +37,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The one failure a multi-rank launch is retried for: a rank that finished its work aborts while the
+# interpreter tears the gloo process group down (std::terminate from a C++ thread; seen twice in full-suite
+# runs, not reproduced in 75 launches of the same test in a loop, loaded or not). Anything else fails at once.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_ranks(cmd, *, env=None, cwd=ROOT, timeout=240, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run for a multi-rank launch, retried once (with a warning) on a teardown abort only."""
+    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if proc.returncode != 0 and TEARDOWN_ABORT in proc.stderr:
+        import warnings
+
+        warnings.warn(f"a rank aborted at teardown ({TEARDOWN_ABORT!r}); launching once more: {cmd[:6]}")
+        if "--master_port" in cmd:  # the first launch's port may still be in TIME_WAIT
+            cmd = list(cmd)
+            cmd[cmd.index("--master_port") + 1] = str(free_port())
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    return proc
+
+
 def run_train_qa(cmd, out: Path):
     """Run a train_qa.py command line (any launcher) into ``out``; returns (saved adapter tensors, stdout)."""
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd + ["--output_dir", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=240)
+    proc = run_ranks(cmd + ["--output_dir", str(out)], env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     if "world size 1," not in proc.stdout:  # a multi-rank run: it must have run under the collective-device check
         assert "collective-device check on" in proc.stderr, proc.stderr[-3000:]

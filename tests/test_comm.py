@@ -1,7 +1,6 @@
 """sg_distributed.comm: analytic byte formulas (DESIGN §2), the CommCounter, and a 2-rank ZeRO-2 count."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from sg_distributed.comm import (
 )
 from sg_distributed.config import SparseGradConfig
 
-from conftest import free_port
+from conftest import free_port, run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -211,7 +210,7 @@ def test_zero2_bytes_full_vs_sparsegrad(tmp_path):
            "--master_port", str(free_port()), str(REPO / "tests" / "comm_worker.py"), "--out", str(out),
            "--stage", "2", "--steps", "2", "--hidden", str(hidden), "--intermediate", str(inter),
            "--density", str(density)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_ranks(cmd, cwd=REPO, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = json.loads(out.read_text())["ranks"]
     assert len(ranks) == 2

@@ -2,7 +2,6 @@
 import copy
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from sg_distributed.dynamic import (DynamicSparseGradLinear, SparseExchange, Spa
 from sg_distributed.layer import ReferenceSparseGradLinear
 from sg_distributed.optim import LazyAdam, clear_masks
 
-from conftest import free_port
+from conftest import free_port, run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,7 +158,7 @@ def test_two_ranks_exact_equals_single_process_and_sparse_agrees(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(REPO / "tests" / "dynamic_worker.py"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = run_ranks(cmd, cwd=REPO, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     single, ranks = result["single"], result["ranks"]

@@ -10,14 +10,13 @@
 """
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import free_port, lm_batches, make_tiny_llama
+from conftest import free_port, lm_batches, make_tiny_llama, run_ranks
 from sg_distributed.config import SparseGradConfig
 from sg_distributed.estimate import build_meta_model, estimate, main
 from sg_distributed.methods import prepare
@@ -39,7 +38,7 @@ def test_zero2_bytes_per_step_equal_commcounter(tmp_path):
            "--master_port", str(free_port()), str(REPO / "tests" / "comm_worker.py"), "--out", str(out),
            "--stage", "2", "--steps", "2", "--hidden", str(HIDDEN), "--intermediate", str(INTER),
            "--density", str(DENSITY), "--methods", ",".join(WORKER_METHODS)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_ranks(cmd, cwd=REPO, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     measured = json.loads(out.read_text())["ranks"][0]
     model = _tiny()

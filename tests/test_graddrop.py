@@ -572,7 +572,7 @@ def test_zero3_hooks_see_the_full_gradient_and_the_reduced_gradient_is_masked(tm
     import sys
     from pathlib import Path
 
-    from conftest import free_port
+    from conftest import free_port, run_ranks
 
     root = Path(__file__).resolve().parents[1]
     worker, out = tmp_path / "zero3_worker.py", tmp_path / "zero3.json"
@@ -580,7 +580,7 @@ def test_zero3_hooks_see_the_full_gradient_and_the_reduced_gradient_is_masked(tm
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(free_port()), str(worker), str(out), str(root)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_ranks(cmd, cwd=root, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert len(result) == 4  # up_proj and down_proj weights of 2 blocks
