@@ -136,12 +136,69 @@ def _gather_rows(full: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor
     return full if index is None else full.index_select(0, index)
 
 
-class _SparseDelta(torch.autograd.Function):
-    """delta(x) = ((x R_C) S^T) P_I^T with S given by (values, structure); see module docstring.
+def fold_into_output_side(tokens: int, r: int, c: int, m: int) -> bool:
+    """Forward order: (B S^T) P_I^T costs T*c*r + T*r*m MACs, B (S^T P_I^T) costs r*c*m + T*c*m.
+
+    B = x R_C (T x c) is computed either way (backward needs it). Folding S into P_I^T pays when r > c,
+    e.g. up_proj under a 0.25/0.25 budget (r = m/4 > c = n/4): 0.30 -> 0.10 of the base forward.
+    """
+    return r * c * m + tokens * c * m < tokens * (c * r + r * m)
+
+
+def fold_into_input_side(tokens: int, r: int, c: int, n: int) -> bool:
+    """Input-gradient order: (A S) R_C^T costs T*r*c + T*c*n, A (S R_C^T) costs r*c*n + T*r*n.
+
+    A = dY P_I (T x r) is computed either way (dL/dv needs it); folding pays when c > r (down_proj)."""
+    return r * c * n + tokens * r * n < tokens * (r * c + c * n)
+
+
+class _BlockDelta(torch.autograd.Function):
+    """out = base_out + x R_C S^T P_I^T with S a dense r x c block (a row/column budget).
+
+    The cost floor of the delta: the two products with the token dimension that the value gradient needs,
+    B = x R_C and A = dY P_I, plus the cheaper of two orders for the rest of the forward and of the input
+    gradient (``fold_into_output_side`` / ``fold_into_input_side``: S folded into the smaller side once per
+    micro-batch). S is formed once per micro-batch and saved for backward; the output is added onto the
+    base layer's (``addmm``), so no separate T x m delta is allocated. ``base2d`` None: return the delta
+    alone (the base output has another dtype; the caller adds).
 
     ``Pt`` / ``Rt`` are the shared transposed bases; ``rows`` / ``cols`` (None = all) pick P_I^T / R_C^T.
     The full bases are kept on ctx (no copy, and not packed by saved-tensor hooks such as CPU offload);
     the slices are gathered again in backward rather than saved, so no layer's slice outlives its use.
+    """
+
+    @staticmethod
+    def forward(ctx, base2d, x2d, values, Pt, Rt, rows, cols, structure):
+        Pi_t, Rc_t = _gather_rows(Pt, rows), _gather_rows(Rt, cols)  # r x m, c x n
+        B = x2d @ Rc_t.T  # T x c
+        S = structure.dense(values)  # r x c
+        (r, c), m = S.shape, Pi_t.shape[1]
+        left, right = (B, S.T @ Pi_t) if fold_into_output_side(B.shape[0], r, c, m) else (B @ S.T, Pi_t)
+        out = left @ right if base2d is None else torch.addmm(base2d, left, right)
+        ctx.save_for_backward(B, S)
+        ctx.bases = (Pt, Rt, rows, cols)
+        ctx.structure = structure
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        B, S = ctx.saved_tensors
+        Pt, Rt, rows, cols = ctx.bases
+        A = grad_out.to(B.dtype) @ _gather_rows(Pt, rows).T  # T x r
+        grad_x = grad_values = None
+        if ctx.needs_input_grad[2]:
+            grad_values = ctx.structure.sampled_product(A, B)  # gather_Omega(A^T B)
+        if ctx.needs_input_grad[1]:
+            Rc_t = _gather_rows(Rt, cols)
+            (r, c), n = S.shape, Rc_t.shape[1]
+            grad_x = A @ (S @ Rc_t) if fold_into_input_side(A.shape[0], r, c, n) else (A @ S) @ Rc_t
+        return grad_out if ctx.needs_input_grad[0] else None, grad_x, grad_values, None, None, None, None, None
+
+
+class _SparseDelta(torch.autograd.Function):
+    """delta(x) = ((x R_C) S^T) P_I^T with S in CSR (no row/column budget: the touched rows x cols are most
+    of the matrix, and a dense block would cost more than the base layer). Same bases and gathers as
+    ``_BlockDelta``.
     """
 
     @staticmethod
@@ -204,17 +261,13 @@ class SupportStructure:
         return values if self.in_order else values[self.order]
 
     def right_multiply_transpose(self, values, B):
-        """B S^T (T x r)."""
-        if self.dense_block:
-            return B @ self.dense(values).T
+        """B S^T (T x r), S in CSR (the dense block's products are in ``_BlockDelta``)."""
         work = _csr_dtype(B.dtype)
         S = _csr(self.crow, self.col, self._row_major(values).to(work), (self.r, self.c))
         return (S @ B.T.to(work)).T.to(B.dtype)
 
     def right_multiply(self, values, A):
-        """A S (T x c)."""
-        if self.dense_block:
-            return A @ self.dense(values)
+        """A S (T x c), S in CSR."""
         work = _csr_dtype(A.dtype)
         St = _csr(self.crow_t, self.col_t, values[self.perm_t].to(work), (self.c, self.r))
         return (St @ A.T.to(work)).T.to(A.dtype)
@@ -361,10 +414,18 @@ class SparseGradLinear(nn.Module):
         dtype = compute_dtype_for(x)
         Pt, Rt = self.basis.for_compute(dtype, x.device)
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
+        rows = self._slice_index(self.rows_used, self.out_features)
+        cols = self._slice_index(self.cols_used, self.in_features)
+        values = self.sparse_values.to(dtype)
         with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen above, for both passes
-            delta = _SparseDelta.apply(x2d, self.sparse_values.to(dtype), Pt, Rt,
-                                       self._slice_index(self.rows_used, self.out_features),
-                                       self._slice_index(self.cols_used, self.in_features), self.structure)
+            if self.structure.dense_block:
+                base2d = out.reshape(-1, self.out_features) if out.dtype == dtype else None
+                y = _BlockDelta.apply(base2d, x2d, values, Pt, Rt, rows, cols, self.structure)
+                if base2d is not None:
+                    return y.view(*out.shape)
+                delta = y
+            else:
+                delta = _SparseDelta.apply(x2d, values, Pt, Rt, rows, cols, self.structure)
         return out + delta.reshape(*out.shape[:-1], self.out_features).to(out.dtype)
 
     @torch.no_grad()

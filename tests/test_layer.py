@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sg_distributed.layer import SparseGradLinear
+from sg_distributed.layer import SparseGradLinear, fold_into_input_side, fold_into_output_side
 from sg_distributed.selection import Support, select_support
 
 
@@ -32,8 +32,27 @@ def test_gradients_match_dense_rotated_gradient(convention, budget):
     m, n, k = 24, 40, 30
     base, P, R, support, layer = make_layer(m, n, k, budget, convention=convention)
     assert layer.structure.dense_block == (budget is not None)
-    x = torch.randn(3, 5, n, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(3, 5, m, dtype=torch.float64)
+    check_against_dense_float64(base, P, R, support, layer, tokens=(3, 5))
+
+
+# (m, n, block, tokens) -> (S folded into P_I^T in forward, S folded into R_C^T for dX): every product order
+@pytest.mark.parametrize("m, n, block, tokens, folds", [
+    (48, 16, (24, 4), 64, (True, False)),   # up_proj-like: r > c
+    (16, 48, (4, 24), 64, (False, True)),   # down_proj-like: c > r
+    (48, 16, (24, 4), 1, (False, False)),   # one token: folding never pays
+])
+def test_every_product_order_matches_dense_float64(m, n, block, tokens, folds):
+    r, c = block
+    assert (fold_into_output_side(tokens, r, c, m), fold_into_input_side(tokens, r, c, n)) == folds
+    base, P, R, support, layer = make_layer(m, n, r * c, block)  # the whole block: touched == budget
+    assert layer.structure.dense_block and (layer.structure.r, layer.structure.c) == block
+    check_against_dense_float64(base, P, R, support, layer, tokens=(tokens,))
+
+
+def check_against_dense_float64(base, P, R, support, layer, tokens):
+    m, n = layer.out_features, layer.in_features
+    x = torch.randn(*tokens, n, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(*tokens, m, dtype=torch.float64)
 
     (layer(x) * upstream).sum().backward()
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from sg_distributed import SparseGradConfig
 from sg_distributed.checkpoint import structure_checksum
-from sg_distributed.layer import SharedBasis, SparseGradLinear, _SparseDelta
+from sg_distributed.layer import SharedBasis, SparseGradLinear, _BlockDelta
 from sg_distributed.methods import prepare
 from sg_distributed.model import SparseGradModel, get_sparsegrad_model
 from sg_distributed.selection import Support
@@ -14,7 +14,7 @@ from sg_distributed.selection import Support
 from conftest import lm_batches, make_tiny_llama
 
 BUDGET = dict(density=0.05, max_rows=0.5, max_cols=0.5)  # dense-block kernel
-NO_BUDGET = dict(density=0.3)  # no row/column budget (the library default): supports spread, the CSR kernel
+NO_BUDGET = dict(density=0.3, max_rows=None, max_cols=None)  # no row/column budget: supports spread, the CSR kernel
 
 
 def orthogonal(n, seed):
@@ -39,7 +39,7 @@ def train(prepared, batches, lr=1e-2):
     return losses
 
 
-SPARSEGRAD_CASES = {"sparsegrad-defaults": ("sparsegrad", NO_BUDGET), "sparsegrad-budget": ("sparsegrad", BUDGET),
+SPARSEGRAD_CASES = {"sparsegrad-csr": ("sparsegrad", NO_BUDGET), "sparsegrad-budget": ("sparsegrad", BUDGET),
                     "reference": ("sparsegrad_reference", {"k": 20}), "dynamic": ("sparsegrad_dynamic", {"k": 20}),
                     "meprop": ("meprop", {"k": 20})}
 
@@ -51,7 +51,7 @@ def test_sparsegrad_methods_train_save_reload_and_merge_in_bf16(case, tmp_path):
     prepared = prepare(method, model, SparseGradConfig(**config), calibration_batches=lm_batches())
     wrapper = prepared.model
     layers = wrapper.converted_layers()
-    if case == "sparsegrad-defaults":  # the no-budget default really exercises the CSR kernel in bf16
+    if case == "sparsegrad-csr":  # no budget really exercises the CSR kernel in bf16
         assert any(not layer.structure.dense_block for layer in layers.values())
     trained = [p for p in wrapper.trainable_parameters()]
     # the converted layers' trained state (k-vectors; W~ and biases in reference/dynamic mode) is fp32 in a bf16
@@ -197,13 +197,13 @@ def test_bases_follow_an_engine_cast_that_bypasses_module_apply(monkeypatch):
         if p.dtype.is_floating_point:
             p.data = p.data.to(torch.bfloat16)
     seen = []
-    original = _SparseDelta.forward
+    original = _BlockDelta.forward
 
-    def spy(ctx, x2d, values, Pt, Rt, *rest):
-        seen.append({x2d.dtype, values.dtype, Pt.dtype, Rt.dtype})
-        return original(ctx, x2d, values, Pt, Rt, *rest)
+    def spy(ctx, base2d, x2d, values, Pt, Rt, *rest):
+        seen.append({base2d.dtype, x2d.dtype, values.dtype, Pt.dtype, Rt.dtype})
+        return original(ctx, base2d, x2d, values, Pt, Rt, *rest)
 
-    monkeypatch.setattr(_SparseDelta, "forward", staticmethod(spy))
+    monkeypatch.setattr(_BlockDelta, "forward", staticmethod(spy))
     model(**lm_batches(n=1)[0]).loss.backward()
     assert seen and all(dtypes == {torch.bfloat16} for dtypes in seen)
     for basis in model.shared_bases.values():
