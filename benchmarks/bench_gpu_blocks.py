@@ -6,9 +6,11 @@ rms_norm_eps 1e-5) but only ``--layers`` blocks, random weights, synthetic token
 ``--seq``). Every method trains the same target layers (the MLP up/down of every block) and is built by
 ``sg_distributed.methods.prepare``, so the library's own code is what is timed:
 
-* ``sparsegrad``      ``SparseGradConfig()``: the library defaults (density 1 %, no row/column budget:
-                      the CSR kernel), calibrated on ``--calib-batches`` synthetic batches;
-* ``sparsegrad_b25``  ``max_rows = max_cols = 0.25`` (what ``launch/train_qa.py`` uses: dense-block kernel);
+* ``sparsegrad``      ``SparseGradConfig()``: the library defaults (density 1 %, row/column budget 0.25, as
+                      ``launch/train_qa.py``: the dense-block kernel), calibrated on ``--calib-batches``
+                      synthetic batches;
+* ``sparsegrad_b125`` ``max_rows = max_cols = 0.125``;
+* ``sparsegrad_csr``  no row/column budget (``max_rows = max_cols = None``): the CSR kernels;
 * ``lora``            peft LoRA, rank from ``sg_distributed.methods.matched_lora_rank`` (same trainable count);
 * ``full``            dense AdamW on the target weights.
 
@@ -24,7 +26,7 @@ moments in the trained tensor's dtype, SDPA attention), so the ratios say how fa
 from a plain one-GPU run, term by term in the JSON output.
 
     python3 benchmarks/bench_gpu_blocks.py                      # 4 blocks, 4 x 512 tokens, bf16, cuda
-    python3 benchmarks/bench_gpu_blocks.py --layers 8 --methods lora,sparsegrad_b25
+    python3 benchmarks/bench_gpu_blocks.py --layers 8 --methods lora,sparsegrad
     python3 benchmarks/bench_gpu_blocks.py --device cpu --hidden 64 --intermediate 128 --layers 1 \\
         --vocab 128 --steps 2                                    # CPU smoke run (tests)
 
@@ -51,14 +53,17 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENI
 
 import torch  # noqa: E402
 
+from sg_distributed.config import DEFAULT_BUDGET  # noqa: E402
+
 # method name -> (sg_distributed.methods.prepare name, SparseGradConfig overrides, estimator method)
 VARIANTS = {
     "sparsegrad": ("sparsegrad", {}, "sparsegrad"),
-    "sparsegrad_b25": ("sparsegrad", {"max_rows": 0.25, "max_cols": 0.25}, "sparsegrad"),
+    "sparsegrad_b125": ("sparsegrad", {"max_rows": 0.125, "max_cols": 0.125}, "sparsegrad"),
+    "sparsegrad_csr": ("sparsegrad", {"max_rows": None, "max_cols": None}, "sparsegrad"),
     "lora": ("lora", {}, "lora"),
     "full": ("full", {}, "full"),
 }
-DEFAULT_METHODS = "lora,full,sparsegrad_b25,sparsegrad"  # most informative first: a timeout keeps those
+DEFAULT_METHODS = "lora,full,sparsegrad,sparsegrad_b125,sparsegrad_csr"  # most informative first: a timeout keeps those
 LR = {"sparsegrad": 1e-3, "lora": 1e-3, "full": 2e-5}  # launch/train_qa.py's defaults
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 2 ** 30
@@ -158,7 +163,8 @@ def estimator_rows(args, config_overrides: dict, est_method: str, lora_rank: int
     with torch.device("meta"):
         meta = LlamaForCausalLM(llama_config(args))
     return estimate(meta, est_method, p=1, zero=2, dtype=args.dtype, density=0.01,
-                    max_rows=config_overrides.get("max_rows"), max_cols=config_overrides.get("max_cols"),
+                    max_rows=config_overrides.get("max_rows", DEFAULT_BUDGET),
+                    max_cols=config_overrides.get("max_cols", DEFAULT_BUDGET),
                     micro_batch_size=args.batch, seq=args.seq, lora_rank=lora_rank)
 
 

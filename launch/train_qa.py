@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
+from sg_distributed.config import DEFAULT_BUDGET  # noqa: E402
 from sg_distributed import checkpoint as ckpt  # noqa: E402
 from sg_distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
@@ -71,8 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "torch's non-reentrant implementation)")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--k", type=int, default=None, help="entries per matrix (overrides --density)")
-    p.add_argument("--max_rows", type=float, default=0.25, help="row budget of P (fraction or count); 0 = none")
-    p.add_argument("--max_cols", type=float, default=0.25, help="column budget of R (fraction or count); 0 = none")
+    p.add_argument("--max_rows", type=float, default=DEFAULT_BUDGET, help="row budget of P (fraction or count); 0 = none")
+    p.add_argument("--max_cols", type=float, default=DEFAULT_BUDGET, help="column budget of R (fraction or count); 0 = none")
     p.add_argument("--input_convention", choices=["textbook", "reference"], default="textbook")
     p.add_argument("--reselect_every", type=int, default=0,
                    help="sparsegrad: drop-and-grow re-selection of the support every N steps (0 = fixed support)")

@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig, get_sparsegrad_model  # noqa: E402
+from sg_distributed.config import DEFAULT_BUDGET  # noqa: E402
 from sg_distributed.data.qa import QACollator, load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.runtime import destroy_process_group  # noqa: E402
 
@@ -46,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_grad_norm", type=float, default=1.0)
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--k", type=int, default=None)
-    p.add_argument("--max_rows", type=float, default=0.25, help="0 = no budget")
+    p.add_argument("--max_rows", type=float, default=DEFAULT_BUDGET, help="0 = no budget")
     p.add_argument("--max_cols", type=float, default=0.25, help="0 = no budget")
     p.add_argument("--block_stride", type=int, default=1)
     p.add_argument("--calibration_steps", type=int, default=8, help="train-dataloader batches per rank")

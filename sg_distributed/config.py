@@ -23,6 +23,10 @@ EXCHANGES = ("exact", "sparse")
 SCORES = ("abs", "square")
 
 
+# The row/column budget of SparseGradConfig() and launch/train_qa.py (README, "Choosing the budget").
+DEFAULT_BUDGET = 0.25
+
+
 @dataclass
 class SparseGradConfig:
     """Configuration of a SparseGrad adapter.
@@ -36,8 +40,11 @@ class SparseGradConfig:
     input_convention: ``textbook`` rotates the input side by Q (HOSVD core ``P^T G Q``); ``reference``
         by Q^T as in the authors' code.
     basis_sharing: ``type`` shares one (P, Q) pair per layer type (paper), ``layer`` fits one per layer.
-    max_rows / max_cols: optional budget on touched rows of P / columns of R (int, or a fraction of m/n
-        when < 1): the support is chosen inside the top rows/cols, which makes the layer cheaper.
+    max_rows / max_cols: budget on touched rows of P / columns of R (int, or a fraction of m/n when < 1;
+        default 0.25, as ``launch/train_qa.py``): the support is chosen inside the top rows x cols block and
+        the layer computes in that dense block (``layer._BlockDelta``). ``None`` for both: no budget, the
+        support may touch every row and column and the layer takes the CSR kernels, ~2-4x slower (README,
+        Systems); re-selection needs a budget.
     support_mode: ``fixed`` (support chosen once from calibration; optimizer state only for k values),
         ``reference`` (paper-exact: dense rotated weight, top-k of |G~| at every backward), or
         ``dynamic`` (reference mode made data-parallel: W~ is a buffer, each optimizer step exchanges the
@@ -62,8 +69,8 @@ class SparseGradConfig:
     basis: str = "hosvd"
     input_convention: str = "textbook"
     basis_sharing: str = "type"
-    max_rows: float | None = None
-    max_cols: float | None = None
+    max_rows: float | None = DEFAULT_BUDGET
+    max_cols: float | None = DEFAULT_BUDGET
     support_mode: str = "fixed"
     exchange: str = "exact"
     exchange_oversample: float = 1.0
@@ -95,6 +102,11 @@ class SparseGradConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"SparseGradConfig.{name} must be > 0 (an int, or a fraction < 1), got {value}")
+        if (self.k is None and all(isinstance(v, float) and v < 1 for v in (self.max_rows, self.max_cols))
+                and self.density > self.max_rows * self.max_cols):
+            raise ValueError(f"SparseGradConfig.density={self.density} does not fit in the row/column budget "
+                             f"max_rows={self.max_rows} x max_cols={self.max_cols} = {self.max_rows * self.max_cols:g} "
+                             f"of each matrix; raise the budget or pass max_rows=None, max_cols=None (no budget)")
         if self.reselect_every < 0:
             raise ValueError(f"SparseGradConfig.reselect_every must be >= 0, got {self.reselect_every}")
         if not 0.0 < float(self.reselect_fraction) <= 1.0:

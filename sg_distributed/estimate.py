@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from .comm import fmt_bytes
+from .config import DEFAULT_BUDGET
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 EST_METHODS = ("sparsegrad", "lora", "full", "graddrop", "sparsegrad_dynamic")
@@ -98,8 +99,8 @@ def _pad(d: int, p: int) -> int:
 
 
 def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf16", density: float = 0.01,
-             k: int | None = None, block_stride: int = 1, target_modules=None, max_rows: float | None = 0.25,
-             max_cols: float | None = 0.25, micro_batch_size: int = 1, seq: int = 512, exchange: str = "exact",
+             k: int | None = None, block_stride: int = 1, target_modules=None, max_rows: float | None = DEFAULT_BUDGET,
+             max_cols: float | None = DEFAULT_BUDGET, micro_batch_size: int = 1, seq: int = 512, exchange: str = "exact",
              lora_rank: int | None = None, include_norms: bool = True,
              reduce_bucket_size: int | None = None, reselect_every: int = 0) -> dict[str, Any]:
     """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
@@ -232,8 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--density", type=float, default=0.01)
     ap.add_argument("--k", type=int, default=None)
     ap.add_argument("--block_stride", type=int, default=None)
-    ap.add_argument("--max_rows", type=float, default=0.25, help="0 = no budget")
-    ap.add_argument("--max_cols", type=float, default=0.25, help="0 = no budget")
+    ap.add_argument("--max_rows", type=float, default=DEFAULT_BUDGET, help="0 = no budget")
+    ap.add_argument("--max_cols", type=float, default=DEFAULT_BUDGET, help="0 = no budget")
     ap.add_argument("--exchange", choices=["exact", "sparse"], default="sparse", help="sparsegrad_dynamic's exchange")
     ap.add_argument("--lora_rank", type=int, default=None)
     ap.add_argument("--reselect_every", type=int, default=0, help="sparsegrad: support re-selection every N steps")

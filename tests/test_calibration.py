@@ -13,14 +13,14 @@ from conftest import lm_batches, make_tiny_llama
 
 
 def test_tokenizer_batch_encoding_calibrates_like_a_plain_dict():
-    config = SparseGradConfig(density=0.1)
+    config = SparseGradConfig(density=0.1, max_rows=None, max_cols=None)
     plain = get_sparsegrad_model(make_tiny_llama(), config).calibrate(lm_batches(n=2))
     encoded = get_sparsegrad_model(make_tiny_llama(), config).calibrate([BatchEncoding(b) for b in lm_batches(n=2)])
     assert encoded.support_checksum() == plain.support_checksum()  # same bases and supports, bit for bit
 
 
 def test_batch_without_loss_fn_must_be_a_mapping():
-    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(density=0.1))
+    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(density=0.1, max_rows=None, max_cols=None))
     ids = lm_batches(n=1)[0]["input_ids"]
     with pytest.raises(TypeError, match=r"batch of type Tensor: without a loss_fn, batches must be dicts \(any "
                                         r"Mapping, e.g. a tokenizer's BatchEncoding\).*pass loss_fn\(model, batch\)"):

@@ -38,9 +38,9 @@ pytestmark = [pytest.mark.gpu,
 REL_TOL = 5e-2
 
 CONFIGS = {
-    "budget_0.25": dict(density=0.01, max_rows=0.25, max_cols=0.25),  # what train_qa.py uses: dense-block kernel
-    "defaults": dict(),  # SparseGradConfig(): density 1 %, no budget
-    "csr_density_0.3": dict(density=0.3),  # no budget, touched block >= k > 25 % of the matrix: CSR kernels
+    "defaults": dict(),  # SparseGradConfig() = train_qa.py: density 1 %, budget 0.25, dense-block kernel
+    "budget_0.125": dict(density=0.01, max_rows=0.125, max_cols=0.125),
+    "csr_no_budget": dict(density=0.01, max_rows=None, max_cols=None),  # supports spread: CSR kernels
 }
 
 

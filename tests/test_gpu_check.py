@@ -174,7 +174,7 @@ def test_bench_runs_every_method_on_cpu_at_tiny_shapes(dtype, tmp_path, capsys):
     rows = json.loads((tmp_path / "b.json").read_text())
     assert [r["method"] for r in rows] == bench.DEFAULT_METHODS.split(",")
     by = {r["method"]: r for r in rows}
-    assert by["sparsegrad"]["trainable"] == by["sparsegrad_b25"]["trainable"] == 2 * round(0.01 * 64 * 128)
+    assert by["sparsegrad"]["trainable"] == by["sparsegrad_b125"]["trainable"] == 2 * round(0.01 * 64 * 128)
     assert by["full"]["trainable"] == 2 * 64 * 128
     assert by["lora"]["lora_rank"] >= 1
     for r in rows:

@@ -51,7 +51,7 @@ def test_single_process_trainer_trains_k_vectors_and_checkpoints_adapter(tiny_mo
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_sparsegrad_model(base, SparseGradConfig(density=0.5, calibration_steps=2))
+    model = get_sparsegrad_model(base, SparseGradConfig(max_rows=None, max_cols=None, density=0.5, calibration_steps=2))
     train, heldout = split_by_group(load_qa_pairs(), heldout_fraction=0.2, seed=0)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2,
                              per_device_eval_batch_size=8, learning_rate=3e-2, lr_scheduler_type="constant",
@@ -118,7 +118,7 @@ def test_plain_trainer_callback_refuses_uncalibrated_model(tiny_model_dir, tmp_p
     from sg_distributed import SparseGradConfig, get_sparsegrad_model
     from sg_distributed.integrations.trainer import SparseGradCallback, SparseGradTrainer
 
-    model = get_sparsegrad_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), SparseGradConfig(density=0.5))
+    model = get_sparsegrad_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), SparseGradConfig(max_rows=None, max_cols=None, density=0.5))
     with pytest.raises(RuntimeError, match="not calibrated"):
         SparseGradCallback().on_train_begin(None, None, None, model=model)
     with pytest.raises(TypeError, match="SparseGradModel"):
@@ -173,7 +173,7 @@ def test_calibrate_moves_the_model_to_the_calibration_device(tiny_model_dir, tmp
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = get_sparsegrad_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                 SparseGradConfig(density=0.5, calibration_steps=1))
+                                 SparseGradConfig(max_rows=None, max_cols=None, density=0.5, calibration_steps=1))
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none", use_cpu=True)
     trainer = trainer_module.SparseGradTrainer(model=model, args=args, train_dataset=load_qa_pairs()[:4],
                                                data_collator=QACollator(tokenizer, max_length=32))

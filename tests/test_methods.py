@@ -10,7 +10,7 @@ from conftest import lm_batches, make_tiny_llama
 
 
 def test_lora_rank_matches_sparsegrad_trainable_count():
-    config = SparseGradConfig(k=288)  # 288 / (64 + 32) = 3 per matrix
+    config = SparseGradConfig(k=288, max_rows=None, max_cols=None)  # 288 / (64 + 32) = 3 per matrix
     assert matched_lora_rank(make_tiny_llama(), config) == 3
     lora = prepare("lora", make_tiny_llama(), config)
     sparse = prepare("sparsegrad", make_tiny_llama(), config, calibration_batches=lm_batches())

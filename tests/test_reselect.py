@@ -159,7 +159,7 @@ def test_reselected_adapter_round_trips_in_slot_order(tmp_path):
 
 
 @pytest.mark.parametrize("bad,match", [
-    (dict(reselect_every=5), "needs a row/column budget"),
+    (dict(reselect_every=5, max_rows=None, max_cols=None), "needs a row/column budget"),
     (dict(reselect_every=5, max_rows=0.25, support_mode="dynamic"), "re-selects a fixed support"),
     (dict(reselect_fraction=0.0), "reselect_fraction must be in"),
 ])
