@@ -5,6 +5,7 @@ DeepSpeed ZeRO (CPU / gloo): the 2-rank systems table.
     .venv/bin/python benchmarks/bench_comm.py                      # tiny Llama, ZeRO-2, ~30 s
     .venv/bin/python benchmarks/bench_comm.py --stage 3
     .venv/bin/python benchmarks/bench_comm.py --model smollm2 --steps 2   # embedded SmolLM2-135M
+    .venv/bin/python benchmarks/bench_comm.py --compare-persistence --methods sparsegrad --density 0.05 --z3_live 0
 
 Every method runs in its own ``torch.distributed.run`` launch (so a rank's peak RSS is that method's),
 ``--rounds`` times, interleaved; step time is the median over rounds of the mean counted step (rank 0),
@@ -29,6 +30,19 @@ ZeRO-3 = gradient reduce-scatter ``(p-1)/p*4D`` only (its parameter all-gathers 
 parameter, frozen ones included, and are shown measured). ``sparsegrad_reference`` and ``graddrop`` still
 exchange the dense gradient ("dense exchange"); their column "sparse exchange (planned)" is the
 all-gather of (int32 index, fp32 value) pairs of DESIGN §2, ``(p-1)*k*(4+4)``.
+
+ZeRO-3 ``stage3_param_persistence_threshold``: ``--persistence 0`` (default: every parameter partitioned
+and gathered at each use), ``hf`` (accelerate's 10 x hidden) or ``auto`` (sg_distributed's ``resolve_auto``
+with the converted model: max(10 x hidden, largest k-vector), so k-vectors stay whole on every rank).
+``--ds_config FILE`` replaces the bench's own ZeRO config by a shipped one, its "auto" values filled by
+``resolve_auto`` (hidden-size buckets: prefetch 0.9 x hidden^2, as a user of that file gets); ``--persistence``
+then overrides only its threshold (``auto`` keeps the file's "auto" and passes the model).
+``--compare-persistence`` (ZeRO-3; ``--ds_config`` defaults to ds_configs/zero3.json) runs each method under
+``hf`` and ``auto`` and prints the number of collective calls per step by op, split forward / backward /
+step, side by side. The tiny model's 10 x hidden is 640: use ``--density 0.05`` (k = 819 per matrix) so
+that ``hf`` leaves the k-vectors partitioned; ``--z3_live 0`` releases every gathered parameter after use,
+as DeepSpeed does once a model exceeds ``stage3_max_live_parameters`` (1e9 in zero3.json: a 7B model), so the
+backward gathers again (the tiny model otherwise keeps everything gathered from forward to backward).
 """
 from __future__ import annotations
 
@@ -66,6 +80,15 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=1, help="interleaved launches per method; medians reported")
     ap.add_argument("--budget", type=float, default=0.25, help="SparseGrad max_rows = max_cols (0 = none)")
     ap.add_argument("--reselect_every", type=int, default=2, help="sparsegrad_reselect: steps between swaps")
+    ap.add_argument("--persistence", default="0", choices=["0", "hf", "auto"],
+                    help="ZeRO-3 stage3_param_persistence_threshold: 0, 10 x hidden, or resolve_auto with the model")
+    ap.add_argument("--compare-persistence", action="store_true",
+                    help="ZeRO-3: run every method with --persistence hf and auto; print collective calls per step")
+    ap.add_argument("--ds_config", default=None, help="a DeepSpeed JSON (\"auto\" values resolved) instead of "
+                    "the bench's own config; its stage wins over --stage")
+    ap.add_argument("--z3_live", type=int, default=None,
+                    help="ZeRO-3: set stage3_max_live_parameters and stage3_max_reuse_distance to N (0: release every "
+                         "parameter after use and gather it again in the backward, as a model above 1e9 values does)")
     ap.add_argument("--out", default=None, help="write the raw JSON here")
     ap.add_argument("--local_rank", type=int, default=-1)
     return ap.parse_args(argv)
@@ -102,11 +125,11 @@ def batches(n: int, micro: int, seq: int, vocab: int, seed: int):
     return out
 
 
-def ds_config(stage: int, micro: int, world: int) -> dict:
+def ds_config(stage: int, micro: int, world: int, persistence_threshold: int | str = 0) -> dict:
     zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
             "reduce_bucket_size": 500_000_000}
     if stage == 3:
-        zero.update(stage3_param_persistence_threshold=0, stage3_prefetch_bucket_size=50_000_000)
+        zero.update(stage3_param_persistence_threshold=persistence_threshold, stage3_prefetch_bucket_size=50_000_000)
     else:
         zero.update(reduce_scatter=True, allgather_bucket_size=500_000_000)
     return {"train_batch_size": micro * world, "train_micro_batch_size_per_gpu": micro,
@@ -120,7 +143,7 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
 
     from sg_distributed.comm import CommCounter
     from sg_distributed.config import SparseGradConfig
-    from sg_distributed.integrations.deepspeed import initialize_engine
+    from sg_distributed.integrations.deepspeed import initialize_engine, largest_sparse_k, load_ds_config, resolve_auto
     from sg_distributed.methods import prepare
     from sg_distributed.targets import find_target_linears
 
@@ -144,7 +167,30 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     prepared = prepare(method, model, config, calibration_batches=calib)
     trainable = prepared.trainable_parameters()
     optimizer = prepared.make_optimizer(1e-4)
-    engine = initialize_engine(prepared.model, optimizer, ds_config(args.stage, args.micro_batch_size, world))
+    hidden = model.config.hidden_size
+    threshold = {"0": 0, "hf": 10 * hidden, "auto": "auto"}[args.persistence]
+    if args.ds_config:
+        cfg = load_ds_config(args.ds_config)
+        cfg.setdefault("zero_optimization", {})["stage3_param_persistence_threshold"] = threshold
+        args.stage = cfg["zero_optimization"].get("stage", 0)  # the file's stage (recorded in the JSON)
+    else:
+        cfg = ds_config(args.stage, args.micro_batch_size, world, threshold)
+    if args.z3_live is not None:
+        cfg["zero_optimization"].update(stage3_max_live_parameters=args.z3_live, stage3_max_reuse_distance=args.z3_live)
+    # the library's rules ("auto" threshold: max(10 x hidden, largest k) of the converted model)
+    cfg = resolve_auto(cfg, world_size=world, micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=1,
+                       max_grad_norm=None, hidden_size=hidden, model=prepared.model)
+    engine = initialize_engine(prepared.model, optimizer, cfg)
+    persistent = list(getattr(engine.optimizer, "persistent_parameters", []) or [])  # ZeRO-3 only
+    persist_info = {"persistence": args.persistence, "hidden": hidden, "largest_k": largest_sparse_k(prepared.model),
+                    "threshold": cfg["zero_optimization"].get("stage3_param_persistence_threshold"),
+                    "persistent_params": len(persistent),
+                    "persistent_numel": int(sum(p.ds_numel for p in persistent)),
+                    "persistent_trainable": sum(1 for p in persistent if p.requires_grad),
+                    "trainable_tensors": len(trainable), "ds_config": args.ds_config or "bench",
+                    "prefetch_bucket": cfg["zero_optimization"].get("stage3_prefetch_bucket_size"),
+                    "max_live": cfg["zero_optimization"].get("stage3_max_live_parameters"),
+                    "max_reuse": cfg["zero_optimization"].get("stage3_max_reuse_distance")}
     data = batches((args.steps + 1) * world, args.micro_batch_size, args.seq, vocab, seed=11)
     reset_peak()  # training's peak, not calibration's or DeepSpeed set-up's
 
@@ -174,7 +220,7 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     d.update(method=variant, peak_over_loaded_mib=peak - rss_loaded, peak_rss_mib=peak, opt_state_bytes=opt_bytes,
              trainable_numel=int(sum(getattr(p, "ds_numel", p.numel()) for p in trainable)),
              dense_numel=dense_numel, k_total=k_total, model_numel=total_numel, step_s=seconds,
-             world=world, info={k: v for k, v in prepared.info.items() if k == "lora_rank"})
+             world=world, info={k: v for k, v in prepared.info.items() if k == "lora_rank"}, **persist_info)
     dist.barrier()
     return d
 
@@ -261,6 +307,34 @@ def report(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _short(path: str) -> str:
+    return os.path.relpath(path, ROOT) if os.path.isabs(path) else path
+
+
+def persistence_table(data: dict) -> str:
+    """Collective calls per optimizer step (rank 0) by op, forward / backward / step, per threshold."""
+    r0 = data["ranks"][0]
+    ops = sorted({k.split("/", 1)[1] for r in r0 for k in r["by_label_op"]})
+    head = ["method", "stage3_param_persistence_threshold", "persistent params (trainable of all trainable)",
+            *[f"{op} calls fwd/bwd/step" for op in ops], "total calls", "total payload"]
+    lines = [f"ZeRO-3, {r0[0]['world']} ranks, model={data['model']} (hidden {r0[0]['hidden']}, largest k "
+             f"{r0[0]['largest_k']:,} at density {data['density']}): collective calls per optimizer step, rank 0 "
+             f"(mean of {data['steps']} steps); ZeRO config {_short(r0[0]['ds_config'])} "
+             f"(stage3_prefetch_bucket_size {r0[0]['prefetch_bucket']:,}, max_live_parameters "
+             f"{r0[0]['max_live']:,}, max_reuse_distance {r0[0]['max_reuse']:,})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    from sg_distributed.comm import fmt_bytes
+
+    for r in r0:
+        calls = lambda lab, op: r["by_label_op"].get(f"{lab}/{op}", {}).get("calls", 0)
+        fmt = lambda c: f"{c:g}"
+        cells = [r["method"], f"{r['threshold']:,} ({r['persistence']})",
+                 f"{r['persistent_params']} ({r['persistent_trainable']} of {r['trainable_tensors']})"]
+        cells += ["/".join(fmt(calls(lab, op)) for lab in ("forward", "backward", "step")) for op in ops]
+        cells += [fmt(r["total"]["calls"]), fmt_bytes(r["total"]["payload"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def systems_table(data: dict) -> str:
     """Step time (rank 0), training peak above the loaded model (worst rank) and optimizer state per rank."""
     r0 = data["ranks"][0]
@@ -320,31 +394,45 @@ def main() -> None:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         worker(args)
         return
-    out = args.out or str(ROOT / "outputs" / f"bench_comm_{args.model}_zero{args.stage}.json")
+    if args.compare_persistence:
+        args.ds_config = args.ds_config or str(ROOT / "ds_configs" / "zero3.json")
+    if args.ds_config:
+        from sg_distributed.integrations.deepspeed import load_ds_config
+
+        args.stage = load_ds_config(args.ds_config).get("zero_optimization", {}).get("stage", 0)
+    if args.compare_persistence and args.stage != 3:
+        sys.exit("--compare-persistence needs a ZeRO-3 config")
+    tag = "_persistence" if args.compare_persistence else ""
+    out = args.out or str(ROOT / "outputs" / f"bench_comm_{args.model}_zero{args.stage}{tag}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     argv, skip = [], False
-    for a in sys.argv[1:]:  # drop "--out X" / "--methods X" (and "=" forms): each launch gets its own
-        if skip or a.startswith(("--out", "--methods")):
-            skip = a in ("--out", "--methods") and not skip
+    own = ("--out", "--methods", "--persistence", "--ds_config")  # each launch gets its own
+    for a in sys.argv[1:]:  # drop "--out X" / "--methods X" / "--persistence X" (and "=" forms)
+        if skip or a.startswith(own) or a == "--compare-persistence":
+            skip = a in own and not skip
             continue
         argv.append(a)
     t0 = time.time()
     methods = args.methods.split(",")
-    per_method: dict[str, list[dict]] = {m: [] for m in methods}
+    modes = ("hf", "auto") if args.compare_persistence else (args.persistence,)
+    jobs = [(m, mode) for m in methods for mode in modes]
+    per_job: dict[tuple, list[dict]] = {j: [] for j in jobs}
     for r in range(args.rounds):  # one launch per method: a rank's peak RSS is that method's own
-        for m in methods:
-            print(f"round {r + 1}/{args.rounds}: {m}", file=sys.stderr, flush=True)
-            per_method[m].append(launch(args, argv, m, out + f".{m}.tmp", env))
-            os.unlink(out + f".{m}.tmp")
-    merged = {m: merge_rounds(runs) for m, runs in per_method.items()}
-    first = merged[methods[0]]
+        for m, mode in jobs:
+            print(f"round {r + 1}/{args.rounds}: {m} (persistence {mode})", file=sys.stderr, flush=True)
+            tmp = out + f".{m}.{mode}.tmp"
+            extra = ["--persistence", mode] + (["--ds_config", args.ds_config] if args.ds_config else [])
+            per_job[m, mode].append(launch(args, [*argv, *extra], m, tmp, env))
+            os.unlink(tmp)
+    merged = {j: merge_rounds(runs) for j, runs in per_job.items()}
+    first = merged[jobs[0]]
     data = {**{k: first[k] for k in ("stage", "model", "steps", "density")}, "rounds": args.rounds,
-            "ranks": [[merged[m]["ranks"][rank][0] for m in methods] for rank in range(len(first["ranks"]))]}
+            "ranks": [[merged[j]["ranks"][rank][0] for j in jobs] for rank in range(len(first["ranks"]))]}
     with open(out, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2)
-    print(report(data))
+    print(persistence_table(data) if args.compare_persistence else report(data))
     command = " ".join(["python", "benchmarks/bench_comm.py", *sys.argv[1:]])
     print(f"\n({time.time() - t0:.0f} s; raw JSON: {out}; command: {command})")
 

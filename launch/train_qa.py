@@ -407,7 +407,8 @@ def main(argv=None) -> dict:
 
         resolved = resolve_auto(ds_config, world_size=info.world_size, micro_batch_size=args.micro_batch_size,
                                 gradient_accumulation_steps=args.grad_accum, max_grad_norm=args.max_grad_norm,
-                                hidden_size=model.config.hidden_size, precision=args.precision)
+                                hidden_size=model.config.hidden_size, precision=args.precision,
+                                model=prepared.model)  # ZeRO-3: k-vectors persistent (no per-layer gathers)
         if info.is_main:
             print("resolved DeepSpeed config:", json.dumps(resolved, sort_keys=True), flush=True)
     zero3 = bool(resolved) and resolved.get("zero_optimization", {}).get("stage") == 3

@@ -15,7 +15,11 @@ How each figure is obtained (b = bytes per value of ``--dtype``; D = trainable v
 converted matrices; every trainable tensor is what the library trains, see README "Methods"):
 
 * weights: every parameter of the model x b; ZeRO-3 divides the *partitioned* ones by p (DeepSpeed
-  partitions parameters, not buffers; the ``stage3_param_persistence_threshold`` is ignored here).
+  partitions parameters, not buffers). Parameters of at most ``stage3_param_persistence_threshold`` values
+  are persistent (whole on every rank, DeepSpeed's rule is ``numel <= threshold``); the threshold defaults to
+  what :func:`~sg_distributed.integrations.deepspeed.resolve_auto` makes of ds_configs/zero3.json's "auto":
+  max(10 h, largest k-vector) for ``sparsegrad`` (the k-vectors persist), 10 h otherwise (norms, small LoRA
+  factors).
   ``lora`` adds its D adapter values; ``sparsegrad_dynamic`` moves the targets into unpartitioned
   buffers W~ (replicated on every rank even under ZeRO-3).
 * bases/buffers: ``sparsegrad`` keeps P (m x m) and R (n x n) once per layer type, in b bytes (the
@@ -42,8 +46,10 @@ converted matrices; every trainable tensor is what the library trains, see READM
 * bytes per step (per rank, sent, ring estimate as in :mod:`sg_distributed.comm`): ZeRO-2 = gradient
   all-reduce ``2(p-1)/p x b x D`` + all-gather of the updated partitions ``(p-1)/p x b x D'`` + one fp32
   scalar all-reduce (DeepSpeed's overflow check, 2(p-1)/p x 4). ZeRO-3 = gradient reduce-scatter
-  ``(p-1)/p x b x D'`` + parameter all-gathers of every partitioned weight, frozen ones included, in the
-  forward and again in the backward ``2 x (p-1)/p x b x P_partitioned`` + the scalar. ``sparsegrad_dynamic``
+  ``(p-1)/p x b x D'`` + parameter all-gathers of every partitioned (non-persistent) weight, frozen ones
+  included, in the forward and again in the backward ``2 x (p-1)/p x b x P_partitioned`` + the all-gather
+  of the persistent parameters after the step ``(p-1)/p x b x P_persistent`` (DeepSpeed re-gathers them
+  all, trained or not) + the scalar. ``sparsegrad_dynamic``
   adds its exchange of the rotated gradients: ``exact`` = dense all-reduce ``2(p-1)/p x b x N_targets``;
   ``sparse`` = all-gather of (int64 index, value) pairs ``(p-1) x k x (8 + b)`` + k-vector all-reduce.
   The ZeRO-2 figures equal what ``CommCounter`` measures (tests/test_estimate.py); ZeRO-3's parameter
@@ -102,7 +108,8 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
              k: int | None = None, block_stride: int = 1, target_modules=None, max_rows: float | None = DEFAULT_BUDGET,
              max_cols: float | None = DEFAULT_BUDGET, micro_batch_size: int = 1, seq: int = 512, exchange: str = "exact",
              lora_rank: int | None = None, include_norms: bool = True,
-             reduce_bucket_size: int | None = None, reselect_every: int = 0) -> dict[str, Any]:
+             reduce_bucket_size: int | None = None, reselect_every: int = 0,
+             persistence_threshold: int | None = None) -> dict[str, Any]:
     """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
     from torch import nn
 
@@ -125,7 +132,6 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     N_t = sum(o * i for o, i in shapes.values())
     K = sum(ks.values())
     n_params = sum(q.numel() for q in model.parameters())
-    target_weight_numel = N_t
     norm_numel = sum(q.numel() for mod in model.modules() if "Norm" in type(mod).__name__
                      for q in mod.parameters(recurse=False))
     mcfg = model.config
@@ -133,7 +139,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     a = mcfg.num_attention_heads
     inter = getattr(mcfg, "intermediate_size", 4 * h)
 
-    partitioned = n_params  # parameters DeepSpeed ZeRO-3 would partition
+    tensor_numels = [q.numel() for q in model.parameters()]  # ZeRO-3 decides persistence per tensor
     buffers = 0
     extra_state_note = ""
     rank_used = None
@@ -151,22 +157,27 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
         buffers += b * sum(shared.values())
         if reselect_every:
             buffers += 4 * score_block
-        partitioned += D
+        tensor_numels += list(ks.values())
     elif method == "lora":
         rank_used = lora_rank or matched_lora_rank(model, cfg)
         D = rank_used * sum(o + i for o, i in shapes.values())
-        partitioned += D
+        tensor_numels += [rank_used * n for o, i in shapes.values() for n in (i, o)]  # A: r x in, B: out x r
     elif method in ("full", "graddrop"):
         D = N_t  # graddrop: no persistent mask buffers (drawn per backward, see the module docstring)
     else:  # sparsegrad_dynamic
         D = norm_numel if include_norms else 0
-        partitioned -= target_weight_numel  # W~ are buffers, replicated
+        target_ids = {id(m.weight) for m in targets.values()}  # W~ are buffers, replicated
+        tensor_numels = [q.numel() for q in model.parameters() if id(q) not in target_ids]
         buffers += b * N_t  # W~
         buffers += b * sum(o * o + i * i for o, i in shapes.values())  # P, R: each layer holds its own copy
         buffers += b * N_t  # rotated-gradient accumulators
         extra_state_note = "SparseStateAdam: minimum (k entries per matrix), grows with the union of supports"
+    if persistence_threshold is None:  # resolve_auto's rule for a "auto" threshold
+        persistence_threshold = max(10 * h, max(ks.values(), default=0) if method == "sparsegrad" else 0)
+    persistent = sum(n for n in tensor_numels if n <= persistence_threshold) if zero == 3 else 0
+    partitioned = sum(tensor_numels) - persistent  # parameters DeepSpeed ZeRO-3 would partition
     Dp = _pad(D, p) if p > 1 else D
-    weights = b * (partitioned / p if zero == 3 else partitioned)  # dynamic: W~ are in buffers
+    weights = b * (partitioned / p + persistent if zero == 3 else partitioned)  # dynamic: W~ are in buffers
     bucket = min(D, reduce_bucket_size if reduce_bucket_size is not None else h * h) * b if p > 1 else 0
     grads = b * Dp / p + bucket
     per_entry = 8 + (4 if b < 4 else 0)
@@ -185,6 +196,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     else:
         comm["grad reduce-scatter"] = ring_ag(b * Dp)
         comm["param all-gather (fwd + bwd)"] = 2 * ring_ag(b * partitioned)
+        comm["persistent param all-gather (after step)"] = ring_ag(b * persistent)
     comm["scalar all-reduce"] = ring_ar(4)
     if method == "sparsegrad" and reselect_every:
         comm[f"re-selection scores (every {reselect_every} steps, amortised)"] = ring_ar(4 * score_block) / reselect_every
@@ -200,6 +212,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
             "weights": weights, "buffers": buffers, "gradients": grads, "optimizer": optimizer,
             "activations": activations, "total_memory": total_mem, "comm": comm,
             "comm_total": sum(comm.values()), "note": extra_state_note,
+            "persistence_threshold": persistence_threshold if zero == 3 else None, "persistent": persistent,
             "micro_batch_size": micro_batch_size, "seq": seq}
 
 

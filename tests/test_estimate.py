@@ -132,6 +132,24 @@ def test_presets_agree_with_presets_module():
     assert full["comm"]["grad all-reduce"] == pytest.approx(rep["wire"][0]["dense_allreduce"])
 
 
+def test_zero3_persistence_threshold_follows_resolve_auto():
+    """ZeRO-3: the default threshold is resolve_auto's max(10 h, largest k): the 7B preset's k-vectors
+    (k = 100,000 > 10 h = 40,960) persist, leave the per-use gathers and are re-gathered once after the step."""
+    model, over = build_meta_model("llama-2-7b")
+    kw = dict(p=8, zero=3, dtype="bf16", k=over["k"], block_stride=over["block_stride"],
+              target_modules=over["target_modules"])
+    new = estimate(model, "sparsegrad", **kw)
+    old = estimate(model, "sparsegrad", **kw, persistence_threshold=10 * 4096)
+    assert new["persistence_threshold"] == 100_000 and old["persistence_threshold"] == 40_960
+    assert new["persistent"] - old["persistent"] == new["k_total"] == 2_200_000  # only the k-vectors move
+    ag, after = "param all-gather (fwd + bwd)", "persistent param all-gather (after step)"
+    assert old["comm"][ag] - new["comm"][ag] == pytest.approx(2 * 7 / 8 * 2 * new["k_total"])
+    assert new["comm"][after] - old["comm"][after] == pytest.approx(7 / 8 * 2 * new["k_total"])
+    assert new["weights"] - old["weights"] == pytest.approx(2 * new["k_total"] * 7 / 8)  # whole, not 1/p
+    lora = estimate(model, "lora", **kw)
+    assert lora["persistence_threshold"] == 40_960  # no k-vectors: accelerate's 10 h
+
+
 def test_cli_runs_on_presets_and_config_json(tmp_path, capsys):
     assert main(["--model", "smollm2", "--nodes", "1", "--gpus-per-node", "2", "--zero", "2", "--dtype", "fp32"]) == 0
     text = capsys.readouterr().out

@@ -71,6 +71,43 @@ def test_resolve_auto_matches_hf_rules_zero3():
     assert list(_auto_paths(out)) == []
 
 
+def _converted_tiny(hidden=8, inter=16, ks=(100, 90)):
+    """Two SparseGradLinear layers (identity bases) whose k-vectors exceed 10 * hidden."""
+    import torch
+    from torch import nn
+
+    from sg_distributed.layer import SparseGradLinear
+    from sg_distributed.selection import Support
+
+    def layer(m, n, k):
+        return SparseGradLinear(nn.Linear(n, m), torch.eye(m), torch.eye(n),
+                                Support.from_flat(torch.arange(k), (m, n)))
+
+    return nn.Sequential(layer(inter, hidden, ks[0]), layer(hidden, inter, ks[1]))
+
+
+def test_resolve_auto_persists_sparsegrad_k_vectors():
+    """ZeRO-3 "auto" threshold covers the largest k (DeepSpeed persists numel <= threshold); explicit kept."""
+    from sg_distributed.integrations.deepspeed import largest_sparse_k
+
+    model = _converted_tiny()
+    assert 10 * 8 < largest_sparse_k(model) == 100
+    args = {**HF_ARGS, "hidden_size": 8}
+    cfg = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}}
+    z = resolve_auto(cfg, **args, model=model)["zero_optimization"]
+    assert z["stage3_param_persistence_threshold"] == 100
+    assert all(p.numel() <= z["stage3_param_persistence_threshold"]
+               for p in model.parameters() if p.requires_grad)
+    assert resolve_auto(cfg, **args)["zero_optimization"]["stage3_param_persistence_threshold"] == 80  # no model
+    assert resolve_auto(cfg, **{**args, "hidden_size": 64}, model=model)["zero_optimization"][
+        "stage3_param_persistence_threshold"] == 640  # 10 * hidden already covers k
+    model[0].sparse_values.requires_grad_(False)  # frozen k-vectors do not count
+    assert largest_sparse_k(model) == 90 and largest_sparse_k(None) == 0
+    explicit = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    assert resolve_auto(explicit, **args, model=model)["zero_optimization"][
+        "stage3_param_persistence_threshold"] == 0
+
+
 def test_resolve_auto_matches_transformers_hf_trainer_config():
     """Same numbers as transformers' HfTrainerDeepSpeedConfig for the batch/clip/precision keys."""
     hf_ds = pytest.importorskip("transformers.integrations.deepspeed")

@@ -20,6 +20,7 @@ __all__ = [
     "load_ds_config",
     "validate_ds_config",
     "resolve_auto",
+    "largest_sparse_k",
     "skip_shm_comm_build",
     "init_distributed",
     "initialize_engine",
@@ -33,7 +34,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 _HIDDEN_SIZE_KEYS = (
     "reduce_bucket_size",  # hidden^2
     "stage3_prefetch_bucket_size",  # int(0.9 * hidden^2)
-    "stage3_param_persistence_threshold",  # 10 * hidden
+    "stage3_param_persistence_threshold",  # max(10 * hidden, largest k-vector): see resolve_auto
 )
 
 _SPARSE_EXCHANGE_HINT = (
@@ -196,6 +197,7 @@ def resolve_auto(
     max_grad_norm: float | None,
     hidden_size: int | None,
     precision: str = "fp32",
+    model: Any = None,
 ) -> dict:
     """Return a copy of ``cfg`` with every ``"auto"`` filled, as the HF Trainer / accelerate do.
 
@@ -203,13 +205,28 @@ def resolve_auto(
       ``train_batch_size`` = micro × accumulation × world_size (explicit values must agree);
     * ``gradient_clipping`` = max_grad_norm (``None`` → 0.0, i.e. no clipping);
     * ``zero_optimization.reduce_bucket_size`` = hidden², ``stage3_prefetch_bucket_size`` = int(0.9·hidden²),
-      ``stage3_param_persistence_threshold`` = 10·hidden (filled whatever the stage, as accelerate does);
+      ``stage3_param_persistence_threshold`` = 10·hidden (filled whatever the stage, as accelerate does),
+      raised to the largest SparseGrad k-vector of ``model`` when one is given (see below);
     * ``bf16.enabled`` / ``fp16.enabled`` follow ``precision`` (explicit contradicting values are errors);
       in bf16/fp16, gradients are reduced (``communication_data_type``) and accumulated
       (``data_types.grad_accum_dtype``) in fp32 unless the config says otherwise: the trained values are
       few, so full-precision gradients cost nothing, and a bf16 sum of micro-batches would round.
 
     Any "auto" left afterwards (e.g. in an ``optimizer`` or ``scheduler`` block) is an error naming its path.
+
+    Persistence threshold and k-vectors. ZeRO-3 keeps a parameter whole on every rank ("persistent": no
+    all-gather before its module's forward or backward, no release after) when its numel is ``<=``
+    ``stage3_param_persistence_threshold`` (DeepSpeed 0.19.8 ``runtime/zero/partition_parameters.py`` and
+    ``parameter_offload.py``, ``mark_persistent_parameters``: inclusive). Its gradient is still reduce-scattered
+    with the others and its optimizer state partitioned; the updated partitions are all-gathered back once per
+    step, all persistent parameters in one call (``stage3.py`` ``_post_step``). accelerate's 10·hidden is below
+    the k of the paper presets (LLaMA-2-7B: k = 100,000 > 40,960), which would cost two all-gathers of every
+    k-vector per micro-batch (forward and backward) for a few hundred kB each. With ``model`` given (the
+    converted model, before ``deepspeed.initialize``), an ``"auto"`` threshold becomes
+    ``max(10·hidden, largest k)`` where k is the numel of a trainable ``sparse_values`` of a
+    :class:`~sg_distributed.layer.SparseGradLinear`. Any other parameter of at most that numel (a frozen
+    small weight, a bias) becomes persistent too: replicated, at most largest-k values each. An explicit
+    number in the config is kept as it is.
     """
     if not isinstance(cfg, Mapping):
         raise DeepSpeedConfigError(f"a DeepSpeed config must be a JSON object (dict), got {type(cfg).__name__}")
@@ -260,7 +277,8 @@ def resolve_auto(
             values = {
                 "reduce_bucket_size": hidden_size * hidden_size,
                 "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-                "stage3_param_persistence_threshold": 10 * hidden_size,
+                # DeepSpeed persists numel <= threshold (inclusive), so the largest k itself is enough
+                "stage3_param_persistence_threshold": max(10 * hidden_size, largest_sparse_k(model)),
             }
             for key in auto_keys:
                 zero[key] = values[key]
@@ -279,6 +297,16 @@ def resolve_auto(
             "gradient_clipping, bf16/fp16.enabled and the hidden-size ZeRO buckets; put explicit values there"
         )
     return out
+
+
+def largest_sparse_k(model: Any) -> int:
+    """The numel of the largest trainable SparseGrad k-vector in ``model`` (0 for ``None`` or none)."""
+    if model is None:
+        return 0
+    from ..layer import SparseGradLinear
+
+    return max((m.k for m in model.modules()
+                if isinstance(m, SparseGradLinear) and m.sparse_values.requires_grad), default=0)
 
 
 def _resolve_precision(out: dict, precision: str) -> None:
