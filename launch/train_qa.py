@@ -38,8 +38,8 @@ from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split
 from sg_distributed.graddrop import GradDropConfig  # noqa: E402
 from sg_distributed.methods import METHODS, prepare  # noqa: E402
 from sg_distributed.runtime import (Engine, all_reduce_mean, assert_same_on_all_ranks, barrier,  # noqa: E402
-                                    destroy_process_group, global_batch_indices, init_process_group,
-                                    rank_micro_batches)
+                                    destroy_process_group, global_batch_indices, in_place_collective,
+                                    init_process_group, rank_micro_batches)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -348,9 +348,16 @@ def main(argv=None) -> dict:
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
+    def to_device(tensor: torch.Tensor) -> torch.Tensor:
+        # a blocking host-to-device copy from pageable memory waits for the GPU's queue (cudaStreamSynchronize):
+        # stage through pinned memory and copy asynchronously (the pinned block is held until the copy is done)
+        if device.type == "cuda":
+            return tensor.pin_memory().to(device, non_blocking=True)
+        return tensor.to(device)
+
     def micro_batches(step):
-        indices = global_batch_indices(len(train_pairs), step, global_batch, args.seed)
-        return [{k: v.to(device) for k, v in collate([train_pairs[i] for i in chunk]).items()}
+        indices = global_batch_indices(len(train_pairs), step, global_batch, args.seed)  # host-only permutation
+        return [{k: to_device(v) for k, v in collate([train_pairs[i] for i in chunk]).items()}
                 for chunk in rank_micro_batches(indices, info, args.micro_batch_size)]
 
     results = {"method": args.method, "world_size": info.world_size, "deepspeed": args.ds_config, "fsdp": args.fsdp,
@@ -510,12 +517,23 @@ def main(argv=None) -> dict:
             print(f"checkpoint: saved {path}", flush=True)
         return path
 
-    def finite_everywhere(loss: torch.Tensor) -> bool:
-        flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=loss.device)
-        if info.world_size > 1:  # every rank must skip the same steps (their collectives must match)
-            with counter.paused():
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
+    def agree_on_step(nonfinite: list[torch.Tensor], loss_sum: torch.Tensor) -> tuple[list[int], float]:
+        """The optimizer step's one collective and one host read: which micro-batches had a non-finite loss on
+        any rank, and the step's loss (mean over micro-batches and ranks).
+
+        ``nonfinite``: one 0-dim flag per micro-batch of this rank; ``loss_sum``: this rank's mean micro-batch
+        loss. Everything stays on the device until the single ``tolist`` below (on a GPU each ``.item()`` or
+        ``bool(t)`` waits for the GPU to catch up). Every rank gets the same answer, so every rank skips or
+        stops on the same steps (their collectives must match)."""
+        stats = torch.stack([flag.float() for flag in nonfinite] + [loss_sum.float()])
+        if info.world_size > 1:
+            with counter.paused():  # bookkeeping, not training traffic
+                in_place_collective(stats, torch.distributed.all_reduce)
+        *flags, total = stats.tolist()
+        return [i for i, flag in enumerate(flags) if flag > 0], total / info.world_size
+
+    def growth_scores() -> list[torch.Tensor]:
+        return [layer.structure.score for layer in reselector.layers.values()] if reselector is not None else []
 
     t0 = time.perf_counter()
     engine.wrapped.train()  # from_pretrained returns eval mode: dropout (and activation checkpointing) need train
@@ -533,26 +551,41 @@ def main(argv=None) -> dict:
                     raise SystemExit(f"fault injection: rank {info.rank} was not killed during its hang")
                 if step == 1:
                     counter.reset()  # the first step carries one-off set-up traffic
-                step_loss, bad_micro = 0.0, None
-                for i, batch in enumerate(micro_batches(step)):
+                # A step's non-finite check is decided after its last forward, before that micro-batch's backward
+                # (and, under DeepSpeed, before the engine.step() that applies the update): one collective and
+                # one host read per optimizer step. Earlier micro-batches of the step have already run backward.
+                scores = [t.clone() for t in growth_scores()] if args.grad_accum > 1 else []  # device copies
+                batches = micro_batches(step)
+                nonfinite, loss_sum, bad = [], None, []
+                for i, batch in enumerate(batches):
                     with counter.label("forward"):
                         loss = engine.forward(batch)
                     if step in faults["nan"]:
                         loss = loss * float("nan")
-                    if not finite_everywhere(loss):
-                        bad_micro = i
-                        break
+                    value = loss.detach().float()
+                    nonfinite.append(~torch.isfinite(value))
+                    loss_sum = value / len(batches) if loss_sum is None else loss_sum + value / len(batches)
+                    if i == len(batches) - 1:
+                        bad, step_loss = agree_on_step(nonfinite, loss_sum)
+                        if bad:
+                            break
                     with counter.label("backward"):
                         engine.backward(loss)
                     with counter.label("step"):
                         engine.micro_step()
-                    step_loss += loss.item() / args.grad_accum
-                if bad_micro is not None:  # skip the whole step: no update, its batch is dropped
-                    if engine.deepspeed and bad_micro > 0:
+                if bad:  # skip the whole step: no update, its batch is dropped
+                    if engine.deepspeed and len(batches) > 1:
                         path = save(step)  # DeepSpeed holds this step's partial gradients: redo the step on resume
-                        raise Stop(f"error: non-finite loss at step {step}, micro-batch {bad_micro}: DeepSpeed "
-                                   f"cannot drop a partly accumulated step; checkpoint {path} (resume redoes step "
-                                   f"{step})", ckpt.EXIT_NONFINITE)
+                        raise Stop(f"error: non-finite loss at step {step}, micro-batch {bad[0]}: DeepSpeed "
+                                   f"cannot drop a partly accumulated step (--grad_accum {args.grad_accum}); "
+                                   f"checkpoint {path} (resume redoes step {step})", ckpt.EXIT_NONFINITE)
+                    if engine.fsdp and len(batches) > 1:
+                        # FSDP2 holds the earlier micro-batches' unsharded gradients until a synced backward:
+                        # run the last one (every rank does) so that they land in .grad, then drop them
+                        with counter.paused():
+                            engine.backward(loss)
+                    for score, saved in zip(growth_scores(), scores):
+                        score.copy_(saved)  # the skipped step's backward passes must not count for re-selection
                     engine.discard_gradients()
                     if sparse_optimizer is not None:
                         sparse_optimizer.zero_grad()
