@@ -20,7 +20,7 @@ from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, com
 from .optim import LazyAdam
 from .reselect import SupportReselector
 from .runtime import in_place_collective, is_distributed
-from .selection import Support, select_support
+from .selection import Support, choose_block, select_support, top_k_in_block
 from .targets import find_target_linears, layer_type
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,6 +37,14 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def _all_reduce_sum(tensor: torch.Tensor) -> None:
     if is_distributed():
         in_place_collective(tensor, dist.all_reduce)
+
+
+def _block_from_rank0(block: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0's budget rows and cols on every rank, before the block pass (the blocks' scores are summed)."""
+    if is_distributed():
+        for t in block:
+            in_place_collective(t, lambda t: dist.broadcast(t, src=0))
+    return block
 
 
 def _from_rank0(support: Support) -> Support:
@@ -166,24 +174,73 @@ class SparseGradModel(nn.Module):
         return acc.bases(self.peft_config.input_convention)
 
     def _select_supports(self, batches, modules, loss_fn, dtype, show_progress) -> dict[str, Support]:
-        scores: dict[str, torch.Tensor] = {}
-        square = self.peft_config.score == "square"
+        """Score |G~| (or G~^2) summed over the calibration batches and keep the top k of each layer.
 
-        def accumulate(name, dy, x):
-            work = compute_dtype(dy.dtype)  # fast products, accumulated in `dtype` (order-insensitive)
-            rotated = self.bases[self.basis_key(name)].rotate_factors(dy.to(work), x.to(work))
-            value = (rotated.square() if square else rotated.abs()).to(dtype)
-            scores[name] = value if name not in scores else scores[name].add_(value)
+        Memory stays at what can be selected. Under a row/column budget one pass sums the score's rows and
+        columns (m + n per layer), ``choose_block`` picks the budget's rows x cols, and a second pass scores
+        only that block (r x c per layer, from the sliced factors: cheaper too). Only layers without a
+        budget keep a whole m x n score. Accumulated in ``dtype`` (float64: order-insensitive).
+        """
+        config, square = self.peft_config, self.peft_config.score == "square"
+        shapes = {name: (module.out_features, module.in_features) for name, module in modules.items()}
+        budgets = {name: (config.row_budget(m), config.col_budget(n)) for name, (m, n) in shapes.items()}
+        budgeted = {name for name, (m, n) in shapes.items() if budgets[name] != (m, n)}
+        work_bases: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # bases cast once per type and dtype
 
-        with gradient_tap(modules, accumulate):
+        def factors(name, dy, x, rows=None, cols=None):
+            work = compute_dtype(dy.dtype)
+            key = (self.basis_key(name), work, dy.device)
+            if key not in work_bases:
+                bases = self.bases[self.basis_key(name)]
+                work_bases[key] = (bases.P.to(dy.device, work), bases.R.to(dy.device, work))
+            P, R = work_bases[key]
+            if rows is not None:  # the block's columns of P and R, gathered per use (not kept per layer)
+                P, R = P.index_select(1, rows), R.index_select(1, cols)
+            rotated = (dy.to(work) @ P).T @ (x.to(work) @ R)  # P^T (dY^T X) R from the factors
+            return rotated.square() if square else rotated.abs()
+
+        sums: dict[str, list[torch.Tensor]] = {}
+        full: dict[str, torch.Tensor] = {}
+
+        def accumulate_sums(name, dy, x):
+            value = factors(name, dy, x)
+            if name in budgeted:
+                parts = [value.sum(1).to(dtype), value.sum(0).to(dtype)]
+                sums[name] = parts if name not in sums else [a.add_(b) for a, b in zip(sums[name], parts)]
+            else:
+                value = value.to(dtype)
+                full[name] = value if name not in full else full[name].add_(value)
+
+        with gradient_tap(modules, accumulate_sums):
             run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: supports", show_progress)
-        supports = {}
+        blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in self.target_names:  # same order on every rank
-            module = modules[name]
-            m, n = module.out_features, module.in_features
-            _all_reduce_sum(scores[name])
-            k = self.peft_config.entries_for(m, n, name)
-            support = select_support(scores[name], k, self.peft_config.row_budget(m), self.peft_config.col_budget(n))
+            if name in budgeted:
+                for total in sums[name]:
+                    _all_reduce_sum(total)
+                blocks[name] = _block_from_rank0(choose_block(*sums[name], *budgets[name]))
+        del sums
+
+        scores: dict[str, torch.Tensor] = {}
+        if budgeted:
+            def accumulate_block(name, dy, x):
+                if name in budgeted:
+                    value = factors(name, dy, x, *blocks[name]).to(dtype)
+                    scores[name] = value if name not in scores else scores[name].add_(value)
+
+            with gradient_tap(modules, accumulate_block):
+                run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: budget blocks",
+                                    show_progress)
+        work_bases.clear()
+        supports = {}
+        for name in self.target_names:
+            (m, n), k = shapes[name], config.entries_for(*shapes[name], name)
+            if name in budgeted:
+                _all_reduce_sum(scores[name])
+                support = top_k_in_block(scores.pop(name), k, *blocks[name], (m, n))
+            else:
+                _all_reduce_sum(full[name])
+                support = select_support(full.pop(name), k)
             supports[name] = _from_rank0(support)
         return supports
 

@@ -39,20 +39,32 @@ def select_support(score: torch.Tensor, k: int, max_rows: int | None = None, max
 
     With a budget, rows and columns are ranked by their total score first, so the support touches at
     most ``max_rows`` columns of P and ``max_cols`` columns of R; that rows x cols block is returned as
-    ``Support.block``. Ties break by index (deterministic).
+    ``Support.block``. Ties break by index (deterministic). Calibration does the same in two passes without
+    an m x n score (``choose_block`` on row/column sums, then ``top_k_in_block`` on the block's scores).
     """
     m, n = score.shape
     if k > m * n:
         raise ValueError(f"k={k} exceeds the {m}x{n} entries of the matrix")
-    rows = torch.arange(m, device=score.device)
-    cols = torch.arange(n, device=score.device)
-    block = score
-    if max_rows is not None and max_rows < m:
-        rows = torch.sort(torch.topk(score.sum(1), max_rows).indices).values
-        block = block[rows]
-    if max_cols is not None and max_cols < n:
-        cols = torch.sort(torch.topk(score.sum(0), max_cols).indices).values
-        block = block[:, cols]
+    rows, cols = choose_block(score.sum(1), score.sum(0), max_rows, max_cols)
+    return top_k_in_block(score[rows][:, cols], k, rows, cols, (m, n))
+
+
+def choose_block(row_score: torch.Tensor, col_score: torch.Tensor, max_rows: int | None,
+                 max_cols: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``max_rows`` rows and ``max_cols`` columns with the largest total score, sorted (all when None)."""
+    def best(total, budget):
+        size = total.numel()
+        if budget is None or budget >= size:
+            return torch.arange(size, device=total.device)
+        return torch.sort(torch.topk(total, budget).indices).values
+
+    return best(row_score, max_rows), best(col_score, max_cols)
+
+
+def top_k_in_block(block: torch.Tensor, k: int, rows: torch.Tensor, cols: torch.Tensor,
+                   shape: tuple[int, int]) -> Support:
+    """Top-k entries of the rows x cols ``block`` of scores, as a support of the m x n ``shape``."""
+    m, n = shape
     if k > block.numel():
         raise ValueError(
             f"k={k} does not fit in the row/column budget {block.shape[0]}x{block.shape[1]}={block.numel()}; "
@@ -61,6 +73,5 @@ def select_support(score: torch.Tensor, k: int, max_rows: int | None = None, max
     top = torch.topk(block.reshape(-1).float(), k).indices
     local_r, local_c = top // block.shape[1], top % block.shape[1]
     support = Support.from_flat(rows[local_r] * n + cols[local_c], (m, n))
-    budgeted = (max_rows is not None and max_rows < m) or (max_cols is not None and max_cols < n)
-    support.block = (rows, cols) if budgeted else None
+    support.block = (rows, cols) if (rows.numel() < m or cols.numel() < n) else None
     return support

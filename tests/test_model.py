@@ -272,3 +272,35 @@ def test_a_budget_gives_every_layer_of_a_type_one_block_shape():
     assert all(len(s) == 1 for s in shapes.values())
     # the support alone would touch fewer rows than the budget: the test would fail on touched rows
     assert any(torch.unique(l.support.rows).numel() < l.structure.r for l in model.converted_layers().values())
+
+
+@pytest.mark.parametrize("score", ["abs", "square"])
+@pytest.mark.parametrize("budget", [dict(max_rows=0.5, max_cols=0.25), dict(max_rows=None, max_cols=None)])
+def test_supports_equal_top_k_of_the_dense_float64_score(score, budget):
+    """Calibration scores a budget's rows/columns first and then only the chosen block (no m x n score per
+    layer). Independent computation: the dense weight gradient of every batch by autograd, rotated as
+    P^T G R in float64, |.| or ^2 summed, then ``select_support`` on the whole matrix."""
+    from sg_distributed.selection import select_support
+
+    base, batches = make_tiny_llama(seed=3).double(), lm_batches(n=3, seed=4)
+    config = SparseGradConfig(density=0.05, score=score, **budget)
+    model = get_sparsegrad_model(copy.deepcopy(base), config).calibrate(batches)
+    layers = model.converted_layers()
+    totals = {name: 0 for name in layers}
+    for p in base.parameters():
+        p.requires_grad_(False)
+    weights = {name: base.get_submodule(name).weight.requires_grad_(True) for name in layers}
+    for batch in batches:
+        base(**batch).loss.backward()
+        for name, layer in layers.items():
+            rotated = layer.basis.P.T @ weights[name].grad @ layer.basis.R
+            totals[name] = totals[name] + (rotated.square() if score == "square" else rotated.abs())
+            weights[name].grad = None
+    for name, layer in layers.items():
+        m, n = layer.out_features, layer.in_features
+        expected = select_support(totals[name], layer.k, config.row_budget(m), config.col_budget(n))
+        assert torch.equal(layer.support_flat, expected.flat()), name
+        if budget["max_rows"] is None:
+            assert expected.block is None
+        else:
+            assert torch.equal(layer.rows_used, expected.block[0]) and torch.equal(layer.cols_used, expected.block[1])
