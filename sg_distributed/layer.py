@@ -5,8 +5,10 @@
 S is the m x n rotated update with support Omega (k entries) and values v (the only trainable
 tensor). P_I / R_C are the columns of P / R that the support touches. The backward computes
 dL/dv = gather_Omega((dY P_I)^T (x R_C)) and the input gradient without ever forming an m x n tensor.
-Two kernels: a dense r x c block when the touched rows x cols are small (a row/column budget), else
-CSR sparse products (sparse @ dense, and a sampled dense-dense product for dL/dv).
+Two kernels: under a row/column budget (the default) a dense r x c block at its cost floor
+(``_BlockDelta``: the products x R_C and dY P_I that dL/dv needs, the rest in the cheaper order, output
+added onto the base's); without a budget CSR sparse products (sparse @ dense, and a sampled dense-dense
+product for dL/dv), whose touched rows x cols are most of the matrix.
 
 P and R are stored once per layer type (``SharedBasis``, transposed so that P_I^T is a contiguous row
 gather) and every layer gathers its P_I / R_C at each use, forward and backward, instead of keeping its
