@@ -30,19 +30,46 @@ class Bases:
         return (dy @ self.P.to(dy.dtype)).T @ (x @ self.R.to(x.dtype))
 
 
-def eigenbasis(gram: torch.Tensor) -> torch.Tensor:
+CHUNK = 1024  # rows per step of the in-place symmetrisation and columns per step of the pivot search
+
+
+def eigenbasis(gram: torch.Tensor, overwrite: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Eigenvectors of a symmetric PSD matrix as columns, by descending eigenvalue, with a canonical sign.
 
     The sign rule (largest-magnitude entry of each vector positive) makes the result identical on every
     rank and across runs, whatever sign LAPACK happens to return.
+
+    ``overwrite=True`` symmetrises a contiguous float64 ``gram`` in place: the caller gives it up (pass it
+    without keeping a reference and it is freed as soon as the solver is done with it). Working set: the
+    Gram + the solver's copy + the solver's own workspace (LAPACK syevd: 2 m^2 + 6 m + 1 doubles), then the
+    solver's output + the result (2 m^2); the other temporaries are CHUNK x m. Bit-identical to
+    ``overwrite=False``: every entry gets 0.5 * (g_ij + g_ji) by the same float64 operations (entries a chunk
+    already made symmetric give 0.5 * (s + s) = s exactly), and the flip and sign fix only move and negate
+    values. ``dtype``: the result's (float64 by default), rounded once from the float64 solution.
     """
-    sym = 0.5 * (gram + gram.T)
-    _, vectors = torch.linalg.eigh(sym.double())
-    vectors = vectors.flip(-1)
-    pivots = vectors.abs().argmax(dim=0)
-    signs = torch.sign(vectors[pivots, torch.arange(vectors.shape[1])])
+    m = gram.shape[0]
+    if overwrite and gram.dtype == torch.float64 and gram.is_contiguous():
+        sym = gram
+        for start in range(0, m, CHUNK):  # rows and cols [start, stop) become symmetric
+            stop = min(start + CHUNK, m)
+            part = sym[start:stop].add(sym[:, start:stop].T).mul_(0.5)
+            sym[start:stop] = part
+            sym[:, start:stop] = part.T
+            del part
+    else:
+        sym = (0.5 * (gram + gram.T)).double()
+    del gram
+    _, vectors = torch.linalg.eigh(sym)  # column-major
+    del sym, _
+    pivots = torch.cat([vectors[:, s:s + CHUNK].abs().argmax(dim=0) for s in range(0, m, CHUNK)])
+    signs = torch.sign(vectors[pivots, torch.arange(m, device=vectors.device)])
     signs[signs == 0] = 1
-    return (vectors * signs).contiguous()  # eigh's output is column-major; collectives send raw storage
+    vectors.mul_(signs)
+    # descending eigenvalues: columns reversed, written row-major (collectives send raw storage)
+    result = torch.empty((m, m), dtype=torch.float64, device=vectors.device)
+    torch.index_select(vectors, 1, torch.arange(m - 1, -1, -1, device=vectors.device), out=result)
+    del vectors
+    return result if dtype in (None, torch.float64) else result.to(dtype)
 
 
 class GramAccumulator:
@@ -94,8 +121,14 @@ class GramAccumulator:
             in_place_collective(self.out_gram[key], dist.all_reduce)
             in_place_collective(self.in_gram[key], dist.all_reduce)
 
-    def bases(self, input_convention: str = "textbook") -> dict[str, Bases]:
+    def bases(self, input_convention: str = "textbook", dtype: torch.dtype | dict[str, torch.dtype] | None = None,
+              release: bool = False) -> dict[str, Bases]:
         """P, R for every key. ``reference`` uses R = Q^T, the authors' convention.
+
+        ``dtype`` (one for all keys, or per key; float64 by default): the bases' precision, each rounded once
+        from its float64 solution as soon as it is solved. ``release=True`` consumes the accumulator: each
+        Gram is symmetrised in place and dropped once its eigenbasis is solved, so the Grams not yet solved,
+        the bases solved so far and one solve's working set are all that is alive (same bits as without).
 
         In a process group rank 0 solves the eigenproblems and broadcasts the bases (on the Grams'
         device, so NCCL can carry them): every rank gets rank 0's bits, even where ranks' LAPACK /
@@ -104,16 +137,25 @@ class GramAccumulator:
         distributed = is_distributed()
         result = {}
         for key in sorted(self.out_gram):  # same order on every rank
-            out_gram, in_gram = self.out_gram[key], self.in_gram[key]
-            if not distributed or dist.get_rank() == 0:
-                P, Q = eigenbasis(out_gram), eigenbasis(in_gram)
-            else:
-                P, Q = torch.empty_like(out_gram, dtype=torch.float64), torch.empty_like(in_gram, dtype=torch.float64)
-            if distributed:
-                in_place_collective(P, lambda t: dist.broadcast(t, src=0))
-                in_place_collective(Q, lambda t: dist.broadcast(t, src=0))
+            out_dtype = (dtype.get(key) if isinstance(dtype, dict) else dtype) or torch.float64
+            sides = []
+            for grams in (self.out_gram, self.in_gram):
+                shape, device = grams[key].shape, grams[key].device
+                if not distributed or dist.get_rank() == 0:  # pop: eigenbasis holds the only reference
+                    basis = eigenbasis(grams.pop(key) if release else grams[key], overwrite=release, dtype=out_dtype)
+                else:
+                    if release:
+                        del grams[key]
+                    basis = torch.empty(shape, dtype=out_dtype, device=device)
+                if distributed:
+                    in_place_collective(basis, lambda t: dist.broadcast(t, src=0))
+                sides.append(basis)
+            P, Q = sides
+            del sides
             R = Q if input_convention == "textbook" else Q.T.contiguous()
             result[key] = Bases(P=P, R=R)
+        if release:
+            self.count.clear()
         return result
 
 

@@ -16,7 +16,7 @@ from .calibration import gradient_tap, gradients_flowing, run_backward_passes
 from .config import SparseGradConfig
 from .io import atomic_directory, tensor_bytes
 from .dynamic import SparseStateAdam, make_dynamic
-from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
+from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of, master_dtype
 from .optim import LazyAdam
 from .reselect import SupportReselector
 from .runtime import in_place_collective, is_distributed
@@ -171,7 +171,20 @@ class SparseGradModel(nn.Module):
         with gradient_tap(modules, lambda name, dy, x: acc.add_factors(self.basis_key(name), dy, x)):
             run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: bases", show_progress)
         acc.all_reduce()
-        return acc.bases(self.peft_config.input_convention)
+        return acc.bases(self.peft_config.input_convention, self._calibration_basis_dtypes(modules), release=True)
+
+    def _calibration_basis_dtypes(self, modules) -> dict[str, torch.dtype]:
+        """float32 for a type whose layers all keep float32 masters (fp32/bf16/fp16/quantised bases) in fixed
+        mode, else float64. Exact: the supports are scored in float32 there (``compute_dtype`` of the layers'
+        activations, never float64 when the weight is not), from ``P.to(float32)`` -- the same single rounding
+        of the float64 solution as storing it rounded -- and ``SharedBasis`` rounds its master to float32 too.
+        Reference / dynamic layers keep float64 (their bases are checksummed and saved as they are)."""
+        dtypes: dict[str, torch.dtype] = {}
+        for name, module in modules.items():
+            fp32 = self.peft_config.support_mode == "fixed" and master_dtype(compute_dtype_of(module)) == torch.float32
+            key = self.basis_key(name)
+            dtypes[key] = torch.float32 if fp32 and dtypes.get(key, torch.float32) == torch.float32 else torch.float64
+        return dtypes
 
     def _select_supports(self, batches, modules, loss_fn, dtype, show_progress) -> dict[str, Support]:
         """Score |G~| (or G~^2) summed over the calibration batches and keep the top k of each layer.
@@ -192,6 +205,9 @@ class SparseGradModel(nn.Module):
             key = (self.basis_key(name), work, dy.device)
             if key not in work_bases:
                 bases = self.bases[self.basis_key(name)]
+                if bases.P.dtype.itemsize < torch.empty(0, dtype=work).element_size():
+                    raise RuntimeError(f"calibration: {name!r} computes in {work} but its bases were kept in "
+                                       f"{bases.P.dtype} (see _calibration_basis_dtypes)")
                 work_bases[key] = (bases.P.to(dy.device, work), bases.R.to(dy.device, work))
             P, R = work_bases[key]
             if rows is not None:  # the block's columns of P and R, gathered per use (not kept per layer)
