@@ -43,6 +43,33 @@ converted matrices; every trainable tensor is what the library trains, see READM
   (34 h + 6 (I - 4h)); plus the fp32 logits and their gradient, 8 x s x B x V. Identical for every
   method (the frozen layers still need their inputs for dX); LoRA/SparseGrad's extra per-layer
   activations (s x B x (r or c)) are ignored.
+* calibration memory (``calibration_memory``, ``sparsegrad`` and ``sparsegrad_dynamic``; per GPU, above the
+  loaded weights, the same on every rank): the peak over the phases of ``SparseGradModel.calibrate``, each
+  the sum of what is alive at its own peak (``calibration_phases``; T = micro-batch x seq tokens):
+
+  - bases pass: the float64 mode Grams, 8 (m^2 + n^2) per basis key (layer type); the activations above;
+    the inputs ``gradient_tap`` keeps from each converted layer's forward to its backward, T x n x b per
+    layer (all alive when the backward starts); the largest hook transient, ``add_factors``'s two float32
+    mode products 4 (m^2 + n^2 + T^2 + T max(m, n)) (4 (mn + m^2 + n^2) when T >= min(m, n)), plus the
+    float32 casts of the factors 4 T (m + n) when b < 4.
+  - solve (no activations: between passes): keys in sorted order, output side then input side, each Gram
+    freed once solved (``GramAccumulator.bases(release=True)``): the Grams not yet freed + the bases solved
+    so far + ``eigenbasis``'s working set at its peak, inside ``torch.linalg.eigh``: its output 8 (m^2 + m)
+    and LAPACK syevd's workspace 8 (2 m^2 + 6 m + 1) + 4 (5 m + 3) (CPU LAPACK's figure, used for cuSOLVER
+    too; not measured by the tests: it is allocated inside the kernel).
+  - scores pass: the bases, 4 B per value (``sparsegrad``: float32 for bf16/fp16/fp32 models, see
+    ``SparseGradModel._calibration_basis_dtypes``; 8 B for ``sparsegrad_dynamic``, which has no scoring);
+    row/column sums 8 (m + n) per budgeted layer; 8 m n per layer without a budget; activations; tapped
+    inputs; the largest hook transient: 4 (T (m + n) + 2 m n) (rotated gradient and its |.| or square;
+    + 4 m n for the float64 copy of an unbudgeted layer's score, + the casts when b < 4).
+  - block pass (under a row/column budget): the bases; the r x c float64 block scores of every budgeted
+    layer (r, c: the budget); unbudgeted layers' m x n scores; activations; tapped inputs; the hook
+    transient 4 (m r + n c + T (r + c) + 2 r c) + 8 r c (+ the casts when b < 4).
+
+  The fixed layers' float32 masters go to the host at conversion and are not counted. The CLI prints the
+  peak as a column and its phase's terms below the table. tests/test_estimate.py compares every phase
+  with the live tensor bytes of a real ``calibrate()`` (fp32 tiny Llama), within 10 %, with the
+  activations term replaced by the measured peak of plain backward passes and LAPACK's workspace left out.
 * bytes per step (per rank, sent, ring estimate as in :mod:`sg_distributed.comm`): ZeRO-2 = gradient
   all-reduce ``2(p-1)/p x b x D`` + all-gather of the updated partitions ``(p-1)/p x b x D'`` + one fp32
   scalar all-reduce (DeepSpeed's overflow check, 2(p-1)/p x 4). ZeRO-3 = gradient reduce-scatter
@@ -102,6 +129,80 @@ def build_meta_model(model: str):
 def _pad(d: int, p: int) -> int:
     a = 2 * p
     return int(math.ceil(d / a) * a) if d else 0
+
+
+EIGH_CHUNK = 1024  # sg_distributed.basis.CHUNK
+
+
+def eigh_working_set(m: int) -> dict[str, int]:
+    """Bytes ``basis.eigenbasis(gram, overwrite=True)`` holds above its m x m float64 Gram, at its peak (in
+    ``torch.linalg.eigh``): the solver's copy + eigenvalues, and LAPACK syevd's workspace (2 m^2 + 6 m + 1
+    doubles, 5 m + 3 ints; allocated inside the kernel). After the solve the Gram is freed and the output +
+    the result (2 m^2) are below that; the chunked temporaries (CHUNK x m) never meet the solve."""
+    return {"eigh output": 8 * (m * m + m), "eigh workspace (LAPACK syevd)": 8 * (2 * m * m + 6 * m + 1) + 4 * (5 * m + 3)}
+
+
+def calibration_phases(shapes: dict[str, tuple[int, int]], keys: dict[str, str], budgets: dict[str, tuple[int, int]],
+                       *, b: int, tokens: int, activations: float, basis_bytes: int = 4,
+                       score: bool = True) -> dict[str, dict[str, float]]:
+    """Bytes alive at the peak of each phase of ``SparseGradModel.calibrate`` (see the module docstring).
+
+    ``shapes``: (m, n) per converted layer; ``keys``: its basis key; ``budgets``: its (rows, cols) budget;
+    ``tokens``: micro-batch x sequence; ``basis_bytes``: 4 when the bases are kept in float32 (fixed mode
+    with float32 masters), 8 otherwise; ``score=False``: no support passes (reference / dynamic modes).
+    """
+    types: dict[str, tuple[int, int]] = {}
+    for name, (m, n) in shapes.items():
+        types[keys[name]] = (m, n)
+    T = tokens
+    cast = 4 if b < 4 else 0  # bf16 / fp16 factors are cast to float32 for every product
+    tap = sum(T * n * b for m, n in shapes.values())  # gradient_tap keeps every layer's X until its backward
+    grams = sum(8 * (m * m + n * n) for m, n in types.values())
+
+    def gram_hook(m, n):  # GramAccumulator.add_factors: both float32 mode products (+ the T x T / T x side ones)
+        if T >= min(m, n):
+            return 4 * (m * n + m * m + n * n) + cast * T * (m + n)
+        return 4 * (m * m + n * n + T * T + T * max(m, n)) + cast * T * (m + n)
+
+    phases: dict[str, dict[str, float]] = {}
+    phases["bases pass"] = {"grams": grams, "activations": activations, "tap inputs": tap,
+                            "hook transient": max(gram_hook(m, n) for m, n in shapes.values())}
+    # solve: keys in sorted order, output side then input side; a Gram is freed once its basis is solved
+    remaining, solved, solve_peak = grams, 0, {}
+    for key in sorted(types):
+        for side in types[key]:
+            work = eigh_working_set(side)
+            alive = {"grams": remaining, "bases": solved, **work}
+            if sum(alive.values()) > sum(solve_peak.values()):
+                solve_peak = alive
+            remaining -= 8 * side * side
+            solved += basis_bytes * side * side
+    phases["solve"] = solve_peak
+    bases = solved
+    if not score:
+        return phases
+    budgeted = {name for name, (m, n) in shapes.items() if budgets[name] != (m, n)}
+    full = sum(8 * m * n for name, (m, n) in shapes.items() if name not in budgeted)
+
+    def score_hook(name):  # (dY P)^T (X R), its |.|, and for an unbudgeted layer its float64 copy
+        (m, n) = shapes[name]
+        value = 4 * (T * (m + n) + 2 * m * n) + cast * T * (m + n)
+        return value + (8 * m * n - 4 * m * n if name not in budgeted else 0)
+
+    def block_hook(name):  # P_I, R_C, the sliced factors, the r x c product, its |.| and float64 copy
+        (m, n), (r, c) = shapes[name], budgets[name]
+        return 4 * (m * r + n * c + T * (r + c) + 2 * r * c) + 8 * r * c + cast * T * (m + n)
+
+    phases["scores pass"] = {"bases": bases, "row/col sums": sum(8 * (m + n) for name, (m, n) in shapes.items()
+                                                                 if name in budgeted),
+                             "full scores": full, "activations": activations, "tap inputs": tap,
+                             "hook transient": max(score_hook(name) for name in shapes)}
+    if budgeted:
+        phases["block pass"] = {"bases": bases, "block scores": sum(8 * budgets[name][0] * budgets[name][1]
+                                                                    for name in budgeted),
+                                "full scores": full, "activations": activations, "tap inputs": tap,
+                                "hook transient": max(block_hook(name) for name in budgeted)}
+    return phases
 
 
 def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf16", density: float = 0.01,
@@ -187,6 +288,20 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     act_block = seq * micro_batch_size * (34 * h + 6 * max(0, inter - 4 * h) + 5 * a * seq) * (b / 2)
     activations = L * act_block + 8 * seq * micro_batch_size * V
 
+    calibration = None
+    if method in ("sparsegrad", "sparsegrad_dynamic"):
+        kinds: dict[str, set] = {}
+        for n, shape in shapes.items():
+            kinds.setdefault(layer_type(n), set()).add(shape)
+        keys = {n: layer_type(n) if len(kinds[layer_type(n)]) == 1 else f"{layer_type(n)}@{o}x{i}"
+                for n, (o, i) in shapes.items()}  # SparseGradModel._assign_basis_keys (basis_sharing="type")
+        budgets = {n: (cfg.row_budget(o) if max_rows else o, cfg.col_budget(i) if max_cols else i)
+                   for n, (o, i) in shapes.items()}
+        calibration = calibration_phases(shapes, keys, budgets, b=b, tokens=micro_batch_size * seq,
+                                         activations=activations, basis_bytes=4 if method == "sparsegrad" else 8,
+                                         score=method == "sparsegrad")
+    calibration_peak = max(calibration, key=lambda ph: sum(calibration[ph].values())) if calibration else None
+
     ring_ar = lambda n_bytes: 2 * (p - 1) / p * n_bytes
     ring_ag = lambda n_bytes: (p - 1) / p * n_bytes
     comm: dict[str, float] = {}
@@ -213,23 +328,31 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
             "activations": activations, "total_memory": total_mem, "comm": comm,
             "comm_total": sum(comm.values()), "note": extra_state_note,
             "persistence_threshold": persistence_threshold if zero == 3 else None, "persistent": persistent,
-            "micro_batch_size": micro_batch_size, "seq": seq}
+            "micro_batch_size": micro_batch_size, "seq": seq,
+            "calibration_memory": sum(calibration[calibration_peak].values()) if calibration else None,
+            "calibration_peak_phase": calibration_peak, "calibration_phases": calibration}
 
 
 def format_table(rows: list[dict], header: str) -> str:
     lines = [header, "",
              "| method | trainable | weights | bases/buffers | gradients | optimizer state | activations (est.) | "
-             "total / GPU | bytes / step / rank | of which |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "total / GPU | calibration / GPU | bytes / step / rank | of which |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         tr = f"{r['trainable']:,}" + (f" (r={r['lora_rank']})" if r["lora_rank"] else "")
         parts = "; ".join(f"{k} {fmt_bytes(v)}" for k, v in r["comm"].items() if v)
+        calib = fmt_bytes(r["calibration_memory"]) if r["calibration_memory"] is not None else "-"
         lines.append(f"| {r['method']} | {tr} | {fmt_bytes(r['weights'])} | {fmt_bytes(r['buffers'])} | "
                      f"{fmt_bytes(r['gradients'])} | {fmt_bytes(r['optimizer'])} | {fmt_bytes(r['activations'])} | "
-                     f"{fmt_bytes(r['total_memory'])} | {fmt_bytes(r['comm_total'])} | {parts} |")
+                     f"{fmt_bytes(r['total_memory'])} | {calib} | {fmt_bytes(r['comm_total'])} | {parts} |")
     notes = sorted({r["note"] for r in rows if r["note"]})
     lines += ["", "Units: 1 GB = 1e9 B. Ring estimate of bytes sent per rank (sg_distributed.comm). "
               "Activations: rough (module docstring)."] + notes
+    for r in rows:
+        if r["calibration_phases"]:
+            phase = r["calibration_phases"][r["calibration_peak_phase"]]
+            lines.append(f"{r['method']} calibration peak ({r['calibration_peak_phase']}, above the weights): "
+                         + "; ".join(f"{k} {fmt_bytes(v)}" for k, v in phase.items() if v))
     return "\n".join(lines)
 
 
