@@ -131,6 +131,17 @@ def quantize_linears(model, names, bits=8):
     return model
 
 
+@pytest.fixture(scope="module")
+def train_qa():
+    """launch/train_qa.py as a module (it is a script, not part of the package): tests call its main(argv)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_qa", ROOT / "launch" / "train_qa.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 2-block random Llama saved with the real SmolLM2 tokenizer: train_qa.py runs on it in seconds."""

@@ -1,6 +1,5 @@
 """Bad input and faults end to end through launch/train_qa.py: clear message, the documented exit code,
 earlier checkpoints intact. (Exit codes: 1 bad input / configuration, 3 non-finite losses, 4 dead peer.)"""
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,14 +17,6 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "6", "--calibration_steps", "2", "--eval_size", "2", "--no_eval_before", "--density", "0.5",
         "--max_rows", "0", "--max_cols", "0", "--lr", "1e-2", "--micro_batch_size", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def train_qa():
-    spec = importlib.util.spec_from_file_location("train_qa_bad", ROOT / "launch" / "train_qa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _qa_record(i):

@@ -1,6 +1,5 @@
 """Checkpoint / resume of launch/train_qa.py: atomic checksummed checkpoints, SIGKILL + --resume auto, guards."""
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -22,14 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--steps", "8", "--calibration_steps", "2", "--eval_size", "2", "--no_eval_before", "--density", "0.5",
           "--max_rows", "0", "--max_cols", "0", "--lr", "1e-2", "--micro_batch_size", "2", "--save_every", "2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-
-
-@pytest.fixture(scope="module")
-def train_qa():
-    spec = importlib.util.spec_from_file_location("train_qa_ckpt", ROOT / "launch" / "train_qa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def adapter(out: Path) -> dict:

@@ -8,29 +8,18 @@ evaluation are outside the window). On CPU tensors these calls are not real sync
 GPU would sync. (On a GPU, ``torch.cuda.set_sync_debug_mode("warn")`` reports the real ones, including the
 blocking host-to-device copies that this CPU test cannot see.)
 """
-import importlib.util
 import math
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--calibration_steps", "2", "--eval_size", "2", "--no_eval_before", "--density", "0.5",
         "--max_rows", "0", "--max_cols", "0", "--lr", "1e-2", "--micro_batch_size", "2"]
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
               torch.Tensor.__int__, torch.Tensor.__index__, torch.Tensor.cpu, torch.Tensor.numpy}
-
-
-@pytest.fixture(scope="module")
-def train_qa():
-    spec = importlib.util.spec_from_file_location("train_qa_hostsync", ROOT / "launch" / "train_qa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # Python-level wrappers of Tensor methods (``f"{t}"``, ``len(t)``...): the read is their caller's

@@ -1,19 +1,7 @@
 """launch/train_qa.py as one process, on a tiny random Llama with the real SmolLM2 tokenizer and QA data."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def train_qa():
-    spec = importlib.util.spec_from_file_location("train_qa", ROOT / "launch" / "train_qa.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("method", ["sparsegrad", "lora", "graddrop"])
