@@ -136,8 +136,10 @@ class SparseGradModel(nn.Module):
         Runs on every rank of a process group: Grams and scores are summed across ranks, so every
         rank ends with identical bases and supports, and N ranks that together see the micro-batches
         of a 1-rank run get the same bases and supports. Grams and scores accumulate in ``gram_dtype``
-        (float64 by default, so summation order cannot flip a top-k choice; float32 halves the
-        calibration memory, m^2 + n^2 per type plus m*n per layer).
+        (float64 by default, so summation order cannot flip a top-k choice; float32 halves them:
+        m^2 + n^2 per type, plus per layer m + n sums and the r x c budget block, or m x n without a budget).
+        Three passes over ``batches``: Grams, row/column score sums, budget-block scores (see
+        ``_select_supports``; the last two are one pass without a budget).
         """
         if self.calibrated:
             raise RuntimeError("SparseGradModel is already calibrated")
