@@ -250,8 +250,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
         shared: dict[tuple, int] = {}  # P, R of each layer type (and shape), shared by its layers
         for n, (o, i) in shapes.items():
             # the layer keeps the rows/cols its support touches: at most the budget and at most k
-            r = min(cfg.row_budget(o) if max_rows else o, ks[n])
-            c = min(cfg.col_budget(i) if max_cols else i, ks[n])
+            r, c = (min(side, ks[n]) for side in cfg.block_budget(o, i))
             shared[layer_type(n), o, i] = o * o + i * i
             buffers += 8 * ks[n] + 8 * (r + c)
             score_block += r * c
@@ -295,8 +294,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
             kinds.setdefault(layer_type(n), set()).add(shape)
         keys = {n: layer_type(n) if len(kinds[layer_type(n)]) == 1 else f"{layer_type(n)}@{o}x{i}"
                 for n, (o, i) in shapes.items()}  # SparseGradModel._assign_basis_keys (basis_sharing="type")
-        budgets = {n: (cfg.row_budget(o) if max_rows else o, cfg.col_budget(i) if max_cols else i)
-                   for n, (o, i) in shapes.items()}
+        budgets = {n: cfg.block_budget(o, i) for n, (o, i) in shapes.items()}
         calibration = calibration_phases(shapes, keys, budgets, b=b, tokens=micro_batch_size * seq,
                                          activations=activations, basis_bytes=4 if method == "sparsegrad" else 8,
                                          score=method == "sparsegrad")

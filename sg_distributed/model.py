@@ -198,7 +198,7 @@ class SparseGradModel(nn.Module):
         """
         config, square = self.peft_config, self.peft_config.score == "square"
         shapes = {name: (module.out_features, module.in_features) for name, module in modules.items()}
-        budgets = {name: (config.row_budget(m), config.col_budget(n)) for name, (m, n) in shapes.items()}
+        budgets = {name: config.block_budget(m, n) for name, (m, n) in shapes.items()}
         budgeted = {name for name, (m, n) in shapes.items() if budgets[name] != (m, n)}
         work_bases: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # bases cast once per type and dtype
 

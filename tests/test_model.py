@@ -265,7 +265,7 @@ def test_a_budget_gives_every_layer_of_a_type_one_block_shape():
     for name, layer in model.converted_layers().items():
         m, n = layer.out_features, layer.in_features
         block = (layer.structure.r, layer.structure.c)
-        assert block == (config.row_budget(m), config.col_budget(n)), name
+        assert block == config.block_budget(m, n), name
         support = layer.support
         assert torch.isin(support.rows, layer.rows_used).all() and torch.isin(support.cols, layer.cols_used).all()
         shapes.setdefault(model.basis_key(name), set()).add(block)
@@ -298,7 +298,7 @@ def test_supports_equal_top_k_of_the_dense_float64_score(score, budget):
             weights[name].grad = None
     for name, layer in layers.items():
         m, n = layer.out_features, layer.in_features
-        expected = select_support(totals[name], layer.k, config.row_budget(m), config.col_budget(n))
+        expected = select_support(totals[name], layer.k, *config.block_budget(m, n))
         assert torch.equal(layer.support_flat, expected.flat()), name
         if budget["max_rows"] is None:
             assert expected.block is None
