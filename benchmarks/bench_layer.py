@@ -16,6 +16,7 @@ to ``base``. Variants are interleaved round by round so machine noise hits all o
 
     OMP_NUM_THREADS=2 python benchmarks/bench_layer.py                       # SmolLM2 shapes, fp32 and bf16
     OMP_NUM_THREADS=2 python benchmarks/bench_layer.py --shapes llama7b --tokens 512 --reps 3
+    OMP_NUM_THREADS=2 python benchmarks/bench_layer.py --budget_axes balanced    # the same block area, balanced
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from sg_distributed import SparseGradConfig  # noqa: E402
 from sg_distributed import layer as layer_module  # noqa: E402
 from sg_distributed.layer import SharedBasis, SparseGradLinear, fold_into_input_side, fold_into_output_side  # noqa: E402
 from sg_distributed.selection import Support  # noqa: E402
@@ -48,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--density", type=float, default=0.01)
-    p.add_argument("--budget", type=float, default=0.25, help="row and column budget (fraction of m and n)")
+    p.add_argument("--budget", type=float, default=0.25, help="row and column budget (fraction)")
+    p.add_argument("--budget_axes", choices=["own", "balanced"], default="own",
+                   help="fractions of m and n (own) or of n and m (balanced: SparseGradConfig.budget_axes)")
     p.add_argument("--reps", type=int, default=7, help="timed rounds (after one warm-up round)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return p.parse_args(argv)
@@ -71,7 +75,7 @@ def build(name: str, m: int, n: int, args, dtype: torch.dtype) -> tuple[nn.Modul
     g = torch.Generator().manual_seed(0)
     base = nn.Linear(n, m, bias=False, dtype=dtype).requires_grad_(False)
     k = int(args.density * m * n)
-    r, c = int(args.budget * m), int(args.budget * n)
+    r, c = SparseGradConfig(max_rows=args.budget, max_cols=args.budget, budget_axes=args.budget_axes).block_budget(m, n)
     if name == "base":
         return base, {}
     if name == "lora":
@@ -147,7 +151,8 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    print(f"tokens {args.tokens}, density {args.density}, budget {args.budget}, threads {torch.get_num_threads()}, "
+    print(f"tokens {args.tokens}, density {args.density}, budget {args.budget} ({args.budget_axes} axes), "
+          f"threads {torch.get_num_threads()}, "
           f"median of {args.reps} interleaved rounds\n")
     print("| shape | dtype | variant | ms | GMAC | GMAC/s | time / base | MACs / base |")
     print("|---|---|---|---|---|---|---|---|")

@@ -207,14 +207,14 @@ class SparseGradModel(nn.Module):
             key = (self.basis_key(name), work, dy.device)
             if key not in work_bases:
                 bases = self.bases[self.basis_key(name)]
-                if bases.P.dtype.itemsize < torch.empty(0, dtype=work).element_size():
+                if bases.P.dtype.itemsize < work.itemsize:
                     raise RuntimeError(f"calibration: {name!r} computes in {work} but its bases were kept in "
                                        f"{bases.P.dtype} (see _calibration_basis_dtypes)")
                 work_bases[key] = (bases.P.to(dy.device, work), bases.R.to(dy.device, work))
             P, R = work_bases[key]
             if rows is not None:  # the block's columns of P and R, gathered per use (not kept per layer)
                 P, R = P.index_select(1, rows), R.index_select(1, cols)
-            rotated = (dy.to(work) @ P).T @ (x.to(work) @ R)  # P^T (dY^T X) R from the factors
+            rotated = Bases(P, R).rotate_factors(dy.to(work), x.to(work))  # P^T (dY^T X) R, never forming G
             return rotated.square() if square else rotated.abs()
 
         sums: dict[str, list[torch.Tensor]] = {}
