@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=None, help="entries per matrix (overrides --density)")
     p.add_argument("--max_rows", type=float, default=DEFAULT_BUDGET, help="row budget of P (fraction or count); 0 = none")
     p.add_argument("--max_cols", type=float, default=DEFAULT_BUDGET, help="column budget of R (fraction or count); 0 = none")
+    p.add_argument("--budget_axes", choices=["own", "balanced"], default="own",
+                   help="budget fractions of m and n (own) or of n and m (balanced: the same block area, the two "
+                        "rotated products cost the same; SparseGradConfig.budget_axes)")
     p.add_argument("--input_convention", choices=["textbook", "reference"], default="textbook")
     p.add_argument("--reselect_every", type=int, default=0,
                    help="sparsegrad: drop-and-grow re-selection of the support every N steps (0 = fixed support)")
@@ -254,6 +257,7 @@ def fingerprint(args, info, model_path: str, global_batch: int) -> dict:
     """What a resumed run must share with the checkpoint (compared key by key; see checkpoint.check_compatible)."""
     return {"method": args.method, "density": args.density, "k": args.k, "max_rows": args.max_rows,
             "max_cols": args.max_cols, "input_convention": args.input_convention, "block_stride": args.block_stride,
+            **({"budget_axes": args.budget_axes} if args.budget_axes != "own" else {}),  # older checkpoints: own
             "calibration_steps": args.calibration_steps, "drop_prob": args.drop_prob, "lora_rank": args.lora_rank,
             "reselect_every": args.reselect_every, "reselect_fraction": args.reselect_fraction,
             "lr": args.lr if args.lr is not None else DEFAULT_LR[args.method], "seed": args.seed,
@@ -366,7 +370,8 @@ def main(argv=None) -> dict:
         results["before"] = evaluate(model, tokenizer, heldout, info, args, "before")
 
     config = SparseGradConfig(density=args.density, k=args.k, max_rows=args.max_rows or None,
-                              max_cols=args.max_cols or None, input_convention=args.input_convention,
+                              max_cols=args.max_cols or None, budget_axes=args.budget_axes,
+                              input_convention=args.input_convention,
                               block_stride=args.block_stride, calibration_steps=args.calibration_steps,
                               reselect_every=args.reselect_every if args.method == "sparsegrad" else 0,
                               reselect_fraction=args.reselect_fraction)

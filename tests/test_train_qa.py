@@ -19,3 +19,19 @@ def test_single_process_run_trains_and_saves(train_qa, tiny_model_dir, tmp_path,
 def test_missing_model_dir_is_a_clear_error(train_qa, tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         train_qa.main(["--model", str(tmp_path / "nope"), "--steps", "1"])
+
+
+def test_budget_axes_balanced_gives_the_cost_balanced_block(train_qa, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sg_distributed import SparseGradModel
+
+    out = tmp_path / "run"
+    train_qa.main(["--model", str(tiny_model_dir), "--steps", "2", "--eval_size", "2", "--no_eval_before",
+                   "--calibration_steps", "2", "--micro_batch_size", "2", "--density", "0.02",
+                   "--budget_axes", "balanced", "--output_dir", str(out)])
+    model = SparseGradModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+    assert model.peft_config.budget_axes == "balanced"
+    for name, layer in model.converted_layers().items():
+        m, n = layer.out_features, layer.in_features
+        assert (layer.rows_used.numel(), layer.cols_used.numel()) == (round(0.25 * n), round(0.25 * m)), name
