@@ -24,7 +24,8 @@ SCORES = ("abs", "square")
 BUDGET_AXES = ("own", "balanced")
 
 
-# The row/column budget of SparseGradConfig() and launch/train_qa.py (README, "Choosing the budget").
+# The row/column budget of SparseGradConfig() and launch/train_qa.py (README, Systems: "The layer at its cost
+# floor, and one default").
 DEFAULT_BUDGET = 0.25
 
 

@@ -46,7 +46,8 @@ def select_support(score: torch.Tensor, k: int, max_rows: int | None = None, max
     if k > m * n:
         raise ValueError(f"k={k} exceeds the {m}x{n} entries of the matrix")
     rows, cols = choose_block(score.sum(1), score.sum(0), max_rows, max_cols)
-    return top_k_in_block(score[rows][:, cols], k, rows, cols, (m, n))
+    block = score if (rows.numel(), cols.numel()) == (m, n) else score[rows][:, cols]  # no m x n copy unbudgeted
+    return top_k_in_block(block, k, rows, cols, (m, n))
 
 
 def choose_block(row_score: torch.Tensor, col_score: torch.Tensor, max_rows: int | None,
