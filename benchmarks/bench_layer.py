@@ -9,7 +9,9 @@ forward + backward (upstream gradient given; dX always computed, as inside a net
 * ``sparsegrad``  ``SparseGradLinear`` with a row/column budget (the dense-block kernel), products ordered by
                   cost (``layer.fold_into_output_side`` / ``fold_into_input_side``);
 * ``sg_unfolded`` the same layer forced into the fixed order of the kernel before (B S^T) P_I^T and
-                  (A S) R_C^T: what cost ordering saves, side by side.
+                  (A S) R_C^T: what cost ordering saves, side by side;
+* ``sg_leading``  ``sparsegrad`` with a leading block (``budget_block='leading'``): P_I^T and R_C^T are
+                  contiguous slices of the bases, not gathered at every use.
 
 Columns: median ms, GMAC of the whole layer (base + update), GMAC/s achieved, and the time and MAC ratio
 to ``base``. Variants are interleaved round by round so machine noise hits all of them alike.
@@ -35,13 +37,13 @@ from torch import nn  # noqa: E402
 from sg_distributed import SparseGradConfig  # noqa: E402
 from sg_distributed import layer as layer_module  # noqa: E402
 from sg_distributed.layer import SharedBasis, SparseGradLinear, fold_into_input_side, fold_into_output_side  # noqa: E402
-from sg_distributed.selection import Support  # noqa: E402
+from sg_distributed.selection import Support, leading_block  # noqa: E402
 
 SHAPES = {  # name -> [(layer, m = out_features, n = in_features)]
     "smollm2": [("up_proj", 1536, 576), ("down_proj", 576, 1536)],
     "llama7b": [("up_proj", 11008, 4096), ("down_proj", 4096, 11008)],
 }
-VARIANTS = ("base", "lora", "sparsegrad", "sg_unfolded")
+VARIANTS = ("base", "lora", "sparsegrad", "sg_unfolded", "sg_leading")
 
 
 def parse_args(argv=None):
@@ -83,6 +85,8 @@ def build(name: str, m: int, n: int, args, dtype: torch.dtype) -> tuple[nn.Modul
         return LoRALinear(base, rank), {"rank": rank}
     rows = torch.randperm(m, generator=g)[:r].sort().values
     cols = torch.randperm(n, generator=g)[:c].sort().values
+    if name == "sg_leading":
+        rows, cols = leading_block(r, c)
     picked = torch.randperm(r * c, generator=g)[:k]
     flat = rows[picked // c] * n + cols[picked % c]
     # timing only: any dense matrices do for P and R (orthogonality does not change the cost)
@@ -105,7 +109,7 @@ def macs(name: str, T: int, m: int, n: int, info: dict) -> int:
     if name == "lora":
         rho = info["rank"]
         return base + 3 * T * rho * (m + n)  # fwd, dX, dA and dB
-    return base + delta_macs(T, m, n, info["r"], info["c"], ordered=name == "sparsegrad")
+    return base + delta_macs(T, m, n, info["r"], info["c"], ordered=name != "sg_unfolded")
 
 
 def step(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor) -> float:

@@ -80,18 +80,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ALL_VARIANTS = ("none", "head_only", "full", "lora", "lora_r8", "meprop", "graddrop", "graddrop_row", "unfreeze",
-                "sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_refconv", "sparsegrad_reselect",
-                "sparsegrad_reference")
+                "sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_leading", "sparsegrad_refconv",
+                "sparsegrad_reselect", "sparsegrad_reference")
 # sparsegrad_b125: row/column budget 0.125 instead of --max_rows/--max_cols (0.25): about half the
 # rotated products per step (the step-time lever), fewer directions to choose the support from;
-# sparsegrad_balanced: the same block area with fractions of the other side (SparseGradConfig.budget_axes)
+# sparsegrad_balanced: the same block area with fractions of the other side (SparseGradConfig.budget_axes);
+# sparsegrad_leading: the leading eigen-directions as the block (SparseGradConfig.budget_block)
 # base learning rates (qa: launch/train_qa.py's per-method defaults; bbc: the same family, encoder-sized)
 BASE_LR = {
     "qa": {"full": 2e-5, "graddrop": 2e-5, "graddrop_row": 2e-5, "unfreeze": 2e-5, "lora": 1e-3, "lora_r8": 1e-3,
-           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2,
+           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_leading": 1e-2,
            "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2, "sparsegrad_reference": 1e-4},
     "bbc": {"full": 1e-4, "graddrop": 1e-4, "graddrop_row": 1e-4, "unfreeze": 1e-4, "lora": 1e-3, "lora_r8": 1e-3,
-            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2,
+            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_leading": 1e-2,
             "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2, "sparsegrad_reference": 1e-3, "head_only": 0.0},
 }
 NO_LR = ("none", "head_only")
@@ -236,13 +237,16 @@ def run_job(job: dict) -> dict:
 
     base = {"density": args.density, "calibration_steps": args.calibration_steps}
     method, cfg, extra = variant, dict(base), {}
-    if variant in ("sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_refconv", "sparsegrad_reselect"):
+    if variant in ("sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_leading", "sparsegrad_refconv",
+                   "sparsegrad_reselect"):
         method = "sparsegrad"
         cfg.update(max_rows=args.max_rows or None, max_cols=args.max_cols or None)
         if variant == "sparsegrad_b125":
             cfg.update(max_rows=0.125, max_cols=0.125)
         if variant == "sparsegrad_balanced":
             cfg.update(budget_axes="balanced")
+        if variant == "sparsegrad_leading":
+            cfg.update(budget_block="leading")
         if variant == "sparsegrad_refconv":
             cfg["input_convention"] = "reference"
         if variant == "sparsegrad_reselect":
@@ -414,7 +418,7 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def run_task(task: str, args) -> None:
-    out_dir = ROOT / "benchmarks" / "results"
+    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / f"quality_{task}.jsonl"
     done = load_done(raw)
@@ -564,6 +568,8 @@ def main() -> None:
     p.add_argument("--head_lr", type=float, default=1e-3)
     p.add_argument("--reselect_every", type=int, default=10, help="sparsegrad_reselect: steps between re-selections")
     p.add_argument("--reselect_fraction", type=float, default=0.2, help="sparsegrad_reselect: share swapped")
+    p.add_argument("--out_dir", default=str(ROOT / "benchmarks" / "results"),
+                   help="where quality_<task>.md/.jsonl/.png go (a side experiment: not over the full grid's)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--worker", help=argparse.SUPPRESS)

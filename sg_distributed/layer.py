@@ -134,8 +134,12 @@ class SharedBasis:
         return {**self.__dict__, "_applied_fn": None, "_compute": {}}
 
 
-def _gather_rows(full: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    return full if index is None else full.index_select(0, index)
+def _gather_rows(full: torch.Tensor, index: torch.Tensor | int | None) -> torch.Tensor:
+    """The rows of a transposed basis a layer computes with: all (None), the leading ``index`` rows (an int:
+    a contiguous view, no copy), or a gather of the given rows."""
+    if index is None:
+        return full
+    return full[:index] if isinstance(index, int) else full.index_select(0, index)
 
 
 def fold_into_output_side(tokens: int, r: int, c: int, m: int) -> bool:
@@ -164,9 +168,10 @@ class _BlockDelta(torch.autograd.Function):
     base layer's (``addmm``), so no separate T x m delta is allocated. ``base2d`` None: return the delta
     alone (the base output has another dtype; the caller adds).
 
-    ``Pt`` / ``Rt`` are the shared transposed bases; ``rows`` / ``cols`` (None = all) pick P_I^T / R_C^T.
-    The full bases are kept on ctx (no copy, and not packed by saved-tensor hooks such as CPU offload);
-    the slices are gathered again in backward rather than saved, so no layer's slice outlives its use.
+    ``Pt`` / ``Rt`` are the shared transposed bases; ``rows`` / ``cols`` pick P_I^T / R_C^T (``_gather_rows``:
+    a ``leading`` block is a view). The full bases are kept on ctx (no copy, and not packed by saved-tensor
+    hooks such as CPU offload); a scored block's slices are gathered again in backward rather than saved,
+    so no layer's slice outlives its use.
     """
 
     @staticmethod
@@ -335,6 +340,9 @@ class SparseGradLinear(nn.Module):
         self.register_buffer("support_flat", support.flat())
         self.register_buffer("rows_used", rows_used, persistent=False)
         self.register_buffer("cols_used", cols_used, persistent=False)
+        # Rows / cols 0..r-1 (a ``leading`` block, or a scored one that happens to be): read as slices.
+        self._leading = tuple(int(used.numel()) if used.numel() and int(used[-1]) == used.numel() - 1 else None
+                              for used in (rows_used, cols_used))
         self.structure = self._structure(support.rows, support.cols)
         init = torch.zeros(support.k, dtype=dtype) if values is None else values.detach().to(dtype).clone()
         self.sparse_values = nn.Parameter(init)
@@ -393,31 +401,35 @@ class SparseGradLinear(nn.Module):
         self.structure.to(self.support_flat.device)
         return self
 
-    def _slice_index(self, used: torch.Tensor, full: int) -> torch.Tensor | None:
-        return None if used.numel() == full else used  # the whole basis: no gather
+    def _slice_index(self, side: int) -> torch.Tensor | int | None:
+        """Which rows of P^T (side 0) or R^T (side 1) the layer uses: None, all of them; an int, the leading
+        ones (a view); else the rows to gather."""
+        used, full = (self.rows_used, self.out_features) if side == 0 else (self.cols_used, self.in_features)
+        if used.numel() == full:
+            return None
+        return self._leading[side] or used
 
-    def _master_slice(self, full: torch.Tensor, used: torch.Tensor, size: int) -> torch.Tensor:
-        index = self._slice_index(used, size)
-        return _gather_rows(full, None if index is None else index.to(full.device))
+    def _master_slice(self, full: torch.Tensor, side: int) -> torch.Tensor:
+        index = self._slice_index(side)
+        return _gather_rows(full, index.to(full.device) if isinstance(index, torch.Tensor) else index)
 
     @property
     def P_sub(self) -> torch.Tensor:
         """P_I (m x r) in full precision, gathered from the shared basis's master (a copy on the host; the
         layer keeps no slice)."""
-        return self._master_slice(self.basis.Pt, self.rows_used, self.out_features).T
+        return self._master_slice(self.basis.Pt, 0).T
 
     @property
     def R_sub(self) -> torch.Tensor:
         """R_C (n x c) in full precision, gathered from the shared basis's master."""
-        return self._master_slice(self.basis.Rt, self.cols_used, self.in_features).T
+        return self._master_slice(self.basis.Rt, 1).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         dtype = compute_dtype_for(x)
         Pt, Rt = self.basis.for_compute(dtype, x.device)
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
-        rows = self._slice_index(self.rows_used, self.out_features)
-        cols = self._slice_index(self.cols_used, self.in_features)
+        rows, cols = self._slice_index(0), self._slice_index(1)
         values = self.sparse_values.to(dtype)
         with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen above, for both passes
             if self.structure.dense_block:

@@ -20,7 +20,7 @@ from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, com
 from .optim import LazyAdam
 from .reselect import SupportReselector
 from .runtime import in_place_collective, is_distributed
-from .selection import Support, choose_block, select_support, top_k_in_block
+from .selection import Support, choose_block, leading_block, select_support, top_k_in_block
 from .targets import find_target_linears, layer_type
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,6 +37,12 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
 def _all_reduce_sum(tensor: torch.Tensor) -> None:
     if is_distributed():
         in_place_collective(tensor, dist.all_reduce)
+
+
+def _columns(basis: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """basis[:, index]: a view when ``index`` is 0..r-1 (a leading block), else a gather."""
+    r = index.numel()
+    return basis[:, :r] if r and int(index[-1]) == r - 1 else basis.index_select(1, index)
 
 
 def _block_from_rank0(block: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +145,8 @@ class SparseGradModel(nn.Module):
         (float64 by default, so summation order cannot flip a top-k choice; float32 halves them:
         m^2 + n^2 per type, plus per layer m + n sums and the r x c budget block, or m x n without a budget).
         Three passes over ``batches``: Grams, row/column score sums, budget-block scores (see
-        ``_select_supports``; the last two are one pass without a budget).
+        ``_select_supports``; the last two are one pass without a budget, and a ``leading`` block skips the
+        sums).
         """
         if self.calibrated:
             raise RuntimeError("SparseGradModel is already calibrated")
@@ -193,13 +200,15 @@ class SparseGradModel(nn.Module):
 
         Memory stays at what can be selected. Under a row/column budget one pass sums the score's rows and
         columns (m + n per layer), ``choose_block`` picks the budget's rows x cols, and a second pass scores
-        only that block (r x c per layer, from the sliced factors: cheaper too). Only layers without a
-        budget keep a whole m x n score. Accumulated in ``dtype`` (float64: order-insensitive).
+        only that block (r x c per layer, from the sliced factors: cheaper too); a ``leading`` block needs
+        no first pass. Only layers without a budget keep a whole m x n score. Accumulated in ``dtype``
+        (float64: order-insensitive).
         """
         config, square = self.peft_config, self.peft_config.score == "square"
         shapes = {name: (module.out_features, module.in_features) for name, module in modules.items()}
         budgets = {name: config.block_budget(m, n) for name, (m, n) in shapes.items()}
         budgeted = {name for name, (m, n) in shapes.items() if budgets[name] != (m, n)}
+        summed = set() if config.budget_block == "leading" else budgeted  # blocks chosen from row/column sums
         work_bases: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # bases cast once per type and dtype
 
         def factors(name, dy, x, rows=None, cols=None):
@@ -212,8 +221,8 @@ class SparseGradModel(nn.Module):
                                        f"{bases.P.dtype} (see _calibration_basis_dtypes)")
                 work_bases[key] = (bases.P.to(dy.device, work), bases.R.to(dy.device, work))
             P, R = work_bases[key]
-            if rows is not None:  # the block's columns of P and R, gathered per use (not kept per layer)
-                P, R = P.index_select(1, rows), R.index_select(1, cols)
+            if rows is not None:  # the block's columns of P and R: views when leading, else gathered per use
+                P, R = _columns(P, rows), _columns(R, cols)
             rotated = Bases(P, R).rotate_factors(dy.to(work), x.to(work))  # P^T (dY^T X) R, never forming G
             return rotated.square() if square else rotated.abs()
 
@@ -221,6 +230,8 @@ class SparseGradModel(nn.Module):
         full: dict[str, torch.Tensor] = {}
 
         def accumulate_sums(name, dy, x):
+            if name in budgeted and name not in summed:
+                return
             value = factors(name, dy, x)
             if name in budgeted:
                 parts = [value.sum(1).to(dtype), value.sum(0).to(dtype)]
@@ -229,14 +240,18 @@ class SparseGradModel(nn.Module):
                 value = value.to(dtype)
                 full[name] = value if name not in full else full[name].add_(value)
 
-        with gradient_tap(modules, accumulate_sums):
-            run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: supports", show_progress)
+        if summed or len(budgeted) < len(modules):
+            with gradient_tap(modules, accumulate_sums):
+                run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: supports",
+                                    show_progress)
         blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for name in self.target_names:  # same order on every rank
-            if name in budgeted:
+            if name in summed:
                 for total in sums[name]:
                     _all_reduce_sum(total)
                 blocks[name] = _block_from_rank0(choose_block(*sums[name], *budgets[name]))
+            elif name in budgeted:
+                blocks[name] = leading_block(*budgets[name], device=modules[name].weight.device)
         del sums
 
         scores: dict[str, torch.Tensor] = {}

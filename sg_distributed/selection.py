@@ -62,6 +62,12 @@ def choose_block(row_score: torch.Tensor, col_score: torch.Tensor, max_rows: int
     return best(row_score, max_rows), best(col_score, max_cols)
 
 
+def leading_block(rows: int, cols: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``rows`` rows and ``cols`` columns: the leading eigen-directions of bases sorted by descending
+    eigenvalue (``SparseGradConfig.budget_block='leading'``)."""
+    return torch.arange(rows, device=device), torch.arange(cols, device=device)
+
+
 def top_k_in_block(block: torch.Tensor, k: int, rows: torch.Tensor, cols: torch.Tensor,
                    shape: tuple[int, int]) -> Support:
     """Top-k entries of the rows x cols ``block`` of scores, as a support of the m x n ``shape``."""

@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sg_distributed.layer import SparseGradLinear, fold_into_input_side, fold_into_output_side
-from sg_distributed.selection import Support, select_support
+from sg_distributed.selection import Support, leading_block, select_support, top_k_in_block
 
 
 def orthogonal(n, seed):
@@ -47,6 +47,36 @@ def test_every_product_order_matches_dense_float64(m, n, block, tokens, folds):
     base, P, R, support, layer = make_layer(m, n, r * c, block)  # the whole block: touched == budget
     assert layer.structure.dense_block and (layer.structure.r, layer.structure.c) == block
     check_against_dense_float64(base, P, R, support, layer, tokens=(tokens,))
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append((str(func), tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("m, n, block", [(48, 16, (24, 4)), (16, 48, (4, 24))])
+def test_leading_block_reads_bases_as_views_and_matches_dense_float64(m, n, block):
+    """budget_block='leading': rows/cols 0..r-1 of P^T / R^T are contiguous slices, never gathered."""
+    r, c = block
+    torch.manual_seed(0)
+    base = nn.Linear(n, m, dtype=torch.float64)
+    P, R = orthogonal(m, 1), orthogonal(n, 2)
+    support = top_k_in_block(torch.rand(r, c, dtype=torch.float64), r * c // 3, *leading_block(r, c), (m, n))
+    layer = SparseGradLinear(base, P, R, support, values=torch.randn(support.k, dtype=torch.float64),
+                             dtype=torch.float64, block=support.block)
+    assert (layer._slice_index(0), layer._slice_index(1)) == (r, c)
+    x = torch.randn(5, n, dtype=torch.float64, requires_grad=True)
+    with OpLog() as log:
+        layer(x).sum().backward()
+    gathers = [(op, shape) for op, shape in log.ops if "index_select" in op]
+    assert gathers == [("aten.index_select.default", (r * c,))], gathers  # only the k values from dL/dS
+    layer.sparse_values.grad = None
+    check_against_dense_float64(base, P, R, support, layer, tokens=(2, 3))
 
 
 def check_against_dense_float64(base, P, R, support, layer, tokens):

@@ -275,16 +275,24 @@ def test_a_budget_gives_every_layer_of_a_type_one_block_shape():
 
 
 @pytest.mark.parametrize("score", ["abs", "square"])
-@pytest.mark.parametrize("budget", [dict(max_rows=0.5, max_cols=0.25), dict(max_rows=None, max_cols=None)])
-def test_supports_equal_top_k_of_the_dense_float64_score(score, budget):
+@pytest.mark.parametrize("budget", [dict(max_rows=0.5, max_cols=0.25), dict(max_rows=None, max_cols=None),
+                                    dict(max_rows=0.5, max_cols=0.25, budget_block="leading")])
+def test_supports_equal_top_k_of_the_dense_float64_score(score, budget, monkeypatch):
     """Calibration scores a budget's rows/columns first and then only the chosen block (no m x n score per
-    layer). Independent computation: the dense weight gradient of every batch by autograd, rotated as
-    P^T G R in float64, |.| or ^2 summed, then ``select_support`` on the whole matrix."""
-    from sg_distributed.selection import select_support
+    layer); a leading block skips the row/column pass. Independent computation: the dense weight gradient of
+    every batch by autograd, rotated as P^T G R in float64, |.| or ^2 summed, then ``select_support`` on the
+    whole matrix (or its top k in the leading r x c corner)."""
+    import sg_distributed.model as model_module
+    from sg_distributed.selection import leading_block, select_support, top_k_in_block
 
+    passes = []
+    real_passes = model_module.run_backward_passes
+    monkeypatch.setattr(model_module, "run_backward_passes", lambda *a, **k: passes.append(a[3]) or real_passes(*a, **k))
     base, batches = make_tiny_llama(seed=3).double(), lm_batches(n=3, seed=4)
     config = SparseGradConfig(density=0.05, score=score, **budget)
     model = get_sparsegrad_model(copy.deepcopy(base), config).calibrate(batches)
+    scored_block = budget["max_rows"] is not None and budget.get("budget_block") != "leading"
+    assert len(passes) == (3 if scored_block else 2), passes  # Grams, [row/column sums,] block or full scores
     layers = model.converted_layers()
     totals = {name: 0 for name in layers}
     for p in base.parameters():
@@ -298,7 +306,11 @@ def test_supports_equal_top_k_of_the_dense_float64_score(score, budget):
             weights[name].grad = None
     for name, layer in layers.items():
         m, n = layer.out_features, layer.in_features
-        expected = select_support(totals[name], layer.k, *config.block_budget(m, n))
+        if budget.get("budget_block") == "leading":
+            r, c = config.block_budget(m, n)
+            expected = top_k_in_block(totals[name][:r, :c], layer.k, *leading_block(r, c), (m, n))
+        else:
+            expected = select_support(totals[name], layer.k, *config.block_budget(m, n))
         assert torch.equal(layer.support_flat, expected.flat()), name
         if budget["max_rows"] is None:
             assert expected.block is None

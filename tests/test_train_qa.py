@@ -21,7 +21,10 @@ def test_missing_model_dir_is_a_clear_error(train_qa, tmp_path):
         train_qa.main(["--model", str(tmp_path / "nope"), "--steps", "1"])
 
 
-def test_budget_axes_balanced_gives_the_cost_balanced_block(train_qa, tiny_model_dir, tmp_path):
+def test_budget_axes_and_block_options_reach_the_saved_adapter(train_qa, tiny_model_dir, tmp_path):
+    """--budget_axes balanced --budget_block leading: the cost-balanced block shape, made of the leading
+    eigen-directions, which a reloaded adapter reads as slices of its bases."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from sg_distributed import SparseGradModel
@@ -29,9 +32,11 @@ def test_budget_axes_balanced_gives_the_cost_balanced_block(train_qa, tiny_model
     out = tmp_path / "run"
     train_qa.main(["--model", str(tiny_model_dir), "--steps", "2", "--eval_size", "2", "--no_eval_before",
                    "--calibration_steps", "2", "--micro_batch_size", "2", "--density", "0.02",
-                   "--budget_axes", "balanced", "--output_dir", str(out)])
+                   "--budget_axes", "balanced", "--budget_block", "leading", "--output_dir", str(out)])
     model = SparseGradModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
-    assert model.peft_config.budget_axes == "balanced"
+    assert (model.peft_config.budget_axes, model.peft_config.budget_block) == ("balanced", "leading")
     for name, layer in model.converted_layers().items():
         m, n = layer.out_features, layer.in_features
-        assert (layer.rows_used.numel(), layer.cols_used.numel()) == (round(0.25 * n), round(0.25 * m)), name
+        r, c = round(0.25 * n), round(0.25 * m)
+        assert torch.equal(layer.rows_used, torch.arange(r)) and torch.equal(layer.cols_used, torch.arange(c)), name
+        assert (layer._slice_index(0), layer._slice_index(1)) == (r, c), name
