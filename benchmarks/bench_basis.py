@@ -13,7 +13,7 @@ For every target layer (default MLP pair) of SmolLM2-135M-Instruct on FanOutQA b
    Table: mean +- std over the layers of a type (each layer: mean over the H batches).
 2. Over training: SparseGrad (fixed support, density 1 %, max_rows = max_cols = 0.25, textbook bases)
    with AdamW; at steps 0, E, 2E, ... the gradient w.r.t. the effective weight W0 + P S R^T (tapped on
-   the converted layers' ``.base``: same dY and X) is measured on held-out batches with the ORIGINAL
+   the converted layers' ``.base_layer``: same dY and X) is measured on held-out batches with the ORIGINAL
    calibration bases, with bases refitted at that step on those batches ("fresh"), and on the layer's
    own training support Omega.
 
@@ -265,7 +265,7 @@ def train_and_track(name, model, batches, targets, key_of, calib_bases, args, lo
     for key, (P, Q) in calib_bases.items():  # the library's bases are the ones measured above
         b = wrapped.bases[key]
         assert torch.allclose(b.P.float(), P, atol=1e-5) and torch.allclose(b.R.float(), Q, atol=1e-5), key
-    taps = {n: m.base for n, m in layers.items()}  # dY, X of the whole layer: grad of W_eff = W0 + P S R^T
+    taps = {n: m.base_layer for n, m in layers.items()}  # dY, X of the whole layer: grad of W_eff = W0 + P S R^T
     train_support = {n: m.support.flat() for n, m in layers.items()}
     trainable = prepared.trainable_parameters()
     optimizer = prepared.make_optimizer(args.lr)
@@ -285,7 +285,7 @@ def train_and_track(name, model, batches, targets, key_of, calib_bases, args, lo
             records, losses = measure(model, taps, measure_batches, key_of, {"original": calib_bases, "fresh": fresh},
                                       args.density, train_support=train_support, trainable=trainable)
             with torch.no_grad():
-                rel = [float(m.delta_weight(torch.float32).norm() / m.base.weight.norm()) for m in layers.values()]
+                rel = [float(m.delta_weight(torch.float32).norm() / m.base_layer.weight.norm()) for m in layers.values()]
             history.append({"step": step, "heldout_loss": statistics.fmean(losses),
                             "rel_weight_change": statistics.fmean(rel), "summary": summarize(records, key_of)})
             log(f"[{name}]   step {step:3d}: held-out loss {history[-1]['heldout_loss']:.3f}, "

@@ -193,7 +193,7 @@ def quantized_weights_digest(model) -> str | None:
     for name, module in model.named_modules():
         if is_quantized(module):
             found = True
-            digest.update(name.removesuffix(".base").encode())  # SparseGradLinear wraps the base as `.base`
+            digest.update(name.removesuffix(".base_layer").encode())  # SparseGradLinear wraps the base as `.base_layer`
             digest.update(module.weight.data.cpu().numpy().tobytes())
     return digest.hexdigest() if found else None
 

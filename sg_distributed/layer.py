@@ -304,7 +304,7 @@ class SupportStructure:
 
 
 class SparseGradLinear(nn.Module):
-    """Frozen ``base`` (nn.Linear, bnb Linear8bitLt or Linear4bit) + trainable k-vector ``sparse_values``.
+    """Frozen ``base`` (nn.Linear, bnb Linear8bitLt or Linear4bit) + trainable k-vector ``sparsegrad_values``.
 
     Pass the layer type's ``basis`` (a ``SharedBasis`` in the compute dtype) to share P and R with the
     other layers of that type; with ``P``, ``R`` only, the layer gets a private copy.
@@ -328,7 +328,7 @@ class SparseGradLinear(nn.Module):
             )
         for p in base.parameters():
             p.requires_grad_(False)
-        self.base = base
+        self.base_layer = base
         self.in_features, self.out_features = n, m
         self.basis = basis
         # The block the layer computes in: the budget's rows x cols the support was chosen (and is re-grown) in,
@@ -345,7 +345,7 @@ class SparseGradLinear(nn.Module):
                               for used in (rows_used, cols_used))
         self.structure = self._structure(support.rows, support.cols)
         init = torch.zeros(support.k, dtype=dtype) if values is None else values.detach().to(dtype).clone()
-        self.sparse_values = nn.Parameter(init)
+        self.sparsegrad_values = nn.Parameter(init)
 
     def _structure(self, rows: torch.Tensor, cols: torch.Tensor) -> SupportStructure:
         r, c = self.rows_used.numel(), self.cols_used.numel()
@@ -354,7 +354,7 @@ class SparseGradLinear(nn.Module):
 
     @property
     def support(self) -> Support:
-        """The support in slot order: ``support.rows[i], support.cols[i]`` hold ``sparse_values[i]``."""
+        """The support in slot order: ``support.rows[i], support.cols[i]`` hold ``sparsegrad_values[i]``."""
         return Support.from_flat(self.support_flat, (self.out_features, self.in_features), sort=False)
 
     # --- support re-selection (see reselect.py) -----------------------------------------------------
@@ -393,10 +393,10 @@ class SparseGradLinear(nn.Module):
 
     @property
     def k(self) -> int:
-        return getattr(self.sparse_values, "ds_numel", self.sparse_values.numel())  # ZeRO-3: a placeholder
+        return getattr(self.sparsegrad_values, "ds_numel", self.sparsegrad_values.numel())  # ZeRO-3: a placeholder
 
     def _apply(self, fn, recurse=True):
-        _apply_keeping_precision(self, fn, recurse, ("sparse_values",), super()._apply)
+        _apply_keeping_precision(self, fn, recurse, ("sparsegrad_values",), super()._apply)
         self.basis.apply(fn)
         self.structure.to(self.support_flat.device)
         return self
@@ -425,12 +425,12 @@ class SparseGradLinear(nn.Module):
         return self._master_slice(self.basis.Rt, 1).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = self.base_layer(x)
         dtype = compute_dtype_for(x)
         Pt, Rt = self.basis.for_compute(dtype, x.device)
         x2d = x.reshape(-1, x.shape[-1]).to(dtype)
         rows, cols = self._slice_index(0), self._slice_index(1)
-        values = self.sparse_values.to(dtype)
+        values = self.sparsegrad_values.to(dtype)
         with torch.autocast(x.device.type, enabled=False):  # dtypes are chosen above, for both passes
             if self.structure.dense_block:
                 base2d = out.reshape(-1, self.out_features) if out.dtype == dtype else None
@@ -446,20 +446,20 @@ class SparseGradLinear(nn.Module):
     def delta_weight(self, dtype=torch.float64) -> torch.Tensor:
         """P S R^T as a dense m x n matrix from the full-precision bases (for merging and tests, not for
         training), on the layer's device."""
-        device = self.sparse_values.device
-        S = self.structure.dense(self.sparse_values.to(dtype))
+        device = self.sparsegrad_values.device
+        S = self.structure.dense(self.sparsegrad_values.to(dtype))
         return self.P_sub.to(device, dtype) @ S @ self.R_sub.to(device, dtype).T
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain nn.Linear with W0 + P S R^T (8-bit / 4-bit bases are dequantised first)."""
-        W0 = dequantized_weight(self.base).to(torch.float64)
-        dtype = compute_dtype_of(self.base)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                           dtype=dtype, device=self.sparse_values.device)
+        W0 = dequantized_weight(self.base_layer).to(torch.float64)
+        dtype = compute_dtype_of(self.base_layer)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
+                           dtype=dtype, device=self.sparsegrad_values.device)
         linear.weight.copy_((W0 + self.delta_weight()).to(dtype))
-        if self.base.bias is not None:
-            linear.bias.copy_(self.base.bias.to(dtype))
+        if self.base_layer.bias is not None:
+            linear.bias.copy_(self.base_layer.bias.to(dtype))
         return linear
 
     def extra_repr(self) -> str:

@@ -290,7 +290,7 @@ class SparseGradModel(nn.Module):
             p.requires_grad_(False)
         for module in self.converted_layers().values():
             if isinstance(module, SparseGradLinear):
-                module.sparse_values.requires_grad_(True)
+                module.sparsegrad_values.requires_grad_(True)
             else:
                 for p in module.parameters():
                     p.requires_grad_(True)
@@ -389,7 +389,7 @@ class SparseGradModel(nn.Module):
             basis_dtype.setdefault(key, compute.dtype)  # full precision (fp32, or float64 in a float64 model)
             layers[name] = {"shape": [module.out_features, module.in_features], "basis_key": key}
             if isinstance(module, SparseGradLinear):
-                tensors[f"{name}.sparse_values"] = module.sparse_values.detach()
+                tensors[f"{name}.sparse_values"] = module.sparsegrad_values.detach()
                 small = module.in_features * module.out_features < 2**31  # int32 indices halve the file
                 tensors[f"{name}.support"] = module.support_flat.to(torch.int32 if small else torch.int64)
                 tensors[f"{name}.block_rows"] = module.rows_used.to(torch.int32)  # the block re-selection grows in

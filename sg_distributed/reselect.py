@@ -147,7 +147,7 @@ class SupportReselector:
             count = round(self.fraction * values.numel())  # not layer.k: ZeRO-3 leaves an empty placeholder
             slots, grown = plan_swap(values, score, layer.structure.flat, count)
             if slots.numel():
-                reset_slots(layer.sparse_values, slots, self.optimizer)
+                reset_slots(layer.sparsegrad_values, slots, self.optimizer)
                 layer.replace_entries(slots, grown)
             score.zero_()
             swapped += slots.numel()
@@ -158,7 +158,7 @@ class SupportReselector:
 
     def _full_values(self) -> list[torch.Tensor]:
         """Every layer's whole k-vector (ZeRO-3 partitions them: gathered once for all layers)."""
-        params = [layer.sparse_values for layer in self.layers.values()]
+        params = [layer.sparsegrad_values for layer in self.layers.values()]
         if not any(hasattr(p, "ds_id") for p in params):
             return [p.detach() for p in params]
         import deepspeed

@@ -101,7 +101,7 @@ def test_resolve_auto_persists_sparsegrad_k_vectors():
     assert resolve_auto(cfg, **args)["zero_optimization"]["stage3_param_persistence_threshold"] == 80  # no model
     assert resolve_auto(cfg, **{**args, "hidden_size": 64}, model=model)["zero_optimization"][
         "stage3_param_persistence_threshold"] == 640  # 10 * hidden already covers k
-    model[0].sparse_values.requires_grad_(False)  # frozen k-vectors do not count
+    model[0].sparsegrad_values.requires_grad_(False)  # frozen k-vectors do not count
     assert largest_sparse_k(model) == 90 and largest_sparse_k(None) == 0
     explicit = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     assert resolve_auto(explicit, **args, model=model)["zero_optimization"][

@@ -60,7 +60,7 @@ def test_fsdp2_one_rank_matches_plain_training_and_kernel_sees_plain_tensors(one
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)  # built before sharding: re-pointed
     apply_fsdp2(model, shard_sparse_values=shard, optimizer=optimizer)
     assert len(find_blocks(model)) == 2 and isinstance(model.base_model, FSDPModule)
-    values = [m.sparse_values for m in model.converted_layers().values()]
+    values = [m.sparsegrad_values for m in model.converted_layers().values()]
     assert all(isinstance(v, DTensor) == shard for v in values)
     _train(model, optimizer, batches, sync=sync_replicated_grads)
     assert seen and all(t is torch.Tensor or t is torch.nn.Parameter for types in seen for t in types), seen
@@ -68,7 +68,7 @@ def test_fsdp2_one_rank_matches_plain_training_and_kernel_sees_plain_tensors(one
     model.save_pretrained(tmp_path / "adapter")  # DTensor k-vectors are gathered (world 1: no peers)
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     for name, module in plain.converted_layers().items():
-        torch.testing.assert_close(saved[f"{name}.sparse_values"], module.sparse_values.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(saved[f"{name}.sparse_values"], module.sparsegrad_values.detach(), atol=1e-6, rtol=0)
     assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("sparse_values"))
 
 

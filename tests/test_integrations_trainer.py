@@ -69,7 +69,7 @@ def test_single_process_trainer_trains_k_vectors_and_checkpoints_adapter(tiny_mo
     assert after < before - 0.02, (before, after)
 
     k_vectors = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert k_vectors and all(n.endswith("sparse_values") for n in k_vectors)
+    assert k_vectors and all(n.endswith("sparsegrad_values") for n in k_vectors)
     assert recorder.seen and all(seen == k_vectors for seen in recorder.seen)
     held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.trainable_parameters()}

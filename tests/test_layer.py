@@ -75,7 +75,7 @@ def test_leading_block_reads_bases_as_views_and_matches_dense_float64(m, n, bloc
         layer(x).sum().backward()
     gathers = [(op, shape) for op, shape in log.ops if "index_select" in op]
     assert gathers == [("aten.index_select.default", (r * c,))], gathers  # only the k values from dL/dS
-    layer.sparse_values.grad = None
+    layer.sparsegrad_values.grad = None
     check_against_dense_float64(base, P, R, support, layer, tokens=(2, 3))
 
 
@@ -88,7 +88,7 @@ def check_against_dense_float64(base, P, R, support, layer, tokens):
 
     # Independent computation: dense S as a float64 leaf, W_eff = W0 + P S R^T, plain autograd.
     S = torch.zeros(m, n, dtype=torch.float64)
-    S[support.rows, support.cols] = layer.sparse_values.detach()
+    S[support.rows, support.cols] = layer.sparsegrad_values.detach()
     S.requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
     W_eff = base.weight.detach() + P @ S @ R.T
@@ -99,7 +99,7 @@ def check_against_dense_float64(base, P, R, support, layer, tokens):
     G = upstream.reshape(-1, m).T @ x.detach().reshape(-1, n)
     rotated = P.T @ G @ R  # the rotated gradient G~ = P^T G R
     torch.testing.assert_close(S.grad, rotated, rtol=0, atol=1e-10)
-    torch.testing.assert_close(layer.sparse_values.grad, rotated[support.rows, support.cols], rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.sparsegrad_values.grad, rotated[support.rows, support.cols], rtol=0, atol=1e-10)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-10)
     assert base.weight.grad is None
 
@@ -137,7 +137,7 @@ def test_backward_never_builds_an_m_by_n_tensor(budget):
     y = layer(x)
     with LargestTensor() as probe:
         y.sum().backward()
-    assert layer.sparse_values.grad is not None and x.grad is not None
+    assert layer.sparsegrad_values.grad is not None and x.grad is not None
     assert probe.largest < m * n // 4, f"{probe.op} produced {probe.largest} elements (m*n={m * n})"
 
 
@@ -170,9 +170,9 @@ def test_layers_share_one_basis_through_dtype_moves_and_deepcopy():
     x = torch.randn(4, n, dtype=torch.float64)
     for layer in layers:  # independent dense computation with the (converted) shared basis
         S = torch.zeros(m, n, dtype=torch.float64)
-        S[layer.support.rows, layer.support.cols] = layer.sparse_values.detach()
-        dense = layer.base.weight + layer.basis.P @ S @ layer.basis.R.T
-        torch.testing.assert_close(layer(x), x @ dense.T + layer.base.bias, atol=1e-12, rtol=0)
+        S[layer.support.rows, layer.support.cols] = layer.sparsegrad_values.detach()
+        dense = layer.base_layer.weight + layer.basis.P @ S @ layer.basis.R.T
+        torch.testing.assert_close(layer(x), x @ dense.T + layer.base_layer.bias, atol=1e-12, rtol=0)
     for clone in (copy.deepcopy(layers), pickle.loads(pickle.dumps(layers))):
         assert clone[0].basis is clone[1].basis and clone[0].basis is not basis
         for copied, layer in zip(clone, layers):

@@ -57,7 +57,7 @@ def test_sparsegrad_methods_train_save_reload_and_merge_in_bf16(case, tmp_path):
     # the converted layers' trained state (k-vectors; W~ and biases in reference/dynamic mode) is fp32 in a bf16
     # model; the norms that reference mode also trains are the model's own bf16 weights
     own = [t for layer in layers.values() for n, t in list(layer.named_parameters()) + list(layer.named_buffers())
-           if n in ("sparse_values", "rotated_weight", "bias")]
+           if n in ("sparsegrad_values", "rotated_weight", "bias")]
     assert own and all(t.dtype == torch.float32 for t in own)
     before = [p.detach().clone() for p in trained]
     losses = train(prepared, lm_batches(n=3, seed=5))
@@ -103,7 +103,7 @@ def test_small_updates_survive_in_a_bf16_model():
     """DESIGN §7: 40 AdamW steps at lr 1e-5 on values of 0.05 must move them (~4e-4); bf16 values cannot."""
     model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(**BUDGET)).calibrate(lm_batches())
     model.to(torch.bfloat16)  # a cast after calibration keeps the k-vectors in fp32 as well
-    values = [layer.sparse_values for layer in model.converted_layers().values()]
+    values = [layer.sparsegrad_values for layer in model.converted_layers().values()]
     assert all(v.dtype == torch.float32 for v in values)
     with torch.no_grad():
         for v in values:
@@ -145,12 +145,12 @@ def make_layer(dense_block: bool, m=40, n=48, k=120, seed=0):
 def dense_reference(layer, x, upstream):
     """dL/dv and dL/dx of L = sum(upstream * y) in float64 dense math: W = W0 + P S R^T."""
     P, R = layer.basis.P.double(), layer.basis.R.double()
-    values = layer.sparse_values.detach().double().requires_grad_(True)
+    values = layer.sparsegrad_values.detach().double().requires_grad_(True)
     xd = x.detach().double().requires_grad_(True)
     S = torch.zeros(layer.out_features * layer.in_features, dtype=torch.float64)
     S = S.index_put((layer.support_flat,), values).view(layer.out_features, layer.in_features)
-    W = layer.base.weight.double() + P @ S @ R.T
-    y = xd @ W.T + layer.base.bias.double()
+    W = layer.base_layer.weight.double() + P @ S @ R.T
+    y = xd @ W.T + layer.base_layer.bias.double()
     (y * upstream.double()).sum().backward()
     return values.grad, xd.grad
 
@@ -165,14 +165,14 @@ def test_autocast_bf16_over_fp32_gradients_match_float64(dense_block):
     upstream = torch.randn(2, 9, layer.out_features, generator=g)
     want_values, want_x = dense_reference(layer, x, upstream)
     for autocast, tolerance in ((False, 1e-5), (True, 5e-2)):
-        layer.sparse_values.grad = None
+        layer.sparsegrad_values.grad = None
         xg = x.clone().requires_grad_(True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = layer(xg)
         assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
         (y.float() * upstream).sum().backward()
-        assert layer.sparse_values.grad.dtype == torch.float32 and xg.grad.dtype == torch.float32
-        assert relative_error(layer.sparse_values.grad, want_values) < tolerance
+        assert layer.sparsegrad_values.grad.dtype == torch.float32 and xg.grad.dtype == torch.float32
+        assert relative_error(layer.sparsegrad_values.grad, want_values) < tolerance
         assert relative_error(xg.grad, want_x) < tolerance
 
 

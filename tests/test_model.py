@@ -58,7 +58,7 @@ def test_adam_state_is_two_k_values_per_matrix():
     assert [p.numel() for p in model.trainable_parameters()] == [37] * len(layers)
     state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
     assert sum(t.numel() for t in state) == 2 * 37 * len(layers)
-    assert all(layer.sparse_values.abs().sum() > 0 for layer in layers.values())
+    assert all(layer.sparsegrad_values.abs().sum() > 0 for layer in layers.values())
 
 
 def test_training_before_calibration_is_refused(tiny_llama):
@@ -118,7 +118,7 @@ def test_quantized_base_stays_bit_identical_and_loss_falls(bits):
     losses = train_steps(model, model.make_optimizer(lr=3e-2), batch, 20)
     assert losses[-1] < losses[0] - 0.05
     for n in names:
-        assert torch.equal(model.get_submodule(n).base.weight, before[n])
+        assert torch.equal(model.get_submodule(n).base_layer.weight, before[n])
 
 
 def test_reference_mode_equals_sparse_adam_restatement():
@@ -183,11 +183,11 @@ def test_reference_mode_equals_sparse_adam_restatement():
 def test_nonfinite_gradients_raise_or_skip(tiny_llama):
     model = get_sparsegrad_model(tiny_llama, SparseGradConfig(k=5)).calibrate(lm_batches())
     layer = next(iter(model.converted_layers().values()))
-    layer.sparse_values.grad = torch.tensor([float("nan")] * 5)
-    with pytest.raises(FloatingPointError, match="model.layers.0.mlp.up_proj.sparse_values"):
+    layer.sparsegrad_values.grad = torch.tensor([float("nan")] * 5)
+    with pytest.raises(FloatingPointError, match="model.layers.0.mlp.up_proj.sparsegrad_values"):
         model.grads_are_finite("raise")
     assert model.grads_are_finite("skip") is False and model.skipped_steps == 1
-    assert layer.sparse_values.grad is None
+    assert layer.sparsegrad_values.grad is None
 
 
 @pytest.mark.parametrize("kwargs,message", [

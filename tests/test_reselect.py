@@ -60,7 +60,7 @@ def test_slot_order_support_matches_dense_float64(budget):
     y_ref = x.detach() @ (base.weight.detach() + P @ S @ R.T).T + base.bias.detach()
     rotated = P.T @ (upstream.T @ x.detach()) @ R
     torch.testing.assert_close(layer(x.detach()), y_ref, rtol=0, atol=1e-12)
-    torch.testing.assert_close(layer.sparse_values.grad, rotated[shuffled.rows, shuffled.cols], rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.sparsegrad_values.grad, rotated[shuffled.rows, shuffled.cols], rtol=0, atol=1e-10)
     assert layer.support.rows.tolist() == shuffled.rows.tolist()  # slot order survives
 
 
@@ -88,7 +88,7 @@ def test_scoring_without_a_budget_is_a_clear_error():
 def test_reselection_swaps_entries_and_resets_their_adam_state():
     m, n, k = 24, 40, 30
     base, P, R, support, layer = make_layer(m, n, k, budget=(8, 12))
-    optimizer = torch.optim.AdamW([layer.sparse_values], lr=1e-2, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([layer.sparsegrad_values], lr=1e-2, weight_decay=0.0)
     reselector = SupportReselector({"layer": layer}, every=2, fraction=0.3, optimizer=optimizer)
     x, target = torch.randn(16, n, dtype=torch.float64), torch.randn(16, m, dtype=torch.float64)
     for step in range(2):
@@ -98,8 +98,8 @@ def test_reselection_swaps_entries_and_resets_their_adam_state():
         if step == 0:
             assert reselector.step() is None
     before_flat = layer.support_flat.clone()
-    before_values = layer.sparse_values.detach().clone()
-    before_state = {key: optimizer.state[layer.sparse_values][key].clone() for key in ("exp_avg", "exp_avg_sq")}
+    before_values = layer.sparsegrad_values.detach().clone()
+    before_state = {key: optimizer.state[layer.sparsegrad_values][key].clone() for key in ("exp_avg", "exp_avg_sq")}
     score = layer.structure.score.clone()
     slots, grown = plan_swap(before_values, score, layer.structure.flat, round(0.3 * k))
 
@@ -112,23 +112,23 @@ def test_reselection_swaps_entries_and_resets_their_adam_state():
     c = layer.cols_used.numel()
     expected_new = layer.rows_used[grown // c] * n + layer.cols_used[grown % c]
     assert torch.equal(layer.support_flat[slots], expected_new)
-    assert torch.equal(layer.sparse_values.detach()[kept], before_values[kept])
-    assert not layer.sparse_values.detach()[slots].any()
+    assert torch.equal(layer.sparsegrad_values.detach()[kept], before_values[kept])
+    assert not layer.sparsegrad_values.detach()[slots].any()
     for key, old in before_state.items():
-        new = optimizer.state[layer.sparse_values][key]
+        new = optimizer.state[layer.sparsegrad_values][key]
         assert torch.equal(new[kept], old[kept]) and not new[slots].any()
     assert not layer.structure.score.any()  # scores restart after each re-selection
 
     # Independent: the layer computes W0 + P S R^T with the new support (dense float64)
     S = torch.zeros(m * n, dtype=torch.float64)
-    S[layer.support_flat] = layer.sparse_values.detach()
+    S[layer.support_flat] = layer.sparsegrad_values.detach()
     y_ref = x @ (base.weight.detach() + P @ S.view(m, n) @ R.T).T + base.bias.detach()
     torch.testing.assert_close(layer(x).detach(), y_ref, rtol=0, atol=1e-12)
     # training goes on: the grown slots receive gradients at their new entries
     optimizer.zero_grad()
     ((layer(x) - target) ** 2).mean().backward()
     rotated = P.T @ (2 * (layer(x) - target).detach().T @ x / (16 * m)) @ R
-    torch.testing.assert_close(layer.sparse_values.grad, rotated.reshape(-1)[layer.support_flat], rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.sparsegrad_values.grad, rotated.reshape(-1)[layer.support_flat], rtol=0, atol=1e-10)
 
 
 def test_reselected_adapter_round_trips_in_slot_order(tmp_path):

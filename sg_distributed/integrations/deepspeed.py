@@ -223,7 +223,7 @@ def resolve_auto(
     the k of the paper presets (LLaMA-2-7B: k = 100,000 > 40,960), which would cost two all-gathers of every
     k-vector per micro-batch (forward and backward) for a few hundred kB each. With ``model`` given (the
     converted model, before ``deepspeed.initialize``), an ``"auto"`` threshold becomes
-    ``max(10·hidden, largest k)`` where k is the numel of a trainable ``sparse_values`` of a
+    ``max(10·hidden, largest k)`` where k is the numel of a trainable ``sparsegrad_values`` of a
     :class:`~sg_distributed.layer.SparseGradLinear`. Any other parameter of at most that numel (a frozen
     small weight, a bias) becomes persistent too: replicated, at most largest-k values each. An explicit
     number in the config is kept as it is.
@@ -306,7 +306,7 @@ def largest_sparse_k(model: Any) -> int:
     from ..layer import SparseGradLinear
 
     return max((m.k for m in model.modules()
-                if isinstance(m, SparseGradLinear) and m.sparse_values.requires_grad), default=0)
+                if isinstance(m, SparseGradLinear) and m.sparsegrad_values.requires_grad), default=0)
 
 
 def _resolve_precision(out: dict, precision: str) -> None:

@@ -8,7 +8,7 @@ fail -- so they are passed to ``fully_shard`` as ``ignored_params`` and stay who
 
 The k-vectors
 =============
-``shard_sparse_values=False`` (default, *replicated*): every ``sparse_values`` is also an ignored
+``shard_sparse_values=False`` (default, *replicated*): every ``sparsegrad_values`` is also an ignored
 param: a plain tensor, whole on every rank, never all-gathered. After the last micro-batch of a step
 ``sync_replicated_grads(model)`` all-reduces all their gradients in **one** flat bucket (average over
 ranks); ``Engine.step`` calls it, a hand-written loop must call it before ``optimizer.step()``.
@@ -102,7 +102,7 @@ def find_blocks(model: nn.Module, pattern: str = BLOCK_PATTERN) -> list[nn.Modul
 def _sparse_values(model: nn.Module) -> list[nn.Parameter]:
     from ..layer import SparseGradLinear
 
-    return [m.sparse_values for m in model.modules() if isinstance(m, SparseGradLinear)]
+    return [m.sparsegrad_values for m in model.modules() if isinstance(m, SparseGradLinear)]
 
 
 def find_root(model: nn.Module) -> nn.Module:
