@@ -58,7 +58,7 @@ converted matrices; every trainable tensor is what the library trains, see READM
     and LAPACK syevd's workspace 8 (2 m^2 + 6 m + 1) + 4 (5 m + 3) (CPU LAPACK's figure, used for cuSOLVER
     too; not measured by the tests: it is allocated inside the kernel).
   - scores pass: the bases, 4 B per value (``sparsegrad``: float32 for bf16/fp16/fp32 models, see
-    ``SparseGradModel._calibration_basis_dtypes``; 8 B for ``sparsegrad_dynamic``, which has no scoring);
+    ``Calibrator.basis_dtypes``; 8 B for ``sparsegrad_dynamic``, which has no scoring);
     row/column sums 8 (m + n) per budgeted layer; 8 m n per layer without a budget; activations; tapped
     inputs; the largest hook transient: 4 (T (m + n) + 2 m n) (rotated gradient and its |.| or square;
     + 4 m n for the float64 copy of an unbudgeted layer's score, + the casts when b < 4).

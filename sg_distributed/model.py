@@ -11,17 +11,17 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .basis import Bases, GramAccumulator, compute_dtype, identity_bases
-from .calibration import gradient_tap, gradients_flowing, run_backward_passes
+from .basis import Bases, identity_bases
+from .calibration import gradients_flowing
 from .config import SparseGradConfig
 from .io import atomic_directory, tensor_bytes
 from .dynamic import SparseStateAdam, make_dynamic
-from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of, master_dtype
+from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
 from .optim import LazyAdam
 from .reselect import SupportReselector
-from .runtime import in_place_collective, is_distributed
-from .selection import Support, choose_block, leading_block, select_support, top_k_in_block
-from .targets import find_target_linears, layer_type
+from .selection import Support
+from .sparsegrad.calibration import Calibrator, assign_basis_keys
+from .targets import find_target_linears
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -32,38 +32,6 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
-
-
-def _all_reduce_sum(tensor: torch.Tensor) -> None:
-    if is_distributed():
-        in_place_collective(tensor, dist.all_reduce)
-
-
-def _columns(basis: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """basis[:, index]: a view when ``index`` is 0..r-1 (a leading block), else a gather."""
-    r = index.numel()
-    return basis[:, :r] if r and int(index[-1]) == r - 1 else basis.index_select(1, index)
-
-
-def _block_from_rank0(block: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank 0's budget rows and cols on every rank, before the block pass (the blocks' scores are summed)."""
-    if is_distributed():
-        for t in block:
-            in_place_collective(t, lambda t: dist.broadcast(t, src=0))
-    return block
-
-
-def _from_rank0(support: Support) -> Support:
-    """Rank 0's support (and budget block) on every rank: ranks select from identical summed scores, but a
-    top-k tie could still break differently on different hardware; k indices are cheap to send."""
-    if not is_distributed():
-        return support
-    tensors = [support.flat()] + (list(support.block) if support.block is not None else [])
-    for t in tensors:  # the block's sizes are the budget: equal on every rank
-        in_place_collective(t, lambda t: dist.broadcast(t, src=0))
-    result = Support.from_flat(tensors[0], support.shape)
-    result.block = (tensors[1], tensors[2]) if support.block is not None else None
-    return result
 
 
 class SparseGradModel(nn.Module):
@@ -77,7 +45,7 @@ class SparseGradModel(nn.Module):
         self.target_names = list(targets)
         for name, module in targets.items():
             config.entries_for(module.out_features, module.in_features, name)  # validate k early
-        self.basis_keys = self._assign_basis_keys(targets)
+        self.basis_keys = assign_basis_keys(targets, config.basis_sharing)
         for p in model.parameters():
             p.requires_grad_(False)
         self.bases: dict[str, Bases] = {}
@@ -115,19 +83,6 @@ class SparseGradModel(nn.Module):
             raise RuntimeError("SparseGradModel: call calibrate(batches) (or from_pretrained) before training or inference")
         return self.base_model(*args, **kwargs)
 
-    def _assign_basis_keys(self, targets: dict[str, nn.Module]) -> dict[str, str]:
-        """One basis per layer type (or per layer); a type whose layers differ in shape is split by shape."""
-        if self.peft_config.basis_sharing == "layer":
-            return {name: name for name in targets}
-        shapes: dict[str, set] = {}
-        for name, module in targets.items():
-            shapes.setdefault(layer_type(name), set()).add((module.out_features, module.in_features))
-        keys = {}
-        for name, module in targets.items():
-            kind = layer_type(name)
-            keys[name] = kind if len(shapes[kind]) == 1 else f"{kind}@{module.out_features}x{module.in_features}"
-        return keys
-
     def basis_key(self, name: str) -> str:
         return self.basis_keys[name]
 
@@ -145,7 +100,7 @@ class SparseGradModel(nn.Module):
         (float64 by default, so summation order cannot flip a top-k choice; float32 halves them:
         m^2 + n^2 per type, plus per layer m + n sums and the r x c budget block, or m x n without a budget).
         Three passes over ``batches``: Grams, row/column score sums, budget-block scores (see
-        ``_select_supports``; the last two are one pass without a budget, and a ``leading`` block skips the
+        ``Calibrator.select_supports``; the last two are one pass without a budget, and a ``leading`` block skips the
         sums).
         """
         if self.calibrated:
@@ -153,10 +108,12 @@ class SparseGradModel(nn.Module):
         steps = steps or self.peft_config.calibration_steps
         batches = list(b for _, b in zip(range(steps), batches))  # two passes need the same batches
         modules = self.converted_layers()
+        calibrator = Calibrator(self.base_model, modules, self.basis_keys, self.peft_config, batches, loss_fn,
+                                show_progress)
         with gradients_flowing(self.base_model, modules):
-            self.bases = self._fit_bases(batches, modules, loss_fn, gram_dtype, show_progress)
+            self.bases = calibrator.fit_bases(gram_dtype)
             if self.peft_config.support_mode == "fixed":
-                supports = self._select_supports(batches, modules, loss_fn, gram_dtype, show_progress)
+                supports = calibrator.select_supports(self.bases, gram_dtype)
         calibration_bases = self.bases
         for name, module in modules.items():
             bases = calibration_bases[self.basis_key(name)]
@@ -171,111 +128,6 @@ class SparseGradModel(nn.Module):
         self._mark_trainable()
         self.calibrated = True
         return self
-
-    def _fit_bases(self, batches, modules, loss_fn, gram_dtype, show_progress) -> dict[str, Bases]:
-        if self.peft_config.basis == "identity":
-            return {self.basis_key(n): identity_bases(m.out_features, m.in_features, dtype=torch.float64,
-                                                      device=m.weight.device) for n, m in modules.items()}
-        acc = GramAccumulator(dtype=gram_dtype)
-        with gradient_tap(modules, lambda name, dy, x: acc.add_factors(self.basis_key(name), dy, x)):
-            run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: bases", show_progress)
-        acc.all_reduce()
-        return acc.bases(self.peft_config.input_convention, self._calibration_basis_dtypes(modules), release=True)
-
-    def _calibration_basis_dtypes(self, modules) -> dict[str, torch.dtype]:
-        """float32 for a type whose layers all keep float32 masters (fp32/bf16/fp16/quantised bases) in fixed
-        mode, else float64. Exact: the supports are scored in float32 there (``compute_dtype`` of the layers'
-        activations, never float64 when the weight is not), from ``P.to(float32)`` -- the same single rounding
-        of the float64 solution as storing it rounded -- and ``SharedBasis`` rounds its master to float32 too.
-        Reference / dynamic layers keep float64 (their bases are checksummed and saved as they are)."""
-        dtypes: dict[str, torch.dtype] = {}
-        for name, module in modules.items():
-            fp32 = self.peft_config.support_mode == "fixed" and master_dtype(compute_dtype_of(module)) == torch.float32
-            key = self.basis_key(name)
-            dtypes[key] = torch.float32 if fp32 and dtypes.get(key, torch.float32) == torch.float32 else torch.float64
-        return dtypes
-
-    def _select_supports(self, batches, modules, loss_fn, dtype, show_progress) -> dict[str, Support]:
-        """Score |G~| (or G~^2) summed over the calibration batches and keep the top k of each layer.
-
-        Memory stays at what can be selected. Under a row/column budget one pass sums the score's rows and
-        columns (m + n per layer), ``choose_block`` picks the budget's rows x cols, and a second pass scores
-        only that block (r x c per layer, from the sliced factors: cheaper too); a ``leading`` block needs
-        no first pass. Only layers without a budget keep a whole m x n score. Accumulated in ``dtype``
-        (float64: order-insensitive).
-        """
-        config, square = self.peft_config, self.peft_config.score == "square"
-        shapes = {name: (module.out_features, module.in_features) for name, module in modules.items()}
-        budgets = {name: config.block_budget(m, n) for name, (m, n) in shapes.items()}
-        budgeted = {name for name, (m, n) in shapes.items() if budgets[name] != (m, n)}
-        summed = set() if config.budget_block == "leading" else budgeted  # blocks chosen from row/column sums
-        work_bases: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # bases cast once per type and dtype
-
-        def factors(name, dy, x, rows=None, cols=None):
-            work = compute_dtype(dy.dtype)
-            key = (self.basis_key(name), work, dy.device)
-            if key not in work_bases:
-                bases = self.bases[self.basis_key(name)]
-                if bases.P.dtype.itemsize < work.itemsize:
-                    raise RuntimeError(f"calibration: {name!r} computes in {work} but its bases were kept in "
-                                       f"{bases.P.dtype} (see _calibration_basis_dtypes)")
-                work_bases[key] = (bases.P.to(dy.device, work), bases.R.to(dy.device, work))
-            P, R = work_bases[key]
-            if rows is not None:  # the block's columns of P and R: views when leading, else gathered per use
-                P, R = _columns(P, rows), _columns(R, cols)
-            rotated = Bases(P, R).rotate_factors(dy.to(work), x.to(work))  # P^T (dY^T X) R, never forming G
-            return rotated.square() if square else rotated.abs()
-
-        sums: dict[str, list[torch.Tensor]] = {}
-        full: dict[str, torch.Tensor] = {}
-
-        def accumulate_sums(name, dy, x):
-            if name in budgeted and name not in summed:
-                return
-            value = factors(name, dy, x)
-            if name in budgeted:
-                parts = [value.sum(1).to(dtype), value.sum(0).to(dtype)]
-                sums[name] = parts if name not in sums else [a.add_(b) for a, b in zip(sums[name], parts)]
-            else:
-                value = value.to(dtype)
-                full[name] = value if name not in full else full[name].add_(value)
-
-        if summed or len(budgeted) < len(modules):
-            with gradient_tap(modules, accumulate_sums):
-                run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: supports",
-                                    show_progress)
-        blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name in self.target_names:  # same order on every rank
-            if name in summed:
-                for total in sums[name]:
-                    _all_reduce_sum(total)
-                blocks[name] = _block_from_rank0(choose_block(*sums[name], *budgets[name]))
-            elif name in budgeted:
-                blocks[name] = leading_block(*budgets[name], device=modules[name].weight.device)
-        del sums
-
-        scores: dict[str, torch.Tensor] = {}
-        if budgeted:
-            def accumulate_block(name, dy, x):
-                if name in budgeted:
-                    value = factors(name, dy, x, *blocks[name]).to(dtype)
-                    scores[name] = value if name not in scores else scores[name].add_(value)
-
-            with gradient_tap(modules, accumulate_block):
-                run_backward_passes(self.base_model, batches, len(batches), loss_fn, "calibration: budget blocks",
-                                    show_progress)
-        work_bases.clear()
-        supports = {}
-        for name in self.target_names:
-            (m, n), k = shapes[name], config.entries_for(*shapes[name], name)
-            if name in budgeted:
-                _all_reduce_sum(scores[name])
-                support = top_k_in_block(scores.pop(name), k, *blocks[name], (m, n))
-            else:
-                _all_reduce_sum(full[name])
-                support = select_support(full.pop(name), k)
-            supports[name] = _from_rank0(support)
-        return supports
 
     def _reference_layer(self, name, module, bases: Bases) -> nn.Module:
         """The paper's layer; in dynamic mode its W~ becomes a buffer handled by SparseStateAdam."""

@@ -221,7 +221,7 @@ class _PeakBytes:
 
 def _phase_marks(monkeypatch, tracker):
     """Mark the phases of ``calibrate`` on ``tracker``: Gram pass, solve, scores pass, block pass."""
-    import sg_distributed.model as model_module
+    import sg_distributed.sparsegrad.calibration as calibration_module
     from sg_distributed.basis import GramAccumulator
 
     def wrap(owner, name, before, after=None):
@@ -238,17 +238,17 @@ def _phase_marks(monkeypatch, tracker):
 
         monkeypatch.setattr(owner, name, wrapped)
 
-    wrap(model_module.SparseGradModel, "_fit_bases", "bases pass")
+    wrap(calibration_module.Calibrator, "fit_bases", "bases pass")
     wrap(GramAccumulator, "bases", "solve", "between")
-    wrap(model_module.SparseGradModel, "_select_supports", "scores pass", "conversion")
-    original_choose = model_module.choose_block
+    wrap(calibration_module.Calibrator, "select_supports", "scores pass", "conversion")
+    original_choose = calibration_module.choose_block
 
     def choose(*args, **kwargs):  # called once per layer between the two scoring passes
         result = original_choose(*args, **kwargs)
         tracker.start("block pass")
         return result
 
-    monkeypatch.setattr(model_module, "choose_block", choose)
+    monkeypatch.setattr(calibration_module, "choose_block", choose)
 
 
 def test_calibration_memory_matches_a_measured_calibrate(monkeypatch):

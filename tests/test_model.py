@@ -282,12 +282,12 @@ def test_supports_equal_top_k_of_the_dense_float64_score(score, budget, monkeypa
     layer); a leading block skips the row/column pass. Independent computation: the dense weight gradient of
     every batch by autograd, rotated as P^T G R in float64, |.| or ^2 summed, then ``select_support`` on the
     whole matrix (or its top k in the leading r x c corner)."""
-    import sg_distributed.model as model_module
+    import sg_distributed.sparsegrad.calibration as calibration_module
     from sg_distributed.selection import leading_block, select_support, top_k_in_block
 
     passes = []
-    real_passes = model_module.run_backward_passes
-    monkeypatch.setattr(model_module, "run_backward_passes", lambda *a, **k: passes.append(a[3]) or real_passes(*a, **k))
+    real_passes = calibration_module.run_backward_passes
+    monkeypatch.setattr(calibration_module, "run_backward_passes", lambda *a, **k: passes.append(a[3]) or real_passes(*a, **k))
     base, batches = make_tiny_llama(seed=3).double(), lm_batches(n=3, seed=4)
     config = SparseGradConfig(density=0.05, score=score, **budget)
     model = get_sparsegrad_model(copy.deepcopy(base), config).calibrate(batches)
