@@ -2,10 +2,12 @@
 from .config import SparseGradConfig
 from .graddrop import GradDropConfig, GradualUnfreezing, apply_graddrop
 from .model import SparseGradModel, get_sparsegrad_model
+from .sparsegrad.model import SparseGradTuner  # registers SparseGrad with peft
 
 __all__ = [
     "SparseGradConfig",
     "SparseGradModel",
+    "SparseGradTuner",
     "get_sparsegrad_model",
     "GradDropConfig",
     "apply_graddrop",

@@ -1,7 +1,9 @@
 """SparseGradConfig: what to convert, how many entries to train, and how the bases are built.
 
-Validated on construction so a bad value fails before any model is touched; JSON round trip so the
-config travels with saved adapters (``adapter_config.json``) the way PEFT configs do.
+A ``peft.PeftConfig`` (``peft_type`` SPARSEGRAD, see ``sparsegrad/registration.py``), so peft's
+``get_peft_model``, ``PeftModel.from_pretrained`` and TRL's ``SFTTrainer(peft_config=...)`` take it. Validated
+on construction so a bad value fails before any model is touched; JSON round trip so the config travels
+with saved adapters (``adapter_config.json``).
 """
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
+
+from peft import PeftConfig
+
+from .sparsegrad.registration import peft_type
 
 LLAMA_TARGETS = ["up_proj", "down_proj"]
 # BERT's attention output is also called `output.dense`: a regex keeps only the MLP pair.
@@ -31,7 +37,7 @@ DEFAULT_BUDGET = 0.25
 
 
 @dataclass
-class SparseGradConfig:
+class SparseGradConfig(PeftConfig):
     """Configuration of a SparseGrad adapter.
 
     target_modules: list of module-name suffixes (PEFT style) or one regex matched against full names.
@@ -70,6 +76,8 @@ class SparseGradConfig:
     calibration_steps: batches used by ``calibrate`` when the caller does not limit them.
     score: accumulate ``abs`` |G~| or ``square`` G~^2 to rank entries.
     reference_rotated_bias_grad / reference_freeze_layernorm: the authors' quirks, reference mode only.
+    modules_to_save: names of further modules trained densely and saved with the adapter (peft's
+        ``modules_to_save``: a fresh classification head, embeddings), e.g. ``["classifier"]``.
     """
 
     target_modules: list[str] | str | None = None
@@ -93,8 +101,11 @@ class SparseGradConfig:
     score: str = "abs"
     reference_rotated_bias_grad: bool = False
     reference_freeze_layernorm: bool = False
+    modules_to_save: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = peft_type()
         if self.k is not None and (isinstance(self.k, bool) or not isinstance(self.k, int) or self.k <= 0):
             raise ValueError(f"SparseGradConfig.k must be a positive integer, got {self.k!r}")
         if not (0.0 < float(self.density) <= 1.0):
@@ -162,13 +173,13 @@ class SparseGradConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SparseGradConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"peft_type"})
+        unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"SparseGradConfig: unknown keys {unknown}; valid keys are {sorted(known)}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps({"peft_type": "SPARSEGRAD", **self.to_dict()}, indent=2)
+        text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
             Path(path).write_text(text)
         return text

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft.tuners.tuners_utils import BaseTunerLayer
+
 from .quant import dequantized_weight
 from .selection import Support
 
@@ -303,33 +305,79 @@ class SupportStructure:
         return self
 
 
-class SparseGradLinear(nn.Module):
-    """Frozen ``base`` (nn.Linear, bnb Linear8bitLt or Linear4bit) + trainable k-vector ``sparsegrad_values``.
+class SparseGradLinear(nn.Module, BaseTunerLayer):
+    """Frozen ``base_layer`` (nn.Linear, bnb Linear8bitLt or Linear4bit) + trainable k-vector ``sparsegrad_values``.
 
     Pass the layer type's ``basis`` (a ``SharedBasis`` in the compute dtype) to share P and R with the
     other layers of that type; with ``P``, ``R`` only, the layer gets a private copy.
+
+    It is also peft's tuner layer for SparseGrad (``sparsegrad.model.SparseGradTuner``, one adapter per
+    layer): ``SparseGradLinear.placeholder(base, k)`` is the layer before calibration (a k-vector of zeros,
+    no bases or support yet), and ``install`` gives it the calibrated bases and support. ``merge`` /
+    ``unmerge`` fold the update into the base weight; a disabled adapter computes the base layer alone.
     """
 
-    def __init__(self, base: nn.Linear, P: torch.Tensor | None, R: torch.Tensor | None, support: Support,
+    adapter_layer_names = ()  # the k-vector is a plain parameter: one adapter per layer (see set_adapter)
+    other_param_names = ()
+
+    def __init__(self, base: nn.Linear, P: torch.Tensor | None, R: torch.Tensor | None, support: Support | None,
                  values: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-                 block: tuple[torch.Tensor, torch.Tensor] | None = None, basis: SharedBasis | None = None):
+                 block: tuple[torch.Tensor, torch.Tensor] | None = None, basis: SharedBasis | None = None,
+                 k: int | None = None, adapter_name: str = "default"):
         super().__init__()
         m, n = base.out_features, base.in_features
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.base_layer = base
+        self.in_features, self.out_features = n, m
+        self._active_adapter = adapter_name
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.passthrough = False  # calibration runs the base layer alone through an uncalibrated layer
+        self._dequantized_by_merge = False
+        self.basis: SharedBasis | None = None
+        self.structure: SupportStructure | None = None
+        k = support.k if support is not None else k
+        if k is None:
+            raise ValueError(f"SparseGradLinear({m}x{n}): give a support, or k for a layer calibrated later")
         dtype = master_dtype(basis.dtype if basis is not None else (dtype or compute_dtype_of(base)))
+        init = torch.zeros(k, dtype=dtype) if values is None else values.detach().to(dtype).clone()
+        self.sparsegrad_values = nn.Parameter(init)
+        self.register_buffer("support_flat", torch.zeros(k, dtype=torch.int64))
+        self.register_buffer("rows_used", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self.register_buffer("cols_used", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self._leading = (None, None)
+        if support is not None:
+            self.install(support, P, R, basis=basis, block=block)
+
+    @classmethod
+    def placeholder(cls, base: nn.Module, k: int, adapter_name: str = "default") -> "SparseGradLinear":
+        """The layer before calibration: a zero k-vector (so an optimizer can be built on it), no support."""
+        return cls(base, None, None, None, k=k, adapter_name=adapter_name)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.structure is not None
+
+    @torch.no_grad()
+    def install(self, support: Support, P: torch.Tensor | None = None, R: torch.Tensor | None = None,
+                basis: SharedBasis | None = None, block: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Give the layer its bases (a type's ``SharedBasis``, or private P and R) and its support; the
+        k-vector keeps its values (zeros after calibration, the saved ones when loading)."""
+        m, n = self.out_features, self.in_features
         if basis is None:
             if P is None or R is None:
                 raise ValueError(f"SparseGradLinear({m}x{n}): give the bases, as P and R or as a SharedBasis")
-            basis = SharedBasis(P, R, dtype)
+            basis = SharedBasis(P, R, self.sparsegrad_values.dtype)
         shape_P, shape_R = tuple(basis.Pt.shape), tuple(basis.Rt.shape)
         if tuple(support.shape) != (m, n) or shape_P != (m, m) or shape_R != (n, n):
             raise ValueError(
                 f"SparseGradLinear: base is {m}x{n} but support is {tuple(support.shape)}, "
                 f"P is {shape_P}, R is {shape_R}"
             )
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.base_layer = base
-        self.in_features, self.out_features = n, m
+        if support.k != self.k:
+            raise ValueError(f"SparseGradLinear({m}x{n}): the support has {support.k} entries, the layer's "
+                             f"k-vector {self.k}")
         self.basis = basis
         # The block the layer computes in: the budget's rows x cols the support was chosen (and is re-grown) in,
         # one shape per layer type; without a budget, the rows x cols the support touches.
@@ -337,15 +385,13 @@ class SparseGradLinear(nn.Module):
         rows_used, cols_used = rows_used.to(torch.int64), cols_used.to(torch.int64)
         if block is not None and not (torch.isin(support.rows, rows_used).all() and torch.isin(support.cols, cols_used).all()):
             raise ValueError(f"SparseGradLinear({m}x{n}): the support has entries outside the given rows x cols block")
-        self.register_buffer("support_flat", support.flat())
-        self.register_buffer("rows_used", rows_used, persistent=False)
-        self.register_buffer("cols_used", cols_used, persistent=False)
+        device = self.support_flat.device
+        self.support_flat = support.flat().to(device)
+        self.rows_used, self.cols_used = rows_used.to(device), cols_used.to(device)
         # Rows / cols 0..r-1 (a ``leading`` block, or a scored one that happens to be): read as slices.
         self._leading = tuple(int(used.numel()) if used.numel() and int(used[-1]) == used.numel() - 1 else None
                               for used in (rows_used, cols_used))
-        self.structure = self._structure(support.rows, support.cols)
-        init = torch.zeros(support.k, dtype=dtype) if values is None else values.detach().to(dtype).clone()
-        self.sparsegrad_values = nn.Parameter(init)
+        self.structure = self._structure(support.rows.to(device), support.cols.to(device))
 
     def _structure(self, rows: torch.Tensor, cols: torch.Tensor) -> SupportStructure:
         r, c = self.rows_used.numel(), self.cols_used.numel()
@@ -397,8 +443,9 @@ class SparseGradLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         _apply_keeping_precision(self, fn, recurse, ("sparsegrad_values",), super()._apply)
-        self.basis.apply(fn)
-        self.structure.to(self.support_flat.device)
+        if self.calibrated:
+            self.basis.apply(fn)
+            self.structure.to(self.support_flat.device)
         return self
 
     def _slice_index(self, side: int) -> torch.Tensor | int | None:
@@ -425,6 +472,14 @@ class SparseGradLinear(nn.Module):
         return self._master_slice(self.basis.Rt, 1).T
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disable_adapters or self.merged or (self.passthrough and not self.calibrated):
+            if self.disable_adapters and self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if not self.calibrated:
+            raise RuntimeError(f"SparseGradLinear({self.out_features}x{self.in_features}) is not calibrated: call "
+                               f"calibrate(batches) on the model (or load a trained adapter) before training or "
+                               f"inference")
         out = self.base_layer(x)
         dtype = compute_dtype_for(x)
         Pt, Rt = self.basis.for_compute(dtype, x.device)
@@ -462,8 +517,61 @@ class SparseGradLinear(nn.Module):
             linear.bias.copy_(self.base_layer.bias.to(dtype))
         return linear
 
+    # --- peft's tuner-layer protocol ---------------------------------------------------------------------
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if names != [self._active_adapter]:
+            raise ValueError(f"SparseGrad keeps one adapter per model ({self._active_adapter!r}); got {names}")
+        self.sparsegrad_values.requires_grad_(not inference_mode)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if enabled:
+            self.set_adapter(self._active_adapter)
+        else:
+            self.sparsegrad_values.requires_grad_(False)
+        self._disable_adapters = not enabled
+
+    def _is_quantized(self) -> bool:
+        return not (isinstance(self.base_layer, nn.Linear) and self.base_layer.weight.dtype.is_floating_point)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """W0 += P S R^T, computed in float64 and rounded once into the base weight's dtype. An 8-bit / 4-bit
+        base is dequantised into a plain nn.Linear of its compute dtype (no requantisation: it would round the
+        update away); such a merge cannot be undone."""
+        if self.merged:
+            return
+        if not self.calibrated:
+            raise RuntimeError("SparseGradLinear: nothing to merge before calibration")
+        if self._is_quantized():
+            merged = self.merged_linear()
+            if safe_merge and not torch.isfinite(merged.weight).all():
+                raise ValueError(f"SparseGradLinear({self.out_features}x{self.in_features}): NaN/inf in the merged weight")
+            self.base_layer = merged
+            self._dequantized_by_merge = True
+        else:
+            weight = self.base_layer.weight
+            new = weight.double() + self.delta_weight().to(weight.device)
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"SparseGradLinear({self.out_features}x{self.in_features}): NaN/inf in the merged weight")
+            weight.copy_(new.to(weight.dtype))
+        self.merged_adapters.append(self._active_adapter)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        if self._dequantized_by_merge:
+            raise RuntimeError(f"SparseGradLinear({self.out_features}x{self.in_features}): the merge dequantised an "
+                               f"8-bit/4-bit base; it cannot be unmerged")
+        weight = self.base_layer.weight
+        weight.copy_((weight.double() - self.delta_weight().to(weight.device)).to(weight.dtype))
+        self.merged_adapters.clear()
+
     def extra_repr(self) -> str:
         s = self.structure
+        if s is None:
+            return f"in={self.in_features}, out={self.out_features}, k={self.k}, not calibrated"
         return (f"in={self.in_features}, out={self.out_features}, k={self.k}, rows={s.r}, cols={s.c}, "
                 f"kernel={'dense-block' if s.dense_block else 'csr'}")
 

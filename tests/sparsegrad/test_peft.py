@@ -1,0 +1,124 @@
+"""SparseGrad through peft's own entry points: get_peft_model, calibrate, save_pretrained,
+PeftModel.from_pretrained, merge_and_unload, disable_adapter, modules_to_save."""
+import copy
+
+import pytest
+import torch
+from conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama
+from peft import PeftConfig, PeftModel, get_peft_model
+from transformers import BertForSequenceClassification, LlamaForCausalLM
+
+from sg_distributed import SparseGradConfig, SparseGradTuner, get_sparsegrad_model
+from sg_distributed.layer import SparseGradLinear
+
+
+def test_peft_knows_sparsegrad(tmp_path):
+    """The enum extension and registry entries peft needs (sparsegrad/registration.py): fails loudly, here, if a
+    peft upgrade changes the mechanism."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils.peft_types import PeftType
+
+    assert PeftType("SPARSEGRAD") is PeftType.SPARSEGRAD and "SPARSEGRAD" in list(PeftType)
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SPARSEGRAD] is SparseGradConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SPARSEGRAD] is SparseGradTuner
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.SPARSEGRAD] == "sparsegrad_"
+    SparseGradConfig(density=0.02, max_rows=0.5).save_pretrained(str(tmp_path))
+    loaded = PeftConfig.from_pretrained(str(tmp_path))  # peft picks our class from the saved peft_type
+    assert type(loaded) is SparseGradConfig and (loaded.density, loaded.max_rows) == (0.02, 0.5)
+
+
+def _train(model, batches, steps=6, lr=1e-2):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for step in range(steps):
+        model(**batches[step % len(batches)]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def test_get_peft_model_calibrate_train_save_load_merge(tmp_path):
+    base, batches = make_tiny_llama(), lm_batches()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, SparseGradConfig(density=0.05, task_type="CAUSAL_LM"))
+    layers = [m for m in model.modules() if isinstance(m, SparseGradLinear)]
+    assert len(layers) == 4  # up_proj and down_proj of 2 blocks
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("sparsegrad_values") for n in trainable)
+    with pytest.raises(RuntimeError, match="not calibrated: call calibrate"):
+        model(**batches[0])
+
+    model.calibrate(batches)
+    loss_before = model(**batches[0]).loss.item()
+    _train(model, batches)
+    assert model(**batches[0]).loss.item() < loss_before - 1e-3
+    with torch.no_grad():
+        logits = model(**batches[0]).logits
+        with model.disable_adapter():
+            torch.testing.assert_close(model(**batches[0]).logits, reference(**batches[0]).logits, atol=1e-6, rtol=0)
+    assert not torch.allclose(logits, reference(**batches[0]).logits, atol=1e-4)
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "adapter")
+    assert isinstance(loaded.base_model, SparseGradTuner)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batches[0]).logits, logits, atol=1e-5, rtol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False: inference mode
+    merged = loaded.merge_and_unload()
+    assert type(merged) is LlamaForCausalLM and not any(isinstance(m, SparseGradLinear) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batches[0]).logits, logits, atol=1e-4, rtol=0)
+
+
+def test_peft_path_equals_sparsegrad_model():
+    """get_peft_model + calibrate chooses the same bases and supports, and computes the same loss, as the
+    standalone SparseGradModel on the same batches (one calibration implementation)."""
+    config = dict(density=0.05, max_rows=0.5, max_cols=0.5)
+    batches = lm_batches()
+    peft_model = get_peft_model(make_tiny_llama(), SparseGradConfig(**config))
+    peft_model.calibrate(batches)
+    standalone = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(**config)).calibrate(batches)
+    ours = {n.removeprefix("model."): m for n, m in peft_model.base_model.sparsegrad_layers().items()}
+    theirs = {n.removeprefix("model."): m for n, m in standalone.converted_layers().items()}
+    assert sorted(ours) == sorted(theirs)
+    for name, layer in ours.items():
+        assert torch.equal(layer.support_flat, theirs[name].support_flat), name
+        assert torch.equal(layer.basis.P, theirs[name].basis.P), name
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(**batches[1]).loss, standalone(**batches[1]).loss, atol=0, rtol=0)
+
+
+def test_modules_to_save_trains_and_restores_a_fresh_head(tmp_path):
+    """A sequence-classification model: the fresh head is trained densely (peft's ModulesToSaveWrapper) next
+    to the k-vectors, saved in the adapter and restored onto a fresh base."""
+    base, batches = make_tiny_bert(), cls_batches()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, SparseGradConfig(density=0.05, modules_to_save=["classifier"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier" in n for n in trainable) and any(n.endswith("sparsegrad_values") for n in trainable)
+    model.calibrate(batches)
+    head_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
+    _train(model, batches)
+    head_after = model.base_model.model.classifier.modules_to_save["default"].weight
+    assert not torch.allclose(head_before, head_after)
+    with torch.no_grad():
+        logits = model(**batches[0]).logits
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batches[0]).logits, logits, atol=1e-5, rtol=0)
+        merged = loaded.merge_and_unload()
+        assert type(merged) is BertForSequenceClassification
+        torch.testing.assert_close(merged(**batches[0]).logits, logits, atol=1e-4, rtol=0)
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(ValueError, match="matches no nn.Linear.*candidates"):
+        get_peft_model(make_tiny_llama(), SparseGradConfig(target_modules=["gate_projection"]))
+    with pytest.raises(ValueError, match="use sg_distributed.get_sparsegrad_model"):
+        get_peft_model(make_tiny_llama(), SparseGradConfig(support_mode="reference"))
+    model = get_peft_model(make_tiny_llama(), SparseGradConfig(density=0.05))
+    model.calibrate(lm_batches())
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj.* is 96x32 in this model.*64x32"):
+        PeftModel.from_pretrained(make_tiny_llama(intermediate=96), tmp_path / "adapter")
