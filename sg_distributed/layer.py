@@ -479,7 +479,8 @@ class SparseGradLinear(nn.Module, BaseTunerLayer):
         if not self.calibrated:
             raise RuntimeError(f"SparseGradLinear({self.out_features}x{self.in_features}) is not calibrated: call "
                                f"calibrate(batches) on the model (or load a trained adapter) before training or "
-                               f"inference")
+                               f"inference; with a Trainer or TRL's SFTTrainer, pass "
+                               f"callbacks=[sg_distributed.SparseGradCallback()]")
         out = self.base_layer(x)
         dtype = compute_dtype_for(x)
         Pt, Rt = self.basis.for_compute(dtype, x.device)

@@ -51,8 +51,8 @@ from ..calibration import model_device
 from ..model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, SparseGradModel
 from ..quant import is_quantized
 
-__all__ = ["SparseGradTrainer", "SparseGradCallback", "save_adapter", "find_sparsegrad_model",
-           "configure_cpu_deepspeed_state", "calibration_device"]
+__all__ = ["SparseGradTrainer", "SparseGradCallback", "save_adapter", "find_sparsegrad_model", "find_sparsegrad_tuner",
+           "calibrate_from_dataloader", "configure_cpu_deepspeed_state", "calibration_device"]
 
 
 def configure_cpu_deepspeed_state() -> dict:
@@ -87,6 +87,34 @@ def find_sparsegrad_model(model: nn.Module) -> SparseGradModel | None:
         model = getattr(model, "module", None)
         seen += 1
     return None
+
+
+def find_sparsegrad_tuner(model: nn.Module | None):
+    """The peft SparseGradTuner inside a PeftModel (itself possibly inside DDP / DeepSpeed wrappers), or None."""
+    from ..sparsegrad.model import SparseGradTuner
+
+    if model is None:
+        return None
+    return next((m for m in model.modules() if isinstance(m, SparseGradTuner)), None)
+
+
+def calibrate_from_dataloader(tuner, dataloader, steps: int | None = None, loss_fn: Callable | None = None) -> None:
+    """Calibrate a peft SparseGrad adapter on the first ``steps`` batches of a Trainer's train dataloader (every
+    rank its own shard: Grams and scores are summed across ranks), then check that all ranks agree."""
+    from ..runtime import assert_same_on_all_ranks
+
+    if dataloader is None:
+        raise RuntimeError("SparseGrad calibration needs the Trainer's train dataloader (none was passed)")
+    config = tuner.peft_config[tuner.active_adapters[0]]
+    steps = steps or config.calibration_steps
+    batches = [batch for _, batch in zip(range(steps), dataloader)]
+    was_training = tuner.model.training
+    tuner.model.train()
+    try:
+        tuner.calibrate(batches, loss_fn=loss_fn, steps=len(batches))
+    finally:
+        tuner.model.train(was_training)
+    assert_same_on_all_ranks(tuner.support_checksum(), "SparseGrad bases/supports")
 
 
 def _is_zero3_partitioned(params) -> bool:
@@ -191,9 +219,34 @@ def _client_optimizer(optimizer):
 
 
 class SparseGradCallback(TrainerCallback):
-    """Guards a Trainer run of a SparseGradModel and puts the adapter into every checkpoint dir."""
+    """Calibrates a peft SparseGrad adapter at the start of training; guards a Trainer run of a SparseGradModel
+    and puts its adapter into every checkpoint dir.
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    peft route (``get_peft_model`` / TRL's ``SFTTrainer(peft_config=SparseGradConfig(...))``): the k-vectors
+    exist from injection, so the optimizer built before ``on_train_begin`` already holds them; this callback
+    then calibrates on the first ``calibration_steps`` batches of the Trainer's own train dataloader, on the
+    device the model trains on. ``calibration_steps`` / ``calibration_loss_fn`` default to the config's and to
+    ``model(**batch).loss``.
+    """
+
+    def __init__(self, calibration_steps: int | None = None, calibration_loss_fn: Callable | None = None):
+        self.calibration_steps = calibration_steps
+        self.calibration_loss_fn = calibration_loss_fn
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        tuner = find_sparsegrad_tuner(model)
+        if tuner is not None:
+            if not tuner.calibrated:
+                calibrate_from_dataloader(tuner, train_dataloader, self.calibration_steps, self.calibration_loss_fn)
+            config = tuner.peft_config[tuner.active_adapters[0]]
+            if config.reselect_every:
+                from ..reselect import SupportReselector
+
+                self.reselector = SupportReselector(tuner.sparsegrad_layers(), config.reselect_every,
+                                                    config.reselect_fraction, square=config.score == "square",
+                                                    optimizer=_client_optimizer(optimizer))
+                self.reselector.steps = state.global_step
+            return
         wrapper = find_sparsegrad_model(model)
         if wrapper is None:
             return

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""SparseGrad through TRL's SFTTrainer, the peft way: ``SFTTrainer(model, peft_config=SparseGradConfig(...))``.
+
+    python launch/sft_trl.py                                                             # one process
+    torchrun --nproc_per_node 2 launch/sft_trl.py --deepspeed ds_configs/zero2.json      # 2 ranks, ZeRO-2
+
+Defaults: the embedded SmolLM2-135M-Instruct and the FanOutQA single-hop pairs (split by top-level question)
+as conversational prompt/completion rows, so TRL applies the chat template and trains on the answer tokens
+only. ``SparseGradCallback`` calibrates the adapter on the first ``--calibration_steps`` batches of the
+trainer's own dataloader when training starts (the k-vectors exist from ``get_peft_model``, so the optimizer
+that TRL builds already holds them). The adapter is saved with peft (``PeftModel.from_pretrained`` loads it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                   "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ.setdefault(key, value)
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sg_distributed import SparseGradCallback, SparseGradConfig  # noqa: E402
+from sg_distributed.config import DEFAULT_BUDGET  # noqa: E402
+from sg_distributed.data.qa import load_qa_pairs, split_by_group  # noqa: E402
+from sg_distributed.runtime import destroy_process_group  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--deepspeed", help="DeepSpeed JSON (\"auto\" values are filled by the Trainer)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
+    p.add_argument("--output_dir", default="outputs/sft_trl")
+    p.add_argument("--max_steps", type=int, default=40)
+    p.add_argument("--micro_batch_size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--density", type=float, default=0.01)
+    p.add_argument("--max_rows", type=float, default=DEFAULT_BUDGET, help="0 = no budget")
+    p.add_argument("--max_cols", type=float, default=DEFAULT_BUDGET, help="0 = no budget")
+    p.add_argument("--calibration_steps", type=int, default=8, help="train-dataloader batches per rank")
+    p.add_argument("--max_length", type=int, default=128)
+    p.add_argument("--eval_size", type=int, default=64, help="held-out pairs (0 = all)")
+    p.add_argument("--logging_steps", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def conversations(pairs) -> list[dict]:
+    """TRL's conversational prompt/completion rows: the chat template is applied and only the completion is
+    supervised."""
+    return [{"prompt": [{"role": "user", "content": p.question}],
+             "completion": [{"role": "assistant", "content": p.answer}]} for p in pairs]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from sg_distributed.integrations.trainer import configure_cpu_deepspeed_state
+
+    if args.model is None:
+        from sg_distributed.assets import smollm2_dir
+
+        args.model = str(smollm2_dir())
+    if not Path(args.model).exists():
+        raise SystemExit(f"error: model directory {args.model} does not exist")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # before the DeepSpeed config
+    train_pairs, heldout = split_by_group(load_qa_pairs(), heldout_fraction=0.2, seed=0)
+    heldout = heldout[: args.eval_size] if args.eval_size else heldout
+
+    on_cpu = not torch.cuda.is_available()
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    use_deepspeed = bool(args.deepspeed)
+    sft_args = SFTConfig(
+        output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.micro_batch_size,
+        per_device_eval_batch_size=16, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.max_steps, report_to="none",
+        seed=args.seed, data_seed=args.seed, deepspeed=args.deepspeed, max_length=args.max_length,
+        use_cpu=on_cpu and not use_deepspeed, ddp_backend="gloo" if on_cpu and distributed else None,
+        accelerator_config=configure_cpu_deepspeed_state() if use_deepspeed and on_cpu else None,
+        dataloader_num_workers=0, disable_tqdm=True, bf16=False,
+    )
+    peft_config = SparseGradConfig(density=args.density, max_rows=args.max_rows or None,
+                                   max_cols=args.max_cols or None, calibration_steps=args.calibration_steps,
+                                   task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(conversations(train_pairs)),
+                         eval_dataset=Dataset.from_list(conversations(heldout)), processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[SparseGradCallback()])
+    results: dict = {"world_size": sft_args.world_size, "deepspeed": args.deepspeed}
+    train_output = trainer.train()
+    results["train_loss"] = train_output.training_loss
+    results["log_history"] = [e for e in trainer.state.log_history if "loss" in e]
+    results["after"] = trainer.evaluate()
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    results["trainable_params"] = trainable
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        (Path(args.output_dir) / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
+        print(f"trainable params {trainable:,d}; world size {sft_args.world_size}; held-out loss "
+              f"{results['after']['eval_loss']:.4f}; adapter in {args.output_dir}", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    destroy_process_group()  # the Trainer leaves the group up; on success only, as in train_qa.py

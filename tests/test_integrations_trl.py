@@ -1,0 +1,77 @@
+"""TRL's SFTTrainer with peft_config=SparseGradConfig (launch/sft_trl.py) on the tiny Llama with the real
+SmolLM2 tokenizer and QA pairs: one process in-process, and 2 ranks under DeepSpeed ZeRO-2 on CPU."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import free_port, run_ranks
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--max_steps", "8", "--calibration_steps", "2", "--micro_batch_size", "2", "--eval_size", "8",
+          "--density", "0.05", "--lr", "3e-2", "--max_length", "64", "--logging_steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def sft_trl():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sft_trl", ROOT / "launch" / "sft_trl.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sft_trainer_calibrates_trains_k_vectors_and_saves_a_peft_adapter(sft_trl, tiny_model_dir, tmp_path,
+                                                                         monkeypatch):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTTrainer
+
+    seen, trainers = [], []
+
+    class Recorder(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            seen.append({n for n, p in model.named_parameters() if p.grad is not None})
+
+    real_init = SFTTrainer.__init__
+
+    def init(self, *args, **kwargs):  # the script's own trainer, with a recorder added
+        kwargs["callbacks"] = kwargs["callbacks"] + [Recorder()]
+        real_init(self, *args, **kwargs)
+        trainers.append(self)
+
+    monkeypatch.setattr(SFTTrainer, "__init__", init)
+    results = sft_trl.main(["--model", str(tiny_model_dir), "--output_dir", str(tmp_path), *COMMON])
+    losses = [e["loss"] for e in results["log_history"]]
+    assert losses[-1] < losses[0], losses
+    model = trainers[0].model
+    k_vectors = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert k_vectors and all(n.endswith("sparsegrad_values") for n in k_vectors)
+    assert seen and all(s == k_vectors for s in seen)  # only the k-vectors get gradients
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path)
+    batch = tokenizer(["What is the capital of France?"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.multiprocess
+def test_sft_trainer_two_ranks_zero2(tiny_model_dir, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env |= {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "launch/sft_trl.py", "--model", str(tiny_model_dir), "--output_dir", str(tmp_path),
+           "--deepspeed", "ds_configs/zero2.json", *COMMON]
+    proc = run_ranks(cmd, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "world size 2" in proc.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    losses = [e["loss"] for e in metrics["log_history"]]
+    assert metrics["deepspeed"] == "ds_configs/zero2.json" and losses[-1] < losses[0], losses
+    assert (tmp_path / "adapter_model.safetensors").exists()
