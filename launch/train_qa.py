@@ -175,9 +175,10 @@ def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_
         quantization = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
                                           bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization)
-    for module in model.modules():  # bnb's CPU nf4 eval path repacks the frozen weight in place into an
-        if type(module).__name__ == "Linear4bit":  # inference-only layout: no input grads, digest changes
-            module.support_avx512bf16_for_cpu = False
+    if quantization is not None:
+        from sg_distributed.quant import keep_cpu_nf4_trainable
+
+        keep_cpu_nf4_trainable(model)
     if torch.cuda.is_available():
         model = model.to(torch.cuda.current_device()) if quantization is None else model
     return model, tokenizer

@@ -14,12 +14,14 @@ a plain ``AutoModelForCausalLM`` directory with no sg_distributed dependency. Be
 runs a fixed probe batch through the adapter model and through the merged model reloaded from disk and
 fails if the logits differ by more than ``--atol`` (default 1e-5, fp32).
 
-8-bit / 4-bit bases (``--load_in_8bit`` / ``--load_in_4bit``, the way the adapter was trained): the
-base is loaded quantised, the converted layers are merged onto the *dequantised* int8/nf4 weights, and
-every other bitsandbytes layer is replaced by an ``nn.Linear`` holding its dequantised weight, so the
-result is a plain fp32 model whose weights are exactly those the adapter was trained against. Its
-outputs differ from the quantised adapter model by bitsandbytes' activation rounding (int8 matmul), so
-the probe check then reports the difference and uses ``--atol_quantized`` (default 5e-2).
+8-bit / 4-bit bases: the adapter records the quantisation of the base it was trained on
+(``base_quantization`` in its config; older adapters: the checkpoint manifest's run fingerprint), and the
+base is loaded that way without a flag (``--load_in_8bit`` / ``--load_in_4bit`` are checked against the
+record). Every bitsandbytes layer is then replaced by an ``nn.Linear`` holding its dequantised weight --
+the weights the adapter was trained against -- and the update is merged onto them, so the result is a
+plain fp32 model. The logit check compares it with the adapter model *on that dequantised base* (same
+``--atol``); the quantised adapter model's own logits differ from both by bitsandbytes' activation rounding
+(int8 matmul, nf4 compute), reported as ``quantized_logit_diff`` and not checked.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from torch import nn
 from .checkpoint import CheckpointError, find_latest, step_of, verify
 from .io import atomic_directory
 from .model import ADAPTER_CONFIG, SparseGradModel
+from .quant import keep_cpu_nf4_trainable
 
 
 def resolve_adapter(path: str | Path) -> Path:
@@ -83,7 +86,7 @@ def _probe(model: nn.Module, vocab: int, seed: int = 0) -> torch.Tensor:
 
 def export(checkpoint: str | Path, base_model: str | Path, adapter_out: str | Path | None = None,
            merged_out: str | Path | None = None, load_in_8bit: bool = False, load_in_4bit: bool = False,
-           atol: float = 1e-5, atol_quantized: float = 5e-2) -> dict:
+           atol: float = 1e-5) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     adapter_dir = resolve_adapter(checkpoint)
@@ -99,17 +102,24 @@ def export(checkpoint: str | Path, base_model: str | Path, adapter_out: str | Pa
     if merged_out is None:
         return report
 
-    quantized = load_in_8bit or load_in_4bit
-    quantization = (BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit, bnb_4bit_quant_type="nf4",
-                                       bnb_4bit_compute_dtype=torch.float32) if quantized else None)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32, quantization_config=quantization)
+    quantization = _recorded_quantization(adapter_dir, asked="8bit" if load_in_8bit else "4bit" if load_in_4bit else None)
+    report["base_quantization"] = quantization
+    bnb = (BitsAndBytesConfig(load_in_8bit=quantization == "8bit", load_in_4bit=quantization == "4bit",
+                              bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+           if quantization else None)
+    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32, quantization_config=bnb)
+    keep_cpu_nf4_trainable(model)  # else the first eval forward repacks nf4 bytes that the merge then misreads
     model.eval()
     wrapped = SparseGradModel.from_pretrained(model, adapter_dir)
     vocab = model.config.vocab_size
     reference = _probe(wrapped, vocab)
+    if quantization:
+        quantized = reference
+        report["dequantized_layers"] = _dequantize_remaining(model)  # the converted layers' bases included
+        reference = _probe(wrapped, vocab)  # the adapter model on the dequantised base: what the merge must equal
+        report["quantized_logit_diff"] = (quantized - reference).abs().max().item()
     merged = wrapped.merge_and_unload()
-    if quantized:
-        report["dequantized_layers"] = _dequantize_remaining(merged)
+    if quantization:
         merged.config.quantization_config = None
         if hasattr(merged, "hf_quantizer"):
             merged.hf_quantizer = None
@@ -127,11 +137,30 @@ def export(checkpoint: str | Path, base_model: str | Path, adapter_out: str | Pa
             pass  # a base directory without a tokenizer: the model alone
     reloaded = AutoModelForCausalLM.from_pretrained(merged_out, dtype=torch.float32).eval()
     diff = (_probe(reloaded, vocab) - reference).abs().max().item()
-    limit = atol_quantized if quantized else atol
-    report.update({"merged_out": str(merged_out), "max_abs_logit_diff": diff, "atol": limit})
-    if not diff <= limit:
-        raise RuntimeError(f"merged model's logits differ from the adapter model's by {diff:.3g} > {limit:g}")
+    report.update({"merged_out": str(merged_out), "max_abs_logit_diff": diff, "atol": atol})
+    if not diff <= atol:
+        raise RuntimeError(f"merged model's logits differ from the adapter model's by {diff:.3g} > {atol:g}")
     return report
+
+
+def _recorded_quantization(adapter_dir: Path, asked: str | None) -> str | None:
+    """The base quantisation the adapter was trained on: its own record, else its checkpoint's fingerprint,
+    else what the flags say. A flag that contradicts the record is an error."""
+    meta = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    recorded, source = meta.get("base_quantization"), "its adapter_config.json"
+    known = "base_quantization" in meta
+    manifest = adapter_dir.parent / "manifest.json"
+    if not known and manifest.exists():
+        fingerprint = json.loads(manifest.read_text()).get("fingerprint", {})
+        if "load_in_8bit" in fingerprint:
+            recorded = "8bit" if fingerprint["load_in_8bit"] else "4bit" if fingerprint.get("load_in_4bit") else None
+            known, source = True, f"{manifest}"
+    if not known:
+        return asked
+    if asked is not None and asked != recorded:
+        raise ValueError(f"--load_in_{asked} given, but the adapter was trained on a "
+                         f"{recorded + ' quantised' if recorded else 'float'} base (recorded in {source})")
+    return recorded
 
 
 def main(argv=None) -> int:
@@ -141,16 +170,16 @@ def main(argv=None) -> int:
     p.add_argument("--adapter_out", help="write the adapter (adapter_config.json + adapter_model.safetensors) here")
     p.add_argument("--merged_out", help="write the merged plain transformers model here")
     quant = p.add_mutually_exclusive_group()
-    quant.add_argument("--load_in_8bit", action="store_true", help="the adapter was trained on an int8 base")
-    quant.add_argument("--load_in_4bit", action="store_true", help="the adapter was trained on an nf4 base")
-    p.add_argument("--atol", type=float, default=1e-5)
-    p.add_argument("--atol_quantized", type=float, default=5e-2)
+    quant.add_argument("--load_in_8bit", action="store_true",
+                       help="older adapters only: the base was int8 (recorded in adapters written since)")
+    quant.add_argument("--load_in_4bit", action="store_true", help="older adapters only: the base was nf4")
+    p.add_argument("--atol", type=float, default=1e-5, help="max |logit difference| merged vs adapter model (fp32)")
     args = p.parse_args(argv)
     if not (args.adapter_out or args.merged_out):
         p.error("give --adapter_out and/or --merged_out")
     try:
         report = export(args.checkpoint, args.base_model, args.adapter_out, args.merged_out, args.load_in_8bit,
-                        args.load_in_4bit, args.atol, args.atol_quantized)
+                        args.load_in_4bit, args.atol)
     except (CheckpointError, FileNotFoundError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from .dynamic import SparseStateAdam, make_dynamic
 from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
 from .optim import LazyAdam
 from .reselect import SupportReselector
+from .quant import quantization_of
 from .selection import Support
 from .sparsegrad.calibration import Calibrator, assign_basis_keys
 from .targets import find_target_linears
@@ -262,7 +263,9 @@ class SparseGradModel(nn.Module):
         tensors.update({k: tensors[k].full_tensor() for k in sharded})
         if sharded and dist.get_rank() != 0:
             return
-        meta = {"format": FORMAT, "config": self.peft_config.to_dict(), "layers": layers}
+        bases = [getattr(m, "base_layer", getattr(m, "base", m)) for m in self.converted_layers().values()]
+        meta = {"format": FORMAT, "config": self.peft_config.to_dict(), "layers": layers,
+                "base_quantization": quantization_of(bases)}  # what export must load the base as
         with atomic_directory(directory) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))

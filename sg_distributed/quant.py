@@ -33,6 +33,27 @@ def is_quantized(module: nn.Module) -> bool:
     return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
 
 
+QUANTIZATION_OF = {"Linear8bitLt": "8bit", "Linear4bit": "4bit"}
+
+
+def quantization_of(modules) -> str | None:
+    """``8bit``, ``4bit`` or None (float) for a set of frozen base layers; ValueError when they are mixed."""
+    kinds = {QUANTIZATION_OF.get(type(m).__name__) for m in modules}
+    if len(kinds) > 1:
+        raise ValueError(f"the converted layers' bases mix quantisations {sorted(map(str, kinds))}")
+    return next(iter(kinds), None)
+
+
+def keep_cpu_nf4_trainable(model: nn.Module) -> None:
+    """bitsandbytes' CPU nf4 eval fast path repacks a frozen Linear4bit weight *in place* into an
+    inference-only layout at its first eval forward: input gradients stop, the weight digest changes, and a
+    later ``dequantize_4bit`` of the repacked bytes returns garbage (an export's merge was 0.88 logits off on
+    a tiny model). Turn it off for every Linear4bit of ``model``."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
+
+
 @torch.no_grad()
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The layer's weight as a float tensor (out x in); int8 / nf4 / fp4 weights are dequantised."""
