@@ -7,11 +7,12 @@ forward + backward (upstream gradient given; dX always computed, as inside a net
 * ``base``        the frozen ``nn.Linear`` alone: forward T*m*n, dX T*m*n MACs;
 * ``lora``        the frozen layer + a rank-rho update (rho = k / (m + n), the trainable count of SparseGrad);
 * ``sparsegrad``  ``SparseGradLinear`` with a row/column budget (the dense-block kernel), products ordered by
-                  cost (``layer.fold_into_output_side`` / ``fold_into_input_side``);
-* ``sg_unfolded`` the same layer forced into the fixed order of the kernel before (B S^T) P_I^T and
+                  cost (``layer.fold_into_output_side`` / ``fold_into_input_side``), in the default leading
+                  block (``budget_block='leading'``): P_I^T and R_C^T are contiguous slices of the bases;
+* ``sg_unfolded`` a scored-block layer forced into the fixed order of the kernel before, (B S^T) P_I^T and
                   (A S) R_C^T: what cost ordering saves, side by side;
-* ``sg_leading``  ``sparsegrad`` with a leading block (``budget_block='leading'``): P_I^T and R_C^T are
-                  contiguous slices of the bases, not gathered at every use.
+* ``sg_scored``   ``sparsegrad`` in a scored block (``budget_block='scored'``: rows and columns anywhere), whose
+                  P_I^T and R_C^T are gathered at every use, forward and backward.
 
 Columns: median ms, GMAC of the whole layer (base + update), GMAC/s achieved, and the time and MAC ratio
 to ``base``. Variants are interleaved round by round so machine noise hits all of them alike.
@@ -43,7 +44,7 @@ SHAPES = {  # name -> [(layer, m = out_features, n = in_features)]
     "smollm2": [("up_proj", 1536, 576), ("down_proj", 576, 1536)],
     "llama7b": [("up_proj", 11008, 4096), ("down_proj", 4096, 11008)],
 }
-VARIANTS = ("base", "lora", "sparsegrad", "sg_unfolded", "sg_leading")
+VARIANTS = ("base", "lora", "sparsegrad", "sg_scored", "sg_unfolded")
 
 
 def parse_args(argv=None):
@@ -85,7 +86,7 @@ def build(name: str, m: int, n: int, args, dtype: torch.dtype) -> tuple[nn.Modul
         return LoRALinear(base, rank), {"rank": rank}
     rows = torch.randperm(m, generator=g)[:r].sort().values
     cols = torch.randperm(n, generator=g)[:c].sort().values
-    if name == "sg_leading":
+    if name == "sparsegrad":
         rows, cols = leading_block(r, c)
     picked = torch.randperm(r * c, generator=g)[:k]
     flat = rows[picked // c] * n + cols[picked % c]

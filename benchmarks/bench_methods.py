@@ -32,7 +32,7 @@ VARIANTS = {
     "sparsegrad": ("sparsegrad", {"max_rows": 0.25, "max_cols": 0.25}),
     "sparsegrad_b125": ("sparsegrad", {"max_rows": 0.125, "max_cols": 0.125}),  # half the rotated products
     "sparsegrad_balanced": ("sparsegrad", {"max_rows": 0.25, "max_cols": 0.25, "budget_axes": "balanced"}),
-    "sparsegrad_leading": ("sparsegrad", {"max_rows": 0.25, "max_cols": 0.25, "budget_block": "leading"}),
+    "sparsegrad_scored": ("sparsegrad", {"max_rows": 0.25, "max_cols": 0.25, "budget_block": "scored"}),
     "sparsegrad_nobudget": ("sparsegrad", {"max_rows": None, "max_cols": None}),  # CSR kernels
     # swaps every 3 steps: with --steps 6 two swaps fall in the timed steps (pessimistic vs N = 10+)
     "sparsegrad_reselect": ("sparsegrad", {"max_rows": 0.25, "max_cols": 0.25, "reselect_every": 3}),

@@ -80,19 +80,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 ALL_VARIANTS = ("none", "head_only", "full", "lora", "lora_r8", "meprop", "graddrop", "graddrop_row", "unfreeze",
-                "sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_leading", "sparsegrad_refconv",
+                "sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_scored", "sparsegrad_refconv",
                 "sparsegrad_reselect", "sparsegrad_reference")
 # sparsegrad_b125: row/column budget 0.125 instead of --max_rows/--max_cols (0.25): about half the
 # rotated products per step (the step-time lever), fewer directions to choose the support from;
 # sparsegrad_balanced: the same block area with fractions of the other side (SparseGradConfig.budget_axes);
-# sparsegrad_leading: the leading eigen-directions as the block (SparseGradConfig.budget_block)
+# sparsegrad_scored: the top-scored rows x cols as the block instead of the leading eigen-directions
+# (SparseGradConfig.budget_block)
 # base learning rates (qa: launch/train_qa.py's per-method defaults; bbc: the same family, encoder-sized)
 BASE_LR = {
     "qa": {"full": 2e-5, "graddrop": 2e-5, "graddrop_row": 2e-5, "unfreeze": 2e-5, "lora": 1e-3, "lora_r8": 1e-3,
-           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_leading": 1e-2,
+           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2,
            "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2, "sparsegrad_reference": 1e-4},
     "bbc": {"full": 1e-4, "graddrop": 1e-4, "graddrop_row": 1e-4, "unfreeze": 1e-4, "lora": 1e-3, "lora_r8": 1e-3,
-            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_leading": 1e-2,
+            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2,
             "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2, "sparsegrad_reference": 1e-3, "head_only": 0.0},
 }
 NO_LR = ("none", "head_only")
@@ -237,7 +238,7 @@ def run_job(job: dict) -> dict:
 
     base = {"density": args.density, "calibration_steps": args.calibration_steps}
     method, cfg, extra = variant, dict(base), {}
-    if variant in ("sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_leading", "sparsegrad_refconv",
+    if variant in ("sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_scored", "sparsegrad_refconv",
                    "sparsegrad_reselect"):
         method = "sparsegrad"
         cfg.update(max_rows=args.max_rows or None, max_cols=args.max_cols or None)
@@ -245,8 +246,8 @@ def run_job(job: dict) -> dict:
             cfg.update(max_rows=0.125, max_cols=0.125)
         if variant == "sparsegrad_balanced":
             cfg.update(budget_axes="balanced")
-        if variant == "sparsegrad_leading":
-            cfg.update(budget_block="leading")
+        if variant == "sparsegrad_scored":
+            cfg.update(budget_block="scored")
         if variant == "sparsegrad_refconv":
             cfg["input_convention"] = "reference"
         if variant == "sparsegrad_reselect":

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
-from sg_distributed.config import DEFAULT_BUDGET  # noqa: E402
+from sg_distributed.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
 from sg_distributed import checkpoint as ckpt  # noqa: E402
 from sg_distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
@@ -77,9 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget_axes", choices=["own", "balanced"], default="own",
                    help="budget fractions of m and n (own) or of n and m (balanced: the same block area, the two "
                         "rotated products cost the same; SparseGradConfig.budget_axes)")
-    p.add_argument("--budget_block", choices=["scored", "leading"], default="scored",
-                   help="the budget's rows x cols: the top-scored ones (one more calibration pass) or the leading "
-                        "eigen-directions (bases read as slices; SparseGradConfig.budget_block)")
+    p.add_argument("--budget_block", choices=["leading", "scored"], default=DEFAULT_BUDGET_BLOCK,
+                   help="the budget's rows x cols: the leading eigen-directions (bases read as slices) or the "
+                        "top-scored ones (one more calibration pass; SparseGradConfig.budget_block)")
     p.add_argument("--input_convention", choices=["textbook", "reference"], default="textbook")
     p.add_argument("--reselect_every", type=int, default=0,
                    help="sparsegrad: drop-and-grow re-selection of the support every N steps (0 = fixed support)")
@@ -262,7 +262,7 @@ def fingerprint(args, info, model_path: str, global_batch: int) -> dict:
     return {"method": args.method, "density": args.density, "k": args.k, "max_rows": args.max_rows,
             "max_cols": args.max_cols, "input_convention": args.input_convention, "block_stride": args.block_stride,
             **({"budget_axes": args.budget_axes} if args.budget_axes != "own" else {}),  # older checkpoints: own
-            **({"budget_block": args.budget_block} if args.budget_block != "scored" else {}),  # ... and scored
+            **({"budget_block": args.budget_block} if args.budget_block != "scored" else {}),  # ... and scored blocks
             "calibration_steps": args.calibration_steps, "drop_prob": args.drop_prob, "lora_rank": args.lora_rank,
             "reselect_every": args.reselect_every, "reselect_fraction": args.reselect_fraction,
             "lr": args.lr if args.lr is not None else DEFAULT_LR[args.method], "seed": args.seed,

@@ -62,9 +62,12 @@ converted matrices; every trainable tensor is what the library trains, see READM
     row/column sums 8 (m + n) per budgeted layer; 8 m n per layer without a budget; activations; tapped
     inputs; the largest hook transient: 4 (T (m + n) + 2 m n) (rotated gradient and its |.| or square;
     + 4 m n for the float64 copy of an unbudgeted layer's score, + the casts when b < 4).
+    With the default leading block (``budget_block='leading'``) budgeted layers need no sums: this pass
+    runs only for unbudgeted layers.
   - block pass (under a row/column budget): the bases; the r x c float64 block scores of every budgeted
     layer (r, c: the budget); unbudgeted layers' m x n scores; activations; tapped inputs; the hook
-    transient 4 (m r + n c + T (r + c) + 2 r c) + 8 r c (+ the casts when b < 4).
+    transient 4 (T (r + c) + 2 r c) + 8 r c, + 4 (m r + n c) for a scored block's gathered P_I, R_C (+ the
+    casts when b < 4).
 
   The fixed layers' float32 masters go to the host at conversion and are not counted. The CLI prints the
   peak as a column and its phase's terms below the table. tests/test_estimate.py compares every phase
@@ -92,7 +95,7 @@ from pathlib import Path
 from typing import Any
 
 from .comm import fmt_bytes
-from .config import DEFAULT_BUDGET
+from .config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 EST_METHODS = ("sparsegrad", "lora", "full", "graddrop", "sparsegrad_dynamic")
@@ -144,12 +147,13 @@ def eigh_working_set(m: int) -> dict[str, int]:
 
 def calibration_phases(shapes: dict[str, tuple[int, int]], keys: dict[str, str], budgets: dict[str, tuple[int, int]],
                        *, b: int, tokens: int, activations: float, basis_bytes: int = 4,
-                       score: bool = True) -> dict[str, dict[str, float]]:
+                       score: bool = True, leading: bool = True) -> dict[str, dict[str, float]]:
     """Bytes alive at the peak of each phase of ``SparseGradModel.calibrate`` (see the module docstring).
 
     ``shapes``: (m, n) per converted layer; ``keys``: its basis key; ``budgets``: its (rows, cols) budget;
     ``tokens``: micro-batch x sequence; ``basis_bytes``: 4 when the bases are kept in float32 (fixed mode
-    with float32 masters), 8 otherwise; ``score=False``: no support passes (reference / dynamic modes).
+    with float32 masters), 8 otherwise; ``score=False``: no support passes (reference / dynamic modes);
+    ``leading``: budgeted layers compute in their leading block (no row/column-sum pass, bases sliced as views).
     """
     types: dict[str, tuple[int, int]] = {}
     for name, (m, n) in shapes.items():
@@ -189,14 +193,18 @@ def calibration_phases(shapes: dict[str, tuple[int, int]], keys: dict[str, str],
         value = 4 * (T * (m + n) + 2 * m * n) + cast * T * (m + n)
         return value + (8 * m * n - 4 * m * n if name not in budgeted else 0)
 
-    def block_hook(name):  # P_I, R_C, the sliced factors, the r x c product, its |.| and float64 copy
+    def block_hook(name):  # P_I, R_C (gathered unless leading), the sliced factors, the r x c product, |.|, float64
         (m, n), (r, c) = shapes[name], budgets[name]
-        return 4 * (m * r + n * c + T * (r + c) + 2 * r * c) + 8 * r * c + cast * T * (m + n)
+        slices = 0 if leading else 4 * (m * r + n * c)
+        return slices + 4 * (T * (r + c) + 2 * r * c) + 8 * r * c + cast * T * (m + n)
 
-    phases["scores pass"] = {"bases": bases, "row/col sums": sum(8 * (m + n) for name, (m, n) in shapes.items()
-                                                                 if name in budgeted),
-                             "full scores": full, "activations": activations, "tap inputs": tap,
-                             "hook transient": max(score_hook(name) for name in shapes)}
+    summed = set() if leading else budgeted  # layers whose block comes from a row/column-sum pass
+    if summed or len(budgeted) < len(shapes):
+        phases["scores pass"] = {"bases": bases, "row/col sums": sum(8 * (m + n) for name, (m, n) in shapes.items()
+                                                                     if name in summed),
+                                 "full scores": full, "activations": activations, "tap inputs": tap,
+                                 "hook transient": max(score_hook(name) for name in shapes
+                                                       if name in summed or name not in budgeted)}
     if budgeted:
         phases["block pass"] = {"bases": bases, "block scores": sum(8 * budgets[name][0] * budgets[name][1]
                                                                     for name in budgeted),
@@ -210,7 +218,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
              max_cols: float | None = DEFAULT_BUDGET, micro_batch_size: int = 1, seq: int = 512, exchange: str = "exact",
              lora_rank: int | None = None, include_norms: bool = True,
              reduce_bucket_size: int | None = None, reselect_every: int = 0,
-             persistence_threshold: int | None = None) -> dict[str, Any]:
+             persistence_threshold: int | None = None, budget_block: str = DEFAULT_BUDGET_BLOCK) -> dict[str, Any]:
     """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
     from torch import nn
 
@@ -226,7 +234,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
         raise ValueError(f"the number of ranks must be >= 1, got {p}")
     b = DTYPE_BYTES[dtype]
     cfg = SparseGradConfig(density=density, k=k, block_stride=block_stride, target_modules=target_modules,
-                           max_rows=max_rows, max_cols=max_cols)
+                           max_rows=max_rows, max_cols=max_cols, budget_block=budget_block)
     targets = find_target_linears(model, cfg.target_modules, cfg.blocks, cfg.block_stride)
     shapes = {n: (m.out_features, m.in_features) for n, m in targets.items()}
     ks = {n: cfg.entries_for(o, i, n) for n, (o, i) in shapes.items()}
@@ -297,7 +305,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
         budgets = {n: cfg.block_budget(o, i) for n, (o, i) in shapes.items()}
         calibration = calibration_phases(shapes, keys, budgets, b=b, tokens=micro_batch_size * seq,
                                          activations=activations, basis_bytes=4 if method == "sparsegrad" else 8,
-                                         score=method == "sparsegrad")
+                                         score=method == "sparsegrad", leading=cfg.budget_block == "leading")
     calibration_peak = max(calibration, key=lambda ph: sum(calibration[ph].values())) if calibration else None
 
     ring_ar = lambda n_bytes: 2 * (p - 1) / p * n_bytes

@@ -275,7 +275,8 @@ def test_a_budget_gives_every_layer_of_a_type_one_block_shape():
 
 
 @pytest.mark.parametrize("score", ["abs", "square"])
-@pytest.mark.parametrize("budget", [dict(max_rows=0.5, max_cols=0.25), dict(max_rows=None, max_cols=None),
+@pytest.mark.parametrize("budget", [dict(max_rows=0.5, max_cols=0.25, budget_block="scored"),
+                                    dict(max_rows=None, max_cols=None),
                                     dict(max_rows=0.5, max_cols=0.25, budget_block="leading")])
 def test_supports_equal_top_k_of_the_dense_float64_score(score, budget, monkeypatch):
     """Calibration scores a budget's rows/columns first and then only the chosen block (no m x n score per
