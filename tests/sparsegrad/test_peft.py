@@ -122,3 +122,21 @@ def test_bad_input_is_named(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj.* is 96x32 in this model.*64x32"):
         PeftModel.from_pretrained(make_tiny_llama(intermediate=96), tmp_path / "adapter")
+
+
+def test_a_sparsegrad_model_adapter_converts_to_a_peft_adapter(tmp_path):
+    """Adapters written by SparseGradModel (train_qa.py, SparseGradTrainer) load through peft after
+    ``python -m sg_distributed.sparsegrad.convert``, with the same outputs."""
+    from sg_distributed.sparsegrad.convert import main as convert_main
+
+    base, batches = make_tiny_llama(), lm_batches()
+    reference = copy.deepcopy(base)
+    old = get_sparsegrad_model(base, SparseGradConfig(density=0.05))
+    old.calibrate(batches)
+    _train(old, batches)
+    old.save_pretrained(tmp_path / "old")
+    assert convert_main([str(tmp_path / "old"), str(tmp_path / "peft")]) == 0
+    loaded = PeftModel.from_pretrained(reference, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batches[0]).logits, old(**batches[0]).logits, atol=1e-6, rtol=0)
+    assert convert_main([str(tmp_path / "peft"), str(tmp_path / "again")]) == 1  # named: already peft
