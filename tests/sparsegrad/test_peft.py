@@ -140,3 +140,57 @@ def test_a_sparsegrad_model_adapter_converts_to_a_peft_adapter(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batches[0]).logits, old(**batches[0]).logits, atol=1e-6, rtol=0)
     assert convert_main([str(tmp_path / "peft"), str(tmp_path / "again")]) == 1  # named: already peft
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_merge_onto_a_quantized_base_is_the_dequantized_weight_plus_the_update(bits):
+    """merge_and_unload on an 8-bit / 4-bit base: each converted layer becomes a plain nn.Linear holding the
+    dequantised weight + P S R^T (float64, rounded once); checked against the adapter's own delta_weight and
+    bitsandbytes' dequantisation, and the frozen int8/nf4 bytes stay untouched by training."""
+    from conftest import quantize_linears
+    from torch import nn
+
+    from sg_distributed.quant import dequantized_weight
+
+    base = make_tiny_llama(hidden=64, intermediate=128)
+    names = [n for n, _ in base.named_modules() if n.endswith(("up_proj", "down_proj"))]
+    quantize_linears(base, names, bits=bits)
+    frozen = {n: base.get_submodule(n).weight.detach().clone() for n in names}
+    model = get_peft_model(base, SparseGradConfig(density=0.05))
+    model.calibrate(lm_batches())
+    _train(model, lm_batches())
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, SparseGradLinear)}
+    for name, layer in layers.items():
+        assert torch.equal(layer.base_layer.weight, frozen[name]), name
+    expected = {n: (dequantized_weight(l.base_layer).double() + l.delta_weight()).float() for n, l in layers.items()}
+    merged = model.merge_and_unload()
+    for name in names:
+        linear = merged.get_submodule(name)
+        assert type(linear) is nn.Linear and linear.weight.dtype == torch.float32
+        torch.testing.assert_close(linear.weight, expected[name], atol=0, rtol=0)
+
+
+def test_plain_hf_trainer_with_the_callback_trains_a_peft_adapter(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from sg_distributed import SparseGradCallback
+    from sg_distributed.data.qa import QACollator, load_qa_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           SparseGradConfig(density=0.05, calibration_steps=2, task_type="CAUSAL_LM"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, learning_rate=3e-2,
+                             lr_scheduler_type="constant", save_strategy="no", logging_steps=2, report_to="none",
+                             use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False)
+    trainer = Trainer(model=model, args=args, train_dataset=load_qa_pairs()[:40], processing_class=tokenizer,
+                      data_collator=QACollator(tokenizer, max_length=64), callbacks=[SparseGradCallback()])
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert model.base_model.calibrated and losses[-1] < losses[0], losses
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "final")
+    batch = QACollator(tokenizer, max_length=64)(load_qa_pairs()[:2])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
