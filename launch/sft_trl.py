@@ -98,6 +98,9 @@ def main(argv=None) -> dict:
                          eval_dataset=Dataset.from_list(conversations(heldout)), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[SparseGradCallback()])
     results: dict = {"world_size": sft_args.world_size, "deepspeed": args.deepspeed}
+    if not use_deepspeed:  # before calibration the adapter is off: the base model's loss (the k-vectors start at 0)
+        with trainer.model.disable_adapter():
+            results["before"] = trainer.evaluate()
     train_output = trainer.train()
     results["train_loss"] = train_output.training_loss
     results["log_history"] = [e for e in trainer.state.log_history if "loss" in e]
@@ -107,8 +110,10 @@ def main(argv=None) -> dict:
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         (Path(args.output_dir) / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
-        print(f"trainable params {trainable:,d}; world size {sft_args.world_size}; held-out loss "
-              f"{results['after']['eval_loss']:.4f}; adapter in {args.output_dir}", flush=True)
+        before = results.get("before", {}).get("eval_loss")
+        print(f"trainable params {trainable:,d}; world size {sft_args.world_size}; held-out answer loss "
+              f"{'' if before is None else f'{before:.4f} -> '}{results['after']['eval_loss']:.4f}; "
+              f"adapter in {args.output_dir}", flush=True)
     return results
 
 

@@ -48,6 +48,7 @@ def test_sft_trainer_calibrates_trains_k_vectors_and_saves_a_peft_adapter(sft_tr
     results = sft_trl.main(["--model", str(tiny_model_dir), "--output_dir", str(tmp_path), *COMMON])
     losses = [e["loss"] for e in results["log_history"]]
     assert losses[-1] < losses[0], losses
+    assert results["after"]["eval_loss"] < results["before"]["eval_loss"] - 0.02, results  # held-out loss falls
     model = trainers[0].model
     k_vectors = {n for n, p in model.named_parameters() if p.requires_grad}
     assert k_vectors and all(n.endswith("sparsegrad_values") for n in k_vectors)
