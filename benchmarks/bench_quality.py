@@ -81,19 +81,21 @@ sys.path.insert(0, str(ROOT))
 
 ALL_VARIANTS = ("none", "head_only", "full", "lora", "lora_r8", "meprop", "graddrop", "graddrop_row", "unfreeze",
                 "sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_scored", "sparsegrad_refconv",
-                "sparsegrad_reselect", "sparsegrad_reference")
+                "sparsegrad_reselect", "sparsegrad_reference", "sparsegrad_peft")
 # sparsegrad_b125: row/column budget 0.125 instead of --max_rows/--max_cols (0.25): about half the
 # rotated products per step (the step-time lever), fewer directions to choose the support from;
 # sparsegrad_balanced: the same block area with fractions of the other side (SparseGradConfig.budget_axes);
 # sparsegrad_scored: the top-scored rows x cols as the block instead of the leading eigen-directions
-# (SparseGradConfig.budget_block)
+# (SparseGradConfig.budget_block);
+# sparsegrad_peft: the same adapter through peft's get_peft_model, the bbc head trained as modules_to_save
+# (one AdamW, the head's parameter group at --head_lr) instead of the harness's own head optimizer
 # base learning rates (qa: launch/train_qa.py's per-method defaults; bbc: the same family, encoder-sized)
 BASE_LR = {
     "qa": {"full": 2e-5, "graddrop": 2e-5, "graddrop_row": 2e-5, "unfreeze": 2e-5, "lora": 1e-3, "lora_r8": 1e-3,
-           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2,
+           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2, "sparsegrad_peft": 1e-2,
            "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2, "sparsegrad_reference": 1e-4},
     "bbc": {"full": 1e-4, "graddrop": 1e-4, "graddrop_row": 1e-4, "unfreeze": 1e-4, "lora": 1e-3, "lora_r8": 1e-3,
-            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2,
+            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2, "sparsegrad_peft": 1e-2,
             "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2, "sparsegrad_reference": 1e-3, "head_only": 0.0},
 }
 NO_LR = ("none", "head_only")
@@ -275,7 +277,20 @@ def run_job(job: dict) -> dict:
     t0 = time.perf_counter()
     train_losses, optimizers, after = [], [], []
     info: dict = {}
-    if variant in NO_LR:
+    if variant == "sparsegrad_peft":
+        from peft import get_peft_model
+
+        peft_config = SparseGradConfig(**cfg, max_rows=args.max_rows or None, max_cols=args.max_cols or None,
+                                       modules_to_save=["classifier", "pooler"] if head else None)
+        net = get_peft_model(model, peft_config)
+        net.calibrate(calib)
+        values = [p for n, p in net.named_parameters() if p.requires_grad and n.endswith("sparsegrad_values")]
+        saved = [p for n, p in net.named_parameters() if p.requires_grad and not n.endswith("sparsegrad_values")]
+        optimizers.append(torch.optim.AdamW([{"params": values, "lr": lr}, {"params": saved, "lr": args.head_lr}],
+                                            weight_decay=0.0))
+        info["trainable"] = sum(p.numel() for p in values)
+        head = []  # trained through modules_to_save above
+    elif variant in NO_LR:
         net = model
         for p in model.parameters():
             p.requires_grad_(False)
