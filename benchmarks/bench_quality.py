@@ -81,21 +81,23 @@ sys.path.insert(0, str(ROOT))
 
 ALL_VARIANTS = ("none", "head_only", "full", "lora", "lora_r8", "meprop", "graddrop", "graddrop_row", "unfreeze",
                 "sparsegrad", "sparsegrad_b125", "sparsegrad_balanced", "sparsegrad_scored", "sparsegrad_refconv",
-                "sparsegrad_reselect", "sparsegrad_reference", "sparsegrad_peft")
+                "sparsegrad_reselect", "sparsegrad_reference", "sparsegrad_peft", "sparsegrad_paper")
 # sparsegrad_b125: row/column budget 0.125 instead of --max_rows/--max_cols (0.25): about half the
 # rotated products per step (the step-time lever), fewer directions to choose the support from;
 # sparsegrad_balanced: the same block area with fractions of the other side (SparseGradConfig.budget_axes);
 # sparsegrad_scored: the top-scored rows x cols as the block instead of the leading eigen-directions
 # (SparseGradConfig.budget_block);
 # sparsegrad_peft: the same adapter through peft's get_peft_model, the bbc head trained as modules_to_save
-# (one AdamW, the head's parameter group at --head_lr) instead of the harness's own head optimizer
+# (one AdamW, the head's parameter group at --head_lr) instead of the harness's own head optimizer;
+# sparsegrad_paper (bbc): the paper's GLUE regime through modules_to_save -- the MLP matrices SparseGrad, every
+# attention block and the embeddings trained densely at full fine-tuning's lr (--dense_lr), the head at --head_lr
 # base learning rates (qa: launch/train_qa.py's per-method defaults; bbc: the same family, encoder-sized)
 BASE_LR = {
     "qa": {"full": 2e-5, "graddrop": 2e-5, "graddrop_row": 2e-5, "unfreeze": 2e-5, "lora": 1e-3, "lora_r8": 1e-3,
-           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2, "sparsegrad_peft": 1e-2,
+           "meprop": 1e-4, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2, "sparsegrad_peft": 1e-2, "sparsegrad_paper": 1e-2,
            "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2, "sparsegrad_reference": 1e-4},
     "bbc": {"full": 1e-4, "graddrop": 1e-4, "graddrop_row": 1e-4, "unfreeze": 1e-4, "lora": 1e-3, "lora_r8": 1e-3,
-            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2, "sparsegrad_peft": 1e-2,
+            "meprop": 1e-3, "sparsegrad": 1e-2, "sparsegrad_b125": 1e-2, "sparsegrad_balanced": 1e-2, "sparsegrad_scored": 1e-2, "sparsegrad_peft": 1e-2, "sparsegrad_paper": 1e-2,
             "sparsegrad_refconv": 1e-2, "sparsegrad_reselect": 1e-2, "sparsegrad_reference": 1e-3, "head_only": 0.0},
 }
 NO_LR = ("none", "head_only")
@@ -277,18 +279,28 @@ def run_job(job: dict) -> dict:
     t0 = time.perf_counter()
     train_losses, optimizers, after = [], [], []
     info: dict = {}
-    if variant == "sparsegrad_peft":
+    if variant in ("sparsegrad_peft", "sparsegrad_paper"):
         from peft import get_peft_model
 
+        heads = ["classifier", "pooler"] if head else []
+        dense = ["attention", "bert.embeddings"] if variant == "sparsegrad_paper" else []  # peft matches suffixes
+        if dense and task != "bbc":
+            raise ValueError("sparsegrad_paper is defined for the bbc task (BERT module names)")
         peft_config = SparseGradConfig(**cfg, max_rows=args.max_rows or None, max_cols=args.max_cols or None,
-                                       modules_to_save=["classifier", "pooler"] if head else None)
+                                       modules_to_save=(heads + dense) or None)
         net = get_peft_model(model, peft_config)
         net.calibrate(calib)
-        values = [p for n, p in net.named_parameters() if p.requires_grad and n.endswith("sparsegrad_values")]
-        saved = [p for n, p in net.named_parameters() if p.requires_grad and not n.endswith("sparsegrad_values")]
-        optimizers.append(torch.optim.AdamW([{"params": values, "lr": lr}, {"params": saved, "lr": args.head_lr}],
-                                            weight_decay=0.0))
-        info["trainable"] = sum(p.numel() for p in values)
+        groups: dict[str, list] = {"values": [], "head": [], "dense": []}
+        for n, p in net.named_parameters():
+            if p.requires_grad:
+                kind = "values" if n.endswith("sparsegrad_values") else "head" if any(f".{h}." in n for h in heads) \
+                    else "dense"
+                groups[kind].append(p)
+        optimizers.append(torch.optim.AdamW([{"params": groups["values"], "lr": lr},
+                                             {"params": groups["head"], "lr": args.head_lr},
+                                             {"params": groups["dense"], "lr": args.dense_lr}], weight_decay=0.0))
+        info["trainable"] = sum(p.numel() for p in groups["values"])
+        info["dense_trainable"] = sum(p.numel() for p in groups["dense"])
         head = []  # trained through modules_to_save above
     elif variant in NO_LR:
         net = model
@@ -445,7 +457,7 @@ def run_task(task: str, args) -> None:
     grid = [float(g) for g in args.lr_grid.split(",")]
     jargs = {k: getattr(args, k) for k in ("steps", "micro_batch_size", "seq", "density", "calibration_steps",
                                            "max_rows", "max_cols", "eval_size", "val_size", "val_groups",
-                                           "bbc_train", "head_lr", "reselect_every", "reselect_fraction")}
+                                           "bbc_train", "head_lr", "dense_lr", "reselect_every", "reselect_fraction")}
     ns = argparse.Namespace(**jargs)
 
     def job(variant, seed, lr, phase):
@@ -582,6 +594,8 @@ def main() -> None:
     p.add_argument("--val_groups", type=int, default=20, help="qa: training-side top-level questions held for validation")
     p.add_argument("--bbc_train", type=int, default=400)
     p.add_argument("--head_lr", type=float, default=1e-3)
+    p.add_argument("--dense_lr", type=float, default=1e-4,
+                   help="sparsegrad_paper: lr of the densely trained attention and embeddings (bbc full fine-tuning's)")
     p.add_argument("--reselect_every", type=int, default=10, help="sparsegrad_reselect: steps between re-selections")
     p.add_argument("--reselect_fraction", type=float, default=0.2, help="sparsegrad_reselect: share swapped")
     p.add_argument("--out_dir", default=str(ROOT / "benchmarks" / "results"),
