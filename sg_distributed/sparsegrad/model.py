@@ -116,6 +116,11 @@ class SparseGradTuner(BaseTuner):
         frozen = {name: layer.base_layer for name, layer in layers.items()}
         keys = {name: self.basis_keys[name] for name in layers}
         calibrator = Calibrator(self.model, frozen, keys, config, batches, loss_fn, show_progress)
+        # Trainable parameters (modules_to_save, and the k-vectors) are frozen while calibrating: its backward
+        # passes must leave no gradient behind for the first optimizer step.
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        for p in trainable:
+            p.requires_grad_(False)
         for layer in layers.values():
             layer.passthrough = True
         try:
@@ -125,6 +130,8 @@ class SparseGradTuner(BaseTuner):
         finally:
             for layer in layers.values():
                 layer.passthrough = False
+            for p in trainable:
+                p.requires_grad_(True)
         for name, layer in layers.items():
             basis = self._shared_basis(keys[name], bases[keys[name]], layer.base_layer)
             layer.install(supports[name], basis=basis, block=supports[name].block)

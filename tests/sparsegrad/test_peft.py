@@ -97,6 +97,8 @@ def test_modules_to_save_trains_and_restores_a_fresh_head(tmp_path):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("classifier" in n for n in trainable) and any(n.endswith("sparsegrad_values") for n in trainable)
     model.calibrate(batches)
+    assert all(p.grad is None for p in model.parameters())  # calibration leaves no gradient for the first step
+    assert trainable == {n for n, p in model.named_parameters() if p.requires_grad}
     head_before = model.base_model.model.classifier.modules_to_save["default"].weight.detach().clone()
     _train(model, batches)
     head_after = model.base_model.model.classifier.modules_to_save["default"].weight
