@@ -196,3 +196,20 @@ def test_plain_hf_trainer_with_the_callback_trains_a_peft_adapter(tiny_model_dir
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_calibration_under_gradient_checkpointing_is_unchanged(reentrant):
+    """TRL's SFTConfig turns gradient checkpointing on by default: calibration through a checkpointed model
+    (forward hooks fire again, or only, in backward's recomputation) picks the same bases and supports."""
+    batches = lm_batches()
+    plain = get_peft_model(make_tiny_llama(), SparseGradConfig(density=0.05))
+    plain.train()
+    plain.calibrate(batches)
+    base = make_tiny_llama()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    checkpointed = get_peft_model(base, SparseGradConfig(density=0.05))
+    checkpointed.enable_input_require_grads()  # what TRL does for peft models under checkpointing
+    checkpointed.train()
+    checkpointed.calibrate(batches)
+    assert checkpointed.base_model.support_checksum() == plain.base_model.support_checksum()
