@@ -69,6 +69,15 @@ def test_get_peft_model_calibrate_train_save_load_merge(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(**batches[0]).logits, logits, atol=1e-4, rtol=0)
 
+    resumed = PeftModel.from_pretrained(copy.deepcopy(reference), tmp_path / "adapter", is_trainable=True)
+    assert {n for n, p in resumed.named_parameters() if p.requires_grad} == trainable
+    loss_loaded = resumed(**batches[0]).loss.item()
+    _train(resumed, batches)  # training continues from the saved values
+    assert resumed(**batches[0]).loss.item() < loss_loaded
+    unloaded = resumed.unload()  # the base layers back, no merge
+    with torch.no_grad():
+        torch.testing.assert_close(unloaded(**batches[0]).logits, reference(**batches[0]).logits, atol=0, rtol=0)
+
 
 def test_peft_path_equals_sparsegrad_model():
     """get_peft_model + calibrate chooses the same bases and supports, and computes the same loss, as the
