@@ -1,7 +1,6 @@
 """SparseGradModel: the PEFT-style wrapper (calibrate, train, save_pretrained / from_pretrained, merge)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -14,14 +13,14 @@ from torch import nn
 from .basis import Bases, identity_bases
 from .calibration import gradients_flowing
 from .config import SparseGradConfig
-from .io import atomic_directory, tensor_bytes
+from .io import atomic_directory
 from .dynamic import SparseStateAdam, make_dynamic
 from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
 from .optim import LazyAdam
 from .reselect import SupportReselector
 from .quant import quantization_of
 from .selection import Support
-from .sparsegrad.calibration import Calibrator, assign_basis_keys
+from .sparsegrad.calibration import Calibrator, assign_basis_keys, support_checksum
 from .targets import find_target_linears
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,6 +32,18 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def read_adapter(directory: str | Path) -> tuple[dict, SparseGradConfig, dict[str, torch.Tensor]]:
+    """(metadata, config, tensors) of an adapter directory in this wrapper's format (``FORMAT``)."""
+    config_path = Path(directory) / ADAPTER_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: not a SparseGrad adapter directory")
+    meta = json.loads(config_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{config_path}: adapter format {meta.get('format')!r} is not {FORMAT!r} (a peft adapter? "
+                         f"load it with PeftModel.from_pretrained)")
+    return meta, SparseGradConfig.from_dict(meta["config"]), load_file(str(Path(directory) / ADAPTER_WEIGHTS))
 
 
 class SparseGradModel(nn.Module):
@@ -214,16 +225,7 @@ class SparseGradModel(nn.Module):
     def support_checksum(self) -> str:
         """SHA-256 of all supports and bases (exact bytes, any dtype): equal on every rank after calibration.
         The bases are those in ``bases``: the fp32 masters in fixed mode, else the float64 ones."""
-        digest = hashlib.sha256()
-        for name, module in self.converted_layers().items():
-            digest.update(name.encode())
-            if isinstance(module, SparseGradLinear):
-                digest.update(tensor_bytes(module.support_flat))
-        for key in sorted(self.bases):
-            digest.update(key.encode())
-            digest.update(tensor_bytes(self.bases[key].P))
-            digest.update(tensor_bytes(self.bases[key].R))
-        return digest.hexdigest()
+        return support_checksum(self.converted_layers(), self.bases)
 
     # --- persistence --------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -272,15 +274,7 @@ class SparseGradModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "SparseGradModel":
-        directory = Path(directory)
-        config_path = directory / ADAPTER_CONFIG
-        if not config_path.exists():
-            raise FileNotFoundError(f"{config_path} not found: not a SparseGrad adapter directory")
-        meta = json.loads(config_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{config_path}: unknown adapter format {meta.get('format')!r}, expected {FORMAT!r}")
-        config = SparseGradConfig.from_dict(meta["config"])
-        tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+        meta, config, tensors = read_adapter(directory)
         wrapper = cls.__new__(cls)
         nn.Module.__init__(wrapper)
         wrapper.base_model, wrapper.peft_config, wrapper.skipped_steps = model, config, 0

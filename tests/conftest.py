@@ -131,32 +131,39 @@ def quantize_linears(model, names, bits=8):
     return model
 
 
-@pytest.fixture(scope="module")
-def train_qa():
-    """launch/train_qa.py as a module (it is a script, not part of the package): tests call its main(argv)."""
+def load_launch_script(name: str):
+    """launch/<name>.py as a module (a script, not part of the package): tests call its main(argv)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("train_qa", ROOT / "launch" / "train_qa.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-block random Llama saved with the real SmolLM2 tokenizer: train_qa.py runs on it in seconds."""
+@pytest.fixture(scope="module")
+def train_qa():
+    return load_launch_script("train_qa")
+
+
+def save_tiny_llama_dir(path: Path, hidden: int = 32, intermediate: int = 64) -> Path:
+    """A 2-block random Llama saved with the real SmolLM2 tokenizer: the launch scripts run on it in seconds."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from sg_distributed.assets import smollm2_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny")
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture

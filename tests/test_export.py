@@ -4,24 +4,13 @@ that dequantised base within the fp32 tolerance."""
 import json
 
 import pytest
-import torch
+from conftest import save_tiny_llama_dir
 
 
 @pytest.fixture(scope="module")
 def tiny_wide_model_dir(tmp_path_factory):
     """The tiny Llama with in_features >= 64 (bitsandbytes' int8/nf4 layers want them)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from sg_distributed.assets import smollm2_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_wide")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_llama_dir(tmp_path_factory.mktemp("tiny_wide"), hidden=64, intermediate=128)
 
 
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])

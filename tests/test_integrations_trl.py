@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port, run_ranks
+from conftest import free_port, load_launch_script, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--max_steps", "8", "--calibration_steps", "2", "--micro_batch_size", "2", "--eval_size", "8",
@@ -17,12 +17,7 @@ COMMON = ["--max_steps", "8", "--calibration_steps", "2", "--micro_batch_size", 
 
 @pytest.fixture(scope="module")
 def sft_trl():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sft_trl", ROOT / "launch" / "sft_trl.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_launch_script("sft_trl")
 
 
 def test_sft_trainer_calibrates_trains_k_vectors_and_saves_a_peft_adapter(sft_trl, tiny_model_dir, tmp_path,

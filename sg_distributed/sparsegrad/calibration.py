@@ -8,6 +8,7 @@ standalone ``SparseGradModel``.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 from ..basis import Bases, GramAccumulator, compute_dtype, identity_bases
 from ..calibration import gradient_tap, run_backward_passes
 from ..config import SparseGradConfig
+from ..io import tensor_bytes
 from ..layer import compute_dtype_of, master_dtype
 from ..runtime import in_place_collective, is_distributed
 from ..selection import Support, choose_block, leading_block, select_support, top_k_in_block
@@ -185,3 +187,18 @@ class Calibrator:
                 support = select_support(full.pop(name), k)
             supports[name] = _from_rank0(support)
         return supports
+
+
+def support_checksum(layers: dict[str, nn.Module], bases: dict[str, Any]) -> str:
+    """SHA-256 of every layer's support (fixed-support layers) and every basis key's P and R (exact bytes, any
+    dtype): equal on every rank after calibration."""
+    digest = hashlib.sha256()
+    for name, layer in layers.items():
+        digest.update(name.encode())
+        if hasattr(layer, "support_flat"):
+            digest.update(tensor_bytes(layer.support_flat))
+    for key in sorted(bases):
+        digest.update(key.encode())
+        digest.update(tensor_bytes(bases[key].P))
+        digest.update(tensor_bytes(bases[key].R))
+    return digest.hexdigest()

@@ -7,15 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..config import SparseGradConfig
 from ..io import atomic_directory
-from ..model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT
+from ..model import ADAPTER_WEIGHTS, read_adapter
 from .model import BASES, BLOCK_COLS, BLOCK_ROWS, SUPPORT
 
 LAYER_KEYS = {"sparse_values": "sparsegrad_values", "support": SUPPORT, "block_rows": BLOCK_ROWS,
@@ -24,18 +22,10 @@ LAYER_KEYS = {"sparse_values": "sparsegrad_values", "support": SUPPORT, "block_r
 
 def convert(source: str | Path, target: str | Path) -> Path:
     """Write the peft form of the SparseGradModel adapter in ``source`` to ``target`` (atomically)."""
-    source = Path(source)
-    meta_path = source / ADAPTER_CONFIG
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{meta_path} not found: not an adapter directory")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r} (already a peft adapter?)")
-    config = SparseGradConfig.from_dict(meta["config"])
+    meta, config, tensors = read_adapter(source)
     if config.support_mode != "fixed":
         raise ValueError(f"{source}: support_mode={config.support_mode!r} adapters are not peft adapters (dense rotated "
                          f"matrices); load them with SparseGradModel.from_pretrained")
-    tensors = load_file(str(source / ADAPTER_WEIGHTS))
     out = {}
     for name in meta["layers"]:
         for old, new in LAYER_KEYS.items():

@@ -13,7 +13,6 @@ dense rotated m x n matrix per layer (not an adapter of k values) and stay on ``
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -23,11 +22,10 @@ from torch import nn
 from ..basis import Bases
 from ..calibration import gradients_flowing
 from ..config import LLAMA_TARGETS, SparseGradConfig
-from ..io import tensor_bytes
 from ..layer import SharedBasis, SparseGradLinear, compute_dtype_of
 from ..selection import Support
 from ..targets import find_target_linears
-from .calibration import Calibrator, assign_basis_keys
+from .calibration import Calibrator, assign_basis_keys, support_checksum
 from .registration import register
 
 # state-dict keys beside each layer's k-vector (the k-vector and the support are the layer's own tensors)
@@ -138,15 +136,7 @@ class SparseGradTuner(BaseTuner):
 
     def support_checksum(self) -> str:
         """SHA-256 of every layer's support and every type's bases (exact bytes): equal on all ranks."""
-        digest = hashlib.sha256()
-        for name, layer in self.sparsegrad_layers().items():
-            digest.update(name.encode())
-            digest.update(tensor_bytes(layer.support_flat))
-        for key in sorted(self.shared_bases):
-            digest.update(key.encode())
-            digest.update(tensor_bytes(self.shared_bases[key].P))
-            digest.update(tensor_bytes(self.shared_bases[key].R))
-        return digest.hexdigest()
+        return support_checksum(self.sparsegrad_layers(), self.shared_bases)
 
     def _shared_basis(self, key: str, bases: Bases, base_layer: nn.Module) -> SharedBasis:
         if key not in self.shared_bases:
