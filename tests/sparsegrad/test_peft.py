@@ -222,3 +222,24 @@ def test_calibration_under_gradient_checkpointing_is_unchanged(reentrant):
     checkpointed.train()
     checkpointed.calibrate(batches)
     assert checkpointed.base_model.support_checksum() == plain.base_model.support_checksum()
+
+
+def test_callback_runs_support_reselection_for_a_peft_adapter(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from sg_distributed import SparseGradCallback
+    from sg_distributed.data.qa import QACollator, load_qa_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    config = SparseGradConfig(density=0.05, max_rows=0.5, max_cols=0.5, calibration_steps=2, reselect_every=3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=3e-2,
+                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+                             remove_unused_columns=False)
+    callback = SparseGradCallback()
+    Trainer(model=model, args=args, train_dataset=load_qa_pairs()[:40], processing_class=tokenizer,
+            data_collator=QACollator(tokenizer, max_length=64), callbacks=[callback]).train()
+    assert [r["step"] for r in callback.reselector.history] == [3, 6]
+    assert all(r["swapped"] > 0 for r in callback.reselector.history)
+    assert any(not layer.structure.in_order for layer in model.base_model.sparsegrad_layers().values())
