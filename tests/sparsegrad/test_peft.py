@@ -243,3 +243,35 @@ def test_callback_runs_support_reselection_for_a_peft_adapter(tiny_model_dir, tm
     assert [r["step"] for r in callback.reselector.history] == [3, 6]
     assert all(r["swapped"] > 0 for r in callback.reselector.history)
     assert any(not layer.structure.in_order for layer in model.base_model.sparsegrad_layers().values())
+
+
+def test_trainer_resume_from_a_peft_checkpoint_is_bit_identical(tiny_model_dir, tmp_path):
+    """Trainer(resume_from_checkpoint=...) loads the peft adapter (supports and bases installed by
+    load_adapter, so the callback does not calibrate again) and ends where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from sg_distributed import SparseGradCallback
+    from sg_distributed.data.qa import QACollator, load_qa_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def run(out, max_steps, resume=None):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               SparseGradConfig(density=0.05, calibration_steps=2, task_type="CAUSAL_LM"))
+        args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2,
+                                 learning_rate=3e-2, lr_scheduler_type="constant", save_strategy="steps", save_steps=4,
+                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False)
+        Trainer(model=model, args=args, train_dataset=load_qa_pairs()[:40], processing_class=tokenizer,
+                data_collator=QACollator(tokenizer, max_length=64),
+                callbacks=[SparseGradCallback()]).train(resume_from_checkpoint=resume)
+
+    run(tmp_path / "full", 8)
+    run(tmp_path / "part", 4)
+    run(tmp_path / "part", 8, resume=str(tmp_path / "part" / "checkpoint-4"))
+    full = load_file(str(tmp_path / "full" / "checkpoint-8" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "part" / "checkpoint-8" / "adapter_model.safetensors"))
+    assert sorted(full) == sorted(resumed)
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
