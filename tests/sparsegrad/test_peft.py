@@ -275,3 +275,25 @@ def test_trainer_resume_from_a_peft_checkpoint_is_bit_identical(tiny_model_dir, 
     assert sorted(full) == sorted(resumed)
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+def test_bf16_model_keeps_fp32_k_vectors_and_matches_fp32_within_bf16_rounding(tmp_path):
+    """A bf16 model through peft: the k-vectors and the saved bases stay fp32, and the trained adapter's bf16
+    logits match the same adapter on an fp32 copy of the same (bf16-rounded) weights within 2e-2: bf16 keeps
+    8 bits of mantissa, and the logits of this 2-block model are O(1)."""
+    base, batches = make_tiny_llama().to(torch.bfloat16), lm_batches()
+    upcast = copy.deepcopy(base).float()
+    model = get_peft_model(base, SparseGradConfig(density=0.05))
+    model.calibrate(batches)
+    _train(model, batches)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    model.save_pretrained(tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert all(v.dtype == torch.float32 for k, v in saved.items() if k.endswith(("sparsegrad_values", ".P", ".R")))
+    reference = PeftModel.from_pretrained(upcast, tmp_path / "adapter")
+    with torch.no_grad():
+        got, want = model(**batches[0]).logits.float(), reference(**batches[0]).logits
+    assert want.abs().max() > 0.1  # not trivially small
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
