@@ -253,7 +253,7 @@ def run_model(name: str, args, log) -> dict:
 
 def train_and_track(name, model, batches, targets, key_of, calib_bases, args, log) -> dict:
     from sg_distributed import SparseGradConfig
-    from sg_distributed.layer import SparseGradLinear
+    from sg_distributed.sparsegrad.layer import SparseGradLinear
     from sg_distributed.methods import prepare
 
     t = time.perf_counter()

@@ -142,7 +142,7 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from sg_distributed.comm import CommCounter
-    from sg_distributed.config import SparseGradConfig
+    from sg_distributed.sparsegrad.config import SparseGradConfig
     from sg_distributed.integrations.deepspeed import initialize_engine, largest_sparse_k, load_ds_config, resolve_auto
     from sg_distributed.methods import prepare
     from sg_distributed.targets import find_target_linears

@@ -53,7 +53,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENI
 
 import torch  # noqa: E402
 
-from sg_distributed.config import DEFAULT_BUDGET  # noqa: E402
+from sg_distributed.sparsegrad.config import DEFAULT_BUDGET  # noqa: E402
 
 # method name -> (sg_distributed.methods.prepare name, SparseGradConfig overrides, estimator method)
 VARIANTS = {

@@ -36,8 +36,8 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from sg_distributed import SparseGradConfig  # noqa: E402
-from sg_distributed import layer as layer_module  # noqa: E402
-from sg_distributed.layer import SharedBasis, SparseGradLinear, fold_into_input_side, fold_into_output_side  # noqa: E402
+from sg_distributed.sparsegrad import layer as layer_module  # noqa: E402
+from sg_distributed.sparsegrad.layer import SharedBasis, SparseGradLinear, fold_into_input_side, fold_into_output_side  # noqa: E402
 from sg_distributed.selection import Support, leading_block  # noqa: E402
 
 SHAPES = {  # name -> [(layer, m = out_features, n = in_features)]

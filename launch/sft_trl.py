@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradCallback, SparseGradConfig  # noqa: E402
-from sg_distributed.config import DEFAULT_BUDGET  # noqa: E402
+from sg_distributed.sparsegrad.config import DEFAULT_BUDGET  # noqa: E402
 from sg_distributed.data.qa import load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.runtime import destroy_process_group  # noqa: E402
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
-from sg_distributed.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
+from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
 from sg_distributed import checkpoint as ckpt  # noqa: E402
 from sg_distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig, get_sparsegrad_model  # noqa: E402
-from sg_distributed.config import DEFAULT_BUDGET  # noqa: E402
+from sg_distributed.sparsegrad.config import DEFAULT_BUDGET  # noqa: E402
 from sg_distributed.data.qa import QACollator, load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.runtime import destroy_process_group  # noqa: E402
 

@@ -1,5 +1,5 @@
 """Sparse-gradient fine-tuning (SparseGrad, GradDrop) for distributed engines."""
-from .config import SparseGradConfig
+from .sparsegrad.config import SparseGradConfig
 from .graddrop import GradDropConfig, GradualUnfreezing, apply_graddrop
 from .model import SparseGradModel, get_sparsegrad_model
 from .sparsegrad.model import SparseGradTuner  # registers SparseGrad with peft

@@ -331,7 +331,7 @@ def structure_checksum(model) -> str:
 
     Unlike ``SparseGradModel.support_checksum`` (which hashes the float64 calibration bases in reference
     and dynamic mode) this is equal for a calibrated model and the same model restored by ``from_pretrained``."""
-    from .layer import SparseGradLinear
+    from .sparsegrad.layer import SparseGradLinear
 
     digest = hashlib.sha256()
     for name, module in model.converted_layers().items():

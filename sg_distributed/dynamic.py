@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layer import (ReferenceSparseGradLinear, _apply_keeping_precision, _RotatedBiasGrad, compute_dtype_for,
+from .sparsegrad.layer import (ReferenceSparseGradLinear, _apply_keeping_precision, _RotatedBiasGrad, compute_dtype_for,
                     linear_from_rotated, master_dtype)
 
 # --------------------------------------------------------------------------------------------- layer

@@ -95,7 +95,7 @@ from pathlib import Path
 from typing import Any
 
 from .comm import fmt_bytes
-from .config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK
+from .sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 EST_METHODS = ("sparsegrad", "lora", "full", "graddrop", "sparsegrad_dynamic")
@@ -222,7 +222,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
     from torch import nn
 
-    from .config import SparseGradConfig
+    from .sparsegrad.config import SparseGradConfig
     from .methods import matched_lora_rank
     from .targets import find_target_linears, layer_type
 

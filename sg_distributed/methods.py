@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .config import SparseGradConfig
+from .sparsegrad.config import SparseGradConfig
 from .graddrop import GradDropConfig, apply_graddrop
 from .model import get_sparsegrad_model
 from .optim import clear_masks

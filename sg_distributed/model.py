@@ -12,10 +12,10 @@ from torch import nn
 
 from .basis import Bases, identity_bases
 from .calibration import gradients_flowing
-from .config import SparseGradConfig
+from .sparsegrad.config import SparseGradConfig
 from .io import atomic_directory
 from .dynamic import SparseStateAdam, make_dynamic
-from .layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
+from .sparsegrad.layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
 from .optim import LazyAdam
 from .reselect import SupportReselector
 from .quant import quantization_of

@@ -37,7 +37,7 @@ from typing import Any
 
 from .comm import (dense_allreduce_bytes, fmt_bytes, kvector_allreduce_bytes, sparse_allgather_bytes,
                    sparse_breakeven_density)
-from .config import LLAMA_TARGETS, SparseGradConfig
+from .sparsegrad.config import LLAMA_TARGETS, SparseGradConfig
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .layer import SparseGradLinear
+from .sparsegrad.layer import SparseGradLinear
 from .runtime import is_distributed
 
 

@@ -5,7 +5,7 @@ import re
 
 from torch import nn
 
-from .config import BERT_TARGETS, LLAMA_TARGETS
+from .sparsegrad.config import BERT_TARGETS, LLAMA_TARGETS
 
 _BLOCK_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 

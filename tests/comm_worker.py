@@ -24,7 +24,7 @@ import torch.distributed as dist  # noqa: E402
 
 from conftest import lm_batches, make_tiny_llama  # noqa: E402
 from sg_distributed.comm import CommCounter, check_collective_devices_from_env  # noqa: E402
-from sg_distributed.config import SparseGradConfig  # noqa: E402
+from sg_distributed.sparsegrad.config import SparseGradConfig  # noqa: E402
 from sg_distributed.integrations.deepspeed import init_distributed, initialize_engine  # noqa: E402
 from sg_distributed.methods import prepare  # noqa: E402
 

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 from sg_distributed.comm import check_collective_devices_from_env  # noqa: E402
 from sg_distributed.dynamic import SparseExchange, SparseStateAdam, convert_to_dynamic, dense_parameters  # noqa: E402
-from sg_distributed.layer import ReferenceSparseGradLinear  # noqa: E402
+from sg_distributed.sparsegrad.layer import ReferenceSparseGradLinear  # noqa: E402
 from sg_distributed.optim import LazyAdam, clear_masks  # noqa: E402
 
 K, LR, STEPS, GLOBAL_BATCH = 20, 0.05, 3, 8

@@ -20,7 +20,7 @@ from sg_distributed.comm import (
     sparse_breakeven_density,
     wire_bytes,
 )
-from sg_distributed.config import SparseGradConfig
+from sg_distributed.sparsegrad.config import SparseGradConfig
 
 from conftest import free_port, run_ranks
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from sg_distributed.dynamic import (DynamicSparseGradLinear, SparseExchange, SparseStateAdam, convert_to_dynamic,
                                     dense_parameters, make_dynamic, topk_indices)
-from sg_distributed.layer import ReferenceSparseGradLinear
+from sg_distributed.sparsegrad.layer import ReferenceSparseGradLinear
 from sg_distributed.optim import LazyAdam, clear_masks
 
 from conftest import free_port, run_ranks

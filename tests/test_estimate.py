@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import free_port, lm_batches, make_tiny_llama, run_ranks
-from sg_distributed.config import SparseGradConfig
+from sg_distributed.sparsegrad.config import SparseGradConfig
 from sg_distributed.estimate import build_meta_model, estimate, main
 from sg_distributed.methods import prepare
 

@@ -520,7 +520,7 @@ import torch, torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from comm_worker import ds_config
 from conftest import lm_batches, make_tiny_llama
-from sg_distributed.config import SparseGradConfig
+from sg_distributed.sparsegrad.config import SparseGradConfig
 from sg_distributed.graddrop import GradDropConfig
 from sg_distributed.integrations.deepspeed import init_distributed, initialize_engine
 from sg_distributed.methods import prepare

@@ -76,7 +76,7 @@ def _converted_tiny(hidden=8, inter=16, ks=(100, 90)):
     import torch
     from torch import nn
 
-    from sg_distributed.layer import SparseGradLinear
+    from sg_distributed.sparsegrad.layer import SparseGradLinear
     from sg_distributed.selection import Support
 
     def layer(m, n, k):

@@ -42,7 +42,7 @@ def test_fsdp2_one_rank_matches_plain_training_and_kernel_sees_plain_tensors(one
     from torch.distributed.tensor import DTensor
 
     from sg_distributed.integrations.fsdp import apply_fsdp2, find_blocks, sync_replicated_grads
-    from sg_distributed.layer import _SparseDelta
+    from sg_distributed.sparsegrad.layer import _SparseDelta
 
     seen = []
     original = _SparseDelta.forward

@@ -6,7 +6,7 @@ from torch import nn
 
 from sg_distributed import SparseGradConfig
 from sg_distributed.checkpoint import structure_checksum
-from sg_distributed.layer import SharedBasis, SparseGradLinear, _BlockDelta
+from sg_distributed.sparsegrad.layer import SharedBasis, SparseGradLinear, _BlockDelta
 from sg_distributed.methods import prepare
 from sg_distributed.model import SparseGradModel, get_sparsegrad_model
 from sg_distributed.selection import Support

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sg_distributed import SparseGradConfig, SparseGradModel, get_sparsegrad_model
-from sg_distributed.layer import ReferenceSparseGradLinear, SparseGradLinear
+from sg_distributed.sparsegrad.layer import ReferenceSparseGradLinear, SparseGradLinear
 from sg_distributed.optim import clear_masks
 
 from conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama, quantize_linears

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sg_distributed import SparseGradConfig, get_sparsegrad_model
-from sg_distributed.layer import SparseGradLinear
+from sg_distributed.sparsegrad.layer import SparseGradLinear
 from sg_distributed.model import SparseGradModel
 from sg_distributed.reselect import SupportReselector, plan_swap
 from sg_distributed.selection import Support

@@ -224,7 +224,7 @@ def resolve_auto(
     k-vector per micro-batch (forward and backward) for a few hundred kB each. With ``model`` given (the
     converted model, before ``deepspeed.initialize``), an ``"auto"`` threshold becomes
     ``max(10·hidden, largest k)`` where k is the numel of a trainable ``sparsegrad_values`` of a
-    :class:`~sg_distributed.layer.SparseGradLinear`. Any other parameter of at most that numel (a frozen
+    :class:`~sg_distributed.sparsegrad.layer.SparseGradLinear`. Any other parameter of at most that numel (a frozen
     small weight, a bias) becomes persistent too: replicated, at most largest-k values each. An explicit
     number in the config is kept as it is.
     """
@@ -303,7 +303,7 @@ def largest_sparse_k(model: Any) -> int:
     """The numel of the largest trainable SparseGrad k-vector in ``model`` (0 for ``None`` or none)."""
     if model is None:
         return 0
-    from ..layer import SparseGradLinear
+    from ..sparsegrad.layer import SparseGradLinear
 
     return max((m.k for m in model.modules()
                 if isinstance(m, SparseGradLinear) and m.sparsegrad_values.requires_grad), default=0)

@@ -100,7 +100,7 @@ def find_blocks(model: nn.Module, pattern: str = BLOCK_PATTERN) -> list[nn.Modul
 
 
 def _sparse_values(model: nn.Module) -> list[nn.Parameter]:
-    from ..layer import SparseGradLinear
+    from ..sparsegrad.layer import SparseGradLinear
 
     return [m.sparsegrad_values for m in model.modules() if isinstance(m, SparseGradLinear)]
 

@@ -21,8 +21,8 @@ from torch import nn
 
 from ..basis import Bases
 from ..calibration import gradients_flowing
-from ..config import LLAMA_TARGETS, SparseGradConfig
-from ..layer import SharedBasis, SparseGradLinear, compute_dtype_of
+from .config import LLAMA_TARGETS, SparseGradConfig
+from .layer import SharedBasis, SparseGradLinear, compute_dtype_of
 from ..selection import Support
 from ..targets import find_target_linears
 from .calibration import Calibrator, assign_basis_keys, support_checksum

@@ -9,7 +9,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import BertForSequenceClassification, LlamaForCausalLM
 
 from sg_distributed import SparseGradConfig, SparseGradTuner, get_sparsegrad_model
-from sg_distributed.layer import SparseGradLinear
+from sg_distributed.sparsegrad.layer import SparseGradLinear
 
 
 def test_peft_knows_sparsegrad(tmp_path):

@@ -26,8 +26,8 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .quant import dequantized_weight
-from .selection import Support
+from ..quant import dequantized_weight
+from ..selection import Support
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from peft import PeftConfig
 
-from .sparsegrad.registration import peft_type
+from .registration import peft_type
 
 LLAMA_TARGETS = ["up_proj", "down_proj"]
 # BERT's attention output is also called `output.dense`: a regex keeps only the MLP pair.

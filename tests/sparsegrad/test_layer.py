@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sg_distributed.layer import SparseGradLinear, fold_into_input_side, fold_into_output_side
+from sg_distributed.sparsegrad.layer import SparseGradLinear, fold_into_input_side, fold_into_output_side
 from sg_distributed.selection import Support, leading_block, select_support, top_k_in_block
 
 
@@ -154,7 +154,7 @@ def test_layers_share_one_basis_through_dtype_moves_and_deepcopy():
     import copy
     import pickle
 
-    from sg_distributed.layer import SharedBasis
+    from sg_distributed.sparsegrad.layer import SharedBasis
 
     m, n, k = 12, 20, 15
     P, R = orthogonal(m, 1), orthogonal(n, 2)
