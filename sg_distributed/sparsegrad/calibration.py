@@ -17,12 +17,12 @@ from torch import nn
 
 from ..basis import Bases, GramAccumulator, compute_dtype, identity_bases
 from ..calibration import gradient_tap, run_backward_passes
-from .config import SparseGradConfig
 from ..io import tensor_bytes
-from .layer import compute_dtype_of, master_dtype
 from ..runtime import in_place_collective, is_distributed
 from ..selection import Support, choose_block, leading_block, select_support, top_k_in_block
 from ..targets import layer_type
+from .config import SparseGradConfig
+from .layer import compute_dtype_of, master_dtype
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> None:

@@ -10,11 +10,14 @@ Two kernels: under a row/column budget (the default) a dense r x c block at its 
 added onto the base's); without a budget CSR sparse products (sparse @ dense, and a sampled dense-dense
 product for dL/dv), whose touched rows x cols are most of the matrix.
 
-P and R are stored once per layer type (``SharedBasis``, transposed so that P_I^T is a contiguous row
-gather) and every layer gathers its P_I / R_C at each use, forward and backward, instead of keeping its
-own slices: ~160 MB less on SmolLM2 (60 matrices, budget 0.25), 1.54 GB -> 570 MB per GPU for the
-LLaMA-2-7B preset in bf16 (estimator). The price is the gather, ~1-1.5 ms per layer and step on a 2-core
-CPU at 512 tokens (README, Systems): independent of the token count, unlike the products.
+P and R are stored once per layer type (``SharedBasis``, transposed so that P_I^T is a row slice) and every
+layer reads its P_I / R_C at each use instead of keeping its own copies: ~160 MB less on SmolLM2 (60
+matrices, budget 0.25), 1.54 GB -> 570 MB per GPU for the LLaMA-2-7B preset in bf16 (estimator). In the
+default leading block (``SparseGradConfig.budget_block``) those are the first rows of P^T / R^T, read as
+views; a scored block gathers its rows at each use, forward and backward, which cost 8-19 % of a 7B layer's
+time on a 2-core CPU (README, Systems).
+
+The same class is peft's tuner layer for SparseGrad (``sparsegrad.model.SparseGradTuner``).
 """
 from __future__ import annotations
 

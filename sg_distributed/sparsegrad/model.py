@@ -21,11 +21,11 @@ from torch import nn
 
 from ..basis import Bases
 from ..calibration import gradients_flowing
-from .config import LLAMA_TARGETS, SparseGradConfig
-from .layer import SharedBasis, SparseGradLinear, compute_dtype_of
 from ..selection import Support
 from ..targets import find_target_linears
 from .calibration import Calibrator, assign_basis_keys, support_checksum
+from .config import LLAMA_TARGETS, SparseGradConfig
+from .layer import SharedBasis, SparseGradLinear, compute_dtype_of
 from .registration import register
 
 # state-dict keys beside each layer's k-vector (the k-vector and the support are the layer's own tensors)
@@ -81,11 +81,6 @@ class SparseGradTuner(BaseTuner):
         weight = next((p for p in child.parameters()), None)
         if weight is not None and weight.device.type != "meta":
             new_module.to(weight.device)  # the k-vector follows the base (and keeps its precision)
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
-        for layer in self.sparsegrad_layers().values():
-            layer.base_layer.requires_grad_(False)
 
     # --- calibration --------------------------------------------------------------------------------
     def sparsegrad_layers(self) -> dict[str, SparseGradLinear]:
