@@ -1,5 +1,10 @@
 """Hugging Face Trainer (transformers 5.23) integration: ``SparseGradTrainer`` and ``SparseGradCallback``.
 
+peft route (``get_peft_model(model, SparseGradConfig(...))``, TRL's ``SFTTrainer(peft_config=...)``): no
+subclass is needed. The k-vectors exist from injection, so the optimizer the Trainer builds holds them, and
+``SparseGradCallback`` calibrates at ``on_train_begin`` on the Trainer's own train dataloader. What follows
+is about the standalone ``SparseGradModel``, whose k-vectors are created by calibration.
+
 Why a Trainer subclass and not only a callback: SparseGrad must calibrate *before* the optimizer
 exists (only the k-vectors created by calibration are trainable, and ``Trainer.create_optimizer`` /
 ``deepspeed_init`` collect ``requires_grad`` parameters inside ``_inner_training_loop``), and the first
