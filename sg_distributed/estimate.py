@@ -224,6 +224,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
 
     from .sparsegrad.config import SparseGradConfig
     from .methods import matched_lora_rank
+    from .sparsegrad.calibration import assign_basis_keys
     from .targets import find_target_linears, layer_type
 
     if method not in EST_METHODS:
@@ -297,11 +298,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
 
     calibration = None
     if method in ("sparsegrad", "sparsegrad_dynamic"):
-        kinds: dict[str, set] = {}
-        for n, shape in shapes.items():
-            kinds.setdefault(layer_type(n), set()).add(shape)
-        keys = {n: layer_type(n) if len(kinds[layer_type(n)]) == 1 else f"{layer_type(n)}@{o}x{i}"
-                for n, (o, i) in shapes.items()}  # SparseGradModel._assign_basis_keys (basis_sharing="type")
+        keys = assign_basis_keys(targets, cfg.basis_sharing)  # what calibration solves: one basis per key
         budgets = {n: cfg.block_budget(o, i) for n, (o, i) in shapes.items()}
         calibration = calibration_phases(shapes, keys, budgets, b=b, tokens=micro_batch_size * seq,
                                          activations=activations, basis_bytes=4 if method == "sparsegrad" else 8,

@@ -12,15 +12,15 @@ from torch import nn
 
 from .basis import Bases, identity_bases
 from .calibration import gradients_flowing
-from .sparsegrad.config import SparseGradConfig
-from .io import atomic_directory
 from .dynamic import SparseStateAdam, make_dynamic
-from .sparsegrad.layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
+from .io import atomic_directory
 from .optim import LazyAdam
-from .reselect import SupportReselector
 from .quant import quantization_of
+from .reselect import SupportReselector
 from .selection import Support
 from .sparsegrad.calibration import Calibrator, assign_basis_keys, support_checksum
+from .sparsegrad.config import SparseGradConfig
+from .sparsegrad.layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
 from .targets import find_target_linears
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -29,11 +29,11 @@ def log_bnb_casts_once() -> None:
         logger.addFilter(_FirstOccurrence())
 
 
+QUANTIZATION_OF = {"Linear8bitLt": "8bit", "Linear4bit": "4bit"}  # bitsandbytes layer -> its quantisation
+
+
 def is_quantized(module: nn.Module) -> bool:
-    return type(module).__name__ in ("Linear8bitLt", "Linear4bit")
-
-
-QUANTIZATION_OF = {"Linear8bitLt": "8bit", "Linear4bit": "4bit"}
+    return type(module).__name__ in QUANTIZATION_OF
 
 
 def quantization_of(modules) -> str | None:

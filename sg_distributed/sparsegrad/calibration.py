@@ -30,10 +30,9 @@ def _all_reduce_sum(tensor: torch.Tensor) -> None:
         in_place_collective(tensor, dist.all_reduce)
 
 
-def _columns(basis: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """basis[:, index]: a view when ``index`` is 0..r-1 (a leading block), else a gather."""
-    r = index.numel()
-    return basis[:, :r] if r and int(index[-1]) == r - 1 else basis.index_select(1, index)
+def _columns(basis: torch.Tensor, index: torch.Tensor | int) -> torch.Tensor:
+    """The block's columns of a basis: the leading ``index`` ones (an int: a view), or a gather."""
+    return basis[:, :index] if isinstance(index, int) else basis.index_select(1, index)
 
 
 def _block_from_rank0(block: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +163,14 @@ class Calibrator:
             elif name in budgeted:
                 blocks[name] = leading_block(*budgets[name], device=modules[name].weight.device)
         del sums
+        # what the block pass slices P and R with: a leading block's sizes (views, no host read per call)
+        columns = {name: budgets[name] if name not in summed else blocks[name] for name in blocks}
 
         scores: dict[str, torch.Tensor] = {}
         if budgeted:
             def accumulate_block(name, dy, x):
                 if name in budgeted:
-                    value = factors(name, dy, x, *blocks[name]).to(dtype)
+                    value = factors(name, dy, x, *columns[name]).to(dtype)
                     scores[name] = value if name not in scores else scores[name].add_(value)
 
             with gradient_tap(modules, accumulate_block):

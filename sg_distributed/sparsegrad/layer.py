@@ -29,7 +29,7 @@ from torch import nn
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ..quant import dequantized_weight
+from ..quant import dequantized_weight, is_quantized
 from ..selection import Support
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -510,13 +510,19 @@ class SparseGradLinear(nn.Module, BaseTunerLayer):
         return self.P_sub.to(device, dtype) @ S @ self.R_sub.to(device, dtype).T
 
     @torch.no_grad()
-    def merged_linear(self) -> nn.Linear:
-        """A plain nn.Linear with W0 + P S R^T (8-bit / 4-bit bases are dequantised first)."""
+    def _merged_weight(self) -> torch.Tensor:
+        """W0 + P S R^T in float64 (an 8-bit / 4-bit W0 dequantised first)."""
         W0 = dequantized_weight(self.base_layer).to(torch.float64)
+        return W0 + self.delta_weight().to(W0.device)
+
+    @torch.no_grad()
+    def merged_linear(self, weight: torch.Tensor | None = None) -> nn.Linear:
+        """A plain nn.Linear in the base's compute dtype holding ``weight`` (default: W0 + P S R^T)."""
+        weight = self._merged_weight() if weight is None else weight
         dtype = compute_dtype_of(self.base_layer)
         linear = nn.Linear(self.in_features, self.out_features, bias=self.base_layer.bias is not None,
                            dtype=dtype, device=self.sparsegrad_values.device)
-        linear.weight.copy_((W0 + self.delta_weight()).to(dtype))
+        linear.weight.copy_(weight.to(dtype))
         if self.base_layer.bias is not None:
             linear.bias.copy_(self.base_layer.bias.to(dtype))
         return linear
@@ -535,9 +541,6 @@ class SparseGradLinear(nn.Module, BaseTunerLayer):
             self.sparsegrad_values.requires_grad_(False)
         self._disable_adapters = not enabled
 
-    def _is_quantized(self) -> bool:
-        return not (isinstance(self.base_layer, nn.Linear) and self.base_layer.weight.dtype.is_floating_point)
-
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """W0 += P S R^T, computed in float64 and rounded once into the base weight's dtype. An 8-bit / 4-bit
@@ -547,18 +550,14 @@ class SparseGradLinear(nn.Module, BaseTunerLayer):
             return
         if not self.calibrated:
             raise RuntimeError("SparseGradLinear: nothing to merge before calibration")
-        if self._is_quantized():
-            merged = self.merged_linear()
-            if safe_merge and not torch.isfinite(merged.weight).all():
-                raise ValueError(f"SparseGradLinear({self.out_features}x{self.in_features}): NaN/inf in the merged weight")
-            self.base_layer = merged
+        new = self._merged_weight()
+        if safe_merge and not torch.isfinite(new).all():
+            raise ValueError(f"SparseGradLinear({self.out_features}x{self.in_features}): NaN/inf in the merged weight")
+        if is_quantized(self.base_layer):
+            self.base_layer = self.merged_linear(new)
             self._dequantized_by_merge = True
         else:
-            weight = self.base_layer.weight
-            new = weight.double() + self.delta_weight().to(weight.device)
-            if safe_merge and not torch.isfinite(new).all():
-                raise ValueError(f"SparseGradLinear({self.out_features}x{self.in_features}): NaN/inf in the merged weight")
-            weight.copy_(new.to(weight.dtype))
+            self.base_layer.weight.copy_(new.to(self.base_layer.weight.dtype))
         self.merged_adapters.append(self._active_adapter)
 
     @torch.no_grad()
