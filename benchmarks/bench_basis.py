@@ -263,7 +263,7 @@ def train_and_track(name, model, batches, targets, key_of, calib_bases, args, lo
     layers = wrapped.converted_layers()
     assert all(isinstance(m, SparseGradLinear) for m in layers.values())
     for key, (P, Q) in calib_bases.items():  # the library's bases are the ones measured above
-        b = wrapped.bases[key]
+        b = wrapped.shared_bases[key]  # the fp32 masters the layers share
         assert torch.allclose(b.P.float(), P, atol=1e-5) and torch.allclose(b.R.float(), Q, atol=1e-5), key
     taps = {n: m.base_layer for n, m in layers.items()}  # dY, X of the whole layer: grad of W_eff = W0 + P S R^T
     train_support = {n: m.support.flat() for n, m in layers.items()}

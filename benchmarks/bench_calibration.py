@@ -78,13 +78,14 @@ def run_worker(args) -> dict:
     reset_peak()
     rss0 = status_mib("VmRSS")
     t0 = time.perf_counter()
-    wrapped = get_sparsegrad_model(model, config).calibrate(batches[:args.calibration_steps])
+    wrapped = get_sparsegrad_model(model, config)
+    wrapped.calibrate(batches[:args.calibration_steps])
     calib_s = time.perf_counter() - t0
     calib_peak = status_mib("VmHWM") - rss0
     release_freed_memory()
     reset_peak()
     rss1 = status_mib("VmRSS")
-    opt = wrapped.make_optimizer(1e-2)
+    opt = torch.optim.AdamW(wrapped.trainable_parameters(), lr=1e-2)
     times = []
     for i, batch in enumerate(batches[args.calibration_steps:]):
         t = time.perf_counter()

@@ -65,6 +65,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from sg_distributed.integrations.deepspeed import with_persistent_k_vectors
     from sg_distributed.integrations.trainer import configure_cpu_deepspeed_state
 
     if args.model is None:
@@ -81,19 +82,21 @@ def main(argv=None) -> dict:
 
     on_cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    peft_config = SparseGradConfig(density=args.density, max_rows=args.max_rows or None,
+                                   max_cols=args.max_cols or None, calibration_steps=args.calibration_steps,
+                                   task_type="CAUSAL_LM")
     use_deepspeed = bool(args.deepspeed)
+    # ZeRO-3: the k-vectors stay whole on every rank (the Trainer's "auto" threshold would be 10 x hidden)
+    deepspeed = with_persistent_k_vectors(args.deepspeed, model, peft_config) if use_deepspeed else None
     sft_args = SFTConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.micro_batch_size,
         per_device_eval_batch_size=16, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.max_steps, report_to="none",
-        seed=args.seed, data_seed=args.seed, deepspeed=args.deepspeed, max_length=args.max_length,
+        seed=args.seed, data_seed=args.seed, deepspeed=deepspeed, max_length=args.max_length,
         use_cpu=on_cpu and not use_deepspeed, ddp_backend="gloo" if on_cpu and distributed else None,
         accelerator_config=configure_cpu_deepspeed_state() if use_deepspeed and on_cpu else None,
         dataloader_num_workers=0, disable_tqdm=True, bf16=False,
     )
-    peft_config = SparseGradConfig(density=args.density, max_rows=args.max_rows or None,
-                                   max_cols=args.max_cols or None, calibration_steps=args.calibration_steps,
-                                   task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(conversations(train_pairs)),
                          eval_dataset=Dataset.from_list(conversations(heldout)), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[SparseGradCallback()])

@@ -36,7 +36,7 @@ from sg_distributed import checkpoint as ckpt  # noqa: E402
 from sg_distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.graddrop import GradDropConfig  # noqa: E402
-from sg_distributed.methods import METHODS, prepare  # noqa: E402
+from sg_distributed.methods import METHODS, prepare, sparsegrad_config  # noqa: E402
 from sg_distributed.runtime import (Engine, all_reduce_mean, assert_same_on_all_ranks, barrier,  # noqa: E402
                                     destroy_process_group, global_batch_indices, in_place_collective,
                                     init_process_group, rank_micro_batches)
@@ -390,9 +390,10 @@ def main(argv=None) -> dict:
         except (ValueError, FileNotFoundError, KeyError) as err:
             raise SystemExit(f"error: the adapter {adapter} does not fit this run (model {args.model}): {err}")
         expected = {"sparsegrad": "fixed", "sparsegrad_reference": "reference"}.get(args.method, "dynamic")
-        if prepared.model.peft_config.support_mode != expected:
-            raise SystemExit(f"error: the adapter {adapter} has support_mode "
-                             f"{prepared.model.peft_config.support_mode!r}, --method {args.method} needs {expected!r}")
+        saved_mode = sparsegrad_config(prepared.model).support_mode
+        if saved_mode != expected:
+            raise SystemExit(f"error: the adapter {adapter} has support_mode {saved_mode!r}, --method {args.method} "
+                             f"needs {expected!r}")
     else:
         # Calibration reads this rank's micro-batches of the first global batches; Grams and scores are
         # summed over ranks, so any world size sees the same calibration data and gets the same supports.
@@ -651,7 +652,7 @@ def main(argv=None) -> dict:
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             if args.method not in ("full", "graddrop"):  # dense methods would save the whole model
-                prepared.model.save_pretrained(out / "adapter")
+                ckpt.save_adapter(prepared.model, out / "adapter")
     if info.is_main:
         (out / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
         first_last = results["train_loss_first_last"] or [math.nan, math.nan]

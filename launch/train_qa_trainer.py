@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""SparseGrad fine-tuning on FanOutQA pairs through the Hugging Face Trainer (SparseGradTrainer).
+"""SparseGrad fine-tuning on FanOutQA pairs through the Hugging Face Trainer (peft model + SparseGradCallback).
 
     python launch/train_qa_trainer.py                                                    # one process
     torchrun --nproc_per_node 2 launch/train_qa_trainer.py --deepspeed ds_configs/zero2.json
@@ -8,7 +8,7 @@
 
 Defaults: the embedded SmolLM2-135M-Instruct and the FanOutQA single-hop pairs (split by top-level
 question). Calibration runs on the Trainer's own train dataloader (first --calibration_steps batches of
-every rank); checkpoints hold the adapter files. Held-out answer loss is the Trainer's eval_loss
+every rank); checkpoints hold the peft adapter files (``PeftModel.from_pretrained`` loads them). Held-out answer loss is the Trainer's eval_loss
 (prompt tokens are masked out of the labels).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sg_distributed import SparseGradConfig, get_sparsegrad_model  # noqa: E402
+from sg_distributed import SparseGradCallback, SparseGradConfig  # noqa: E402
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET  # noqa: E402
 from sg_distributed.data.qa import QACollator, load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.runtime import destroy_process_group  # noqa: E402
@@ -63,9 +63,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from sg_distributed.integrations.trainer import SparseGradTrainer, configure_cpu_deepspeed_state
+    from sg_distributed.integrations.deepspeed import with_persistent_k_vectors
+    from sg_distributed.integrations.trainer import calibrate_from_dataloader, configure_cpu_deepspeed_state
 
     if args.model is None:
         from sg_distributed.assets import smollm2_dir
@@ -76,14 +78,13 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # Load before TrainingArguments: a ZeRO-3 config would otherwise partition the weights at load (zero.Init)
-    # and calibration needs whole weights.
+    # Load before TrainingArguments: a ZeRO-3 config would otherwise turn on zero.Init for this from_pretrained.
     torch.manual_seed(args.seed)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     config = SparseGradConfig(density=args.density, k=args.k, max_rows=args.max_rows or None,
                               max_cols=args.max_cols or None, block_stride=args.block_stride,
                               calibration_steps=args.calibration_steps)
-    model = get_sparsegrad_model(base, config)
+    model = get_peft_model(base, config)
 
     train_pairs, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=0.2, seed=0)
     heldout = heldout[: args.eval_size] if args.eval_size else heldout
@@ -96,22 +97,24 @@ def main(argv=None) -> dict:
         per_device_eval_batch_size=16, gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=args.max_grad_norm,
         logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps or args.max_steps,
-        report_to="none", seed=args.seed, data_seed=args.seed, deepspeed=args.deepspeed,
+        report_to="none", seed=args.seed, data_seed=args.seed,
+        deepspeed=with_persistent_k_vectors(args.deepspeed, model) if args.deepspeed else None,  # ZeRO-3: k whole
         bf16=args.precision == "bf16", fp16=args.precision == "fp16", use_cpu=on_cpu and not use_deepspeed,
         ddp_backend="gloo" if on_cpu and distributed else None,  # "gloo" in one process: accelerate fails
         accelerator_config=accelerator_config, dataloader_num_workers=0, disable_tqdm=True,
     )
-    trainer = SparseGradTrainer(model=model, args=training_args, train_dataset=train_pairs, eval_dataset=heldout,
-                                data_collator=QACollator(tokenizer, max_length=args.max_length),
-                                processing_class=tokenizer, calibration_steps=args.calibration_steps)
-    trainer.calibrate()
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_pairs, eval_dataset=heldout,
+                      data_collator=QACollator(tokenizer, max_length=args.max_length), processing_class=tokenizer,
+                      callbacks=[SparseGradCallback(calibration_steps=args.calibration_steps)])
     results: dict = {"world_size": training_args.world_size, "deepspeed": args.deepspeed}
-    trainable, total = model.parameter_counts()
+    trainable, total = model.get_nb_trainable_parameters()
     results["trainable_params"], results["total_params"] = trainable, total
-    results["support_checksum"] = model.support_checksum()
     if not args.no_eval_before and not use_deepspeed:  # HF: eval before train needs ZeRO-3 under DeepSpeed
+        # eval needs the adapter calibrated: do it now, on the same batches the callback would take
+        calibrate_from_dataloader(model.base_model, trainer.get_train_dataloader(), args.calibration_steps)
         results["before"] = trainer.evaluate()
-    train_output = trainer.train()
+    train_output = trainer.train()  # SparseGradCallback calibrates at on_train_begin unless done above
+    results["support_checksum"] = model.support_checksum()
     results["train_loss"] = train_output.training_loss
     results["log_history"] = [e for e in trainer.state.log_history if "loss" in e]
     results["after"] = trainer.evaluate()

@@ -7,7 +7,8 @@ the data order is a pure function of (step, seed), so N is the whole data positi
       manifest.json        written last, by rank 0: sha256 + size of every other file, the step, the run's
                            fingerprint (what must not change on resume) and the backend
       trainer_state.json   losses so far, skipped (non-finite) steps
-      adapter/             SparseGrad family: SparseGradModel.save_pretrained (values, supports, bases)
+      adapter/             SparseGrad family: the adapter (peft's save_pretrained: k-values, supports, bases;
+                           reference / dynamic mode: SparseGradModel.save_pretrained)
       trainable.pt         single process / DDP: every trainable parameter by name (incl. norms trained in
                            reference / dynamic mode, which the adapter does not hold)
       optimizer.pt         single process / DDP: the optimizer state dict
@@ -346,11 +347,25 @@ def structure_checksum(model) -> str:
 
 
 def prepared_from_adapter(method: str, model, adapter_dir: str | Path, weight_decay: float = 0.0):
-    """``methods.prepare`` without calibration: the SparseGrad model rebuilt from a saved adapter."""
+    """``methods.prepare`` without calibration: the SparseGrad model rebuilt from a saved adapter, trainable."""
     from .methods import prepared_sparsegrad
-    from .model import SparseGradModel
+    from .sparsegrad.convert import load_adapter
 
-    return prepared_sparsegrad(method, SparseGradModel.from_pretrained(model, adapter_dir), weight_decay)
+    return prepared_sparsegrad(method, load_adapter(model, adapter_dir, is_trainable=True), weight_decay)
+
+
+def save_adapter(model, directory: str | Path) -> None:
+    """Write ``model``'s SparseGrad adapter to ``directory`` atomically (peft's files, or the research wrapper's).
+    The k-vectors must be whole here (inside ``full_params()`` under ZeRO-3 / sharded FSDP2)."""
+    from peft import PeftModel
+
+    from .io import atomic_directory
+
+    if not isinstance(model, PeftModel):
+        model.save_pretrained(directory)  # SparseGradModel: atomic itself
+        return
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(str(tmp))
 
 
 # ------------------------------------------------------------------------------------ engine state
@@ -380,7 +395,7 @@ def write_engine_state(tmp: Path, engine, prepared, method: str, full_params) ->
     if method in SPARSEGRAD_METHODS:
         with full_params():
             if rank == 0:
-                prepared.model.save_pretrained(tmp / "adapter")
+                save_adapter(prepared.model, tmp / "adapter")
     if engine.deepspeed:
         engine.wrapped.save_checkpoint(str(tmp / "engine"), tag="state", exclude_frozen_parameters=True)
     elif engine.fsdp:

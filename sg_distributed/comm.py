@@ -48,7 +48,7 @@ Collective-device check
 NCCL takes CUDA tensors only: a CPU tensor handed to a collective kills a multi-GPU job, and code that
 only ever ran on CPU/gloo never notices. ``CommCounter(check_device=True)``, :func:`check_collective_devices`
 or ``SG_CHECK_COLLECTIVE_DEVICE=1`` (read by ``CommCounter`` and, for the whole run, by
-``runtime.init_process_group`` and ``SparseGradTrainer``) make every collective caught by the python layer
+``runtime.init_process_group`` and ``SparseGradCallback``) make every collective caught by the python layer
 (DeepSpeed's cached functions and the DDP hook's all-reduce included) and, with ``layer="dispatch"``, every
 c10d operator, raise :class:`CollectiveDeviceError` when a tensor argument is not on the device type the
 call's process group takes (``runtime.collective_device``: cuda under NCCL, cpu under gloo) or on the
@@ -562,7 +562,7 @@ def _env_check_enabled() -> bool:
 def check_collective_devices_from_env() -> bool:
     """With ``SG_CHECK_COLLECTIVE_DEVICE=1``, turn the check on for the rest of the process (idempotent).
 
-    Called once the process group exists (``runtime.init_process_group``, ``SparseGradTrainer``), so that
+    Called once the process group exists (``runtime.init_process_group``, ``SparseGradCallback``), so that
     a run launched by a test checks calibration, training, evaluation and checkpoint collectives alike."""
     global _ENV_CHECK_ON
     if _ENV_CHECK_ON or not _env_check_enabled():

@@ -44,7 +44,7 @@ converted matrices; every trainable tensor is what the library trains, see READM
   method (the frozen layers still need their inputs for dX); LoRA/SparseGrad's extra per-layer
   activations (s x B x (r or c)) are ignored.
 * calibration memory (``calibration_memory``, ``sparsegrad`` and ``sparsegrad_dynamic``; per GPU, above the
-  loaded weights, the same on every rank): the peak over the phases of ``SparseGradModel.calibrate``, each
+  loaded weights, the same on every rank): the peak over the phases of ``calibrate`` (peft model), each
   the sum of what is alive at its own peak (``calibration_phases``; T = micro-batch x seq tokens):
 
   - bases pass: the float64 mode Grams, 8 (m^2 + n^2) per basis key (layer type); the activations above;
@@ -148,7 +148,7 @@ def eigh_working_set(m: int) -> dict[str, int]:
 def calibration_phases(shapes: dict[str, tuple[int, int]], keys: dict[str, str], budgets: dict[str, tuple[int, int]],
                        *, b: int, tokens: int, activations: float, basis_bytes: int = 4,
                        score: bool = True, leading: bool = True) -> dict[str, dict[str, float]]:
-    """Bytes alive at the peak of each phase of ``SparseGradModel.calibrate`` (see the module docstring).
+    """Bytes alive at the peak of each phase of ``calibrate`` (peft model) (see the module docstring).
 
     ``shapes``: (m, n) per converted layer; ``keys``: its basis key; ``budgets``: its (rows, cols) budget;
     ``tokens``: micro-batch x sequence; ``basis_bytes``: 4 when the bases are kept in float32 (fixed mode

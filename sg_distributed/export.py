@@ -39,8 +39,9 @@ from torch import nn
 
 from .checkpoint import CheckpointError, find_latest, step_of, verify
 from .io import atomic_directory
-from .model import ADAPTER_CONFIG, SparseGradModel
+from .model import ADAPTER_CONFIG
 from .quant import keep_cpu_nf4_trainable
+from .sparsegrad.convert import load_adapter
 
 
 def resolve_adapter(path: str | Path) -> Path:
@@ -113,7 +114,7 @@ def export(checkpoint: str | Path, base_model: str | Path, adapter_out: str | Pa
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32, quantization_config=bnb)
     keep_cpu_nf4_trainable(model)  # else the first eval forward repacks nf4 bytes that the merge then misreads
     model.eval()
-    wrapped = SparseGradModel.from_pretrained(model, adapter_dir)
+    wrapped = load_adapter(model, adapter_dir)  # a peft adapter, an older one, or a reference / dynamic one
     vocab = model.config.vocab_size
     reference = _probe(wrapped, vocab)
     if quantization:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .sparsegrad.config import SparseGradConfig
 from .graddrop import GradDropConfig, apply_graddrop
-from .model import get_sparsegrad_model
+from .model import SparseGradModel
 from .optim import clear_masks
 from .targets import find_target_linears
 
@@ -61,28 +61,40 @@ def _dense_targets(model: nn.Module, config: SparseGradConfig) -> dict[str, nn.L
     return targets
 
 
+def sparsegrad_config(model: nn.Module) -> SparseGradConfig:
+    """The SparseGradConfig of a peft SparseGrad model (its active adapter's) or of the research wrapper."""
+    from peft import PeftModel
+
+    return model.active_peft_config if isinstance(model, PeftModel) else model.peft_config
+
+
 def prepared_sparsegrad(method: str, wrapped, weight_decay: float = 0.0) -> Prepared:
-    """The training form of a calibrated (or restored) SparseGradModel: optimizer factory and step hook."""
-    config = wrapped.peft_config
+    """The training form of a calibrated (or restored) SparseGrad model: optimizer factory and step hook.
+
+    ``wrapped``: a peft ``PeftModel`` with a SparseGrad adapter (fixed support), or the research wrapper
+    ``SparseGradModel`` (reference / dynamic mode)."""
+    config = sparsegrad_config(wrapped)
     info: dict[str, Any] = {"config": config.to_dict()}
+    if config.support_mode == "fixed":
+        def make(lr):  # the k-vectors and any modules_to_save; the re-selector resets moments in this optimizer
+            params = [p for p in wrapped.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            if config.reselect_every:
+                info["reselector"] = wrapped.make_reselector(optimizer)
+            return optimizer
+
+        after = (lambda: info["reselector"].step()) if config.reselect_every else (lambda: None)
+        return Prepared(method, wrapped, make, after, info)
     if config.support_mode == "dynamic":
         info["sparse"] = sparse = {}
 
-        def make(lr):  # the engine gets the dense optimizer (norms, biases); W~ buffers step here
+        def make_dynamic(lr):  # the engine gets the dense optimizer (norms, biases); W~ buffers step here
             sparse["optimizer"] = wrapped.make_sparse_optimizer(lr)  # SparseStateAdam
             return wrapped.make_optimizer(lr, weight_decay=weight_decay)
 
-        return Prepared(method, wrapped, make, lambda: sparse["optimizer"].step(), info)
-    if config.reselect_every:  # the re-selector resets moments in the optimizer the engine steps
-
-        def make_with_reselector(lr):
-            optimizer = wrapped.make_optimizer(lr, weight_decay=weight_decay)
-            info["reselector"] = wrapped.make_reselector(optimizer)
-            return optimizer
-
-        return Prepared(method, wrapped, make_with_reselector, lambda: info["reselector"].step(), info)
-    after = (lambda: clear_masks(wrapped.trainable_parameters())) if config.support_mode == "reference" else (lambda: None)
-    return Prepared(method, wrapped, lambda lr: wrapped.make_optimizer(lr, weight_decay=weight_decay), after, info)
+        return Prepared(method, wrapped, make_dynamic, lambda: sparse["optimizer"].step(), info)
+    return Prepared(method, wrapped, lambda lr: wrapped.make_optimizer(lr, weight_decay=weight_decay),
+                    lambda: clear_masks(wrapped.trainable_parameters()), info)
 
 
 def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration_batches=None,
@@ -100,8 +112,14 @@ def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration
             config = SparseGradConfig.from_dict({**config.to_dict(), **overrides})
         if calibration_batches is None:
             raise ValueError(f"method {method!r} needs calibration batches")
-        wrapped = get_sparsegrad_model(model, config).calibrate(calibration_batches, loss_fn=loss_fn,
-                                                                show_progress=show_progress)
+        if config.support_mode == "fixed":  # the peft method
+            from peft import get_peft_model
+
+            wrapped = get_peft_model(model, config)
+            wrapped.calibrate(calibration_batches, loss_fn=loss_fn, show_progress=show_progress)
+        else:  # the paper-exact modes: the research wrapper
+            wrapped = SparseGradModel(model, config).calibrate(calibration_batches, loss_fn=loss_fn,
+                                                               show_progress=show_progress)
         return prepared_sparsegrad(method, wrapped, weight_decay)
 
     if method == "lora":

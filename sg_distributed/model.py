@@ -1,4 +1,12 @@
-"""SparseGradModel: the PEFT-style wrapper (calibrate, train, save_pretrained / from_pretrained, merge)."""
+"""The research wrapper for the paper-exact SparseGrad modes, and ``get_sparsegrad_model`` for every mode.
+
+Fixed support (the default, ``support_mode="fixed"``) is a peft method: ``peft.get_peft_model(model,
+SparseGradConfig(...))`` (``sparsegrad/model.py``). The ``reference`` mode (the authors' algorithm: a dense rotated
+m x n weight W~ per layer, top-k of |G~| at every backward, LazyAdam) and the ``dynamic`` mode (the same made
+data-parallel: W~ a buffer, SparseStateAdam) train a dense matrix per layer, not an adapter of k values, so
+they do not fit peft's tuner-layer model; ``SparseGradModel`` wraps them with the same verbs (calibrate,
+save_pretrained / from_pretrained, merge_and_unload). Their adapters use this module's own format (``FORMAT``).
+"""
 from __future__ import annotations
 
 import json
@@ -16,11 +24,9 @@ from .dynamic import SparseStateAdam, make_dynamic
 from .io import atomic_directory
 from .optim import LazyAdam
 from .quant import quantization_of
-from .reselect import SupportReselector
-from .selection import Support
 from .sparsegrad.calibration import Calibrator, assign_basis_keys, support_checksum
 from .sparsegrad.config import SparseGradConfig
-from .sparsegrad.layer import ReferenceSparseGradLinear, SharedBasis, SparseGradLinear, compute_dtype_of
+from .sparsegrad.layer import ReferenceSparseGradLinear
 from .targets import find_target_linears
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -32,6 +38,14 @@ def _replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def read_adapter(directory: str | Path) -> tuple[dict, SparseGradConfig, dict[str, torch.Tensor]]:
@@ -46,11 +60,18 @@ def read_adapter(directory: str | Path) -> tuple[dict, SparseGradConfig, dict[st
     return meta, SparseGradConfig.from_dict(meta["config"]), load_file(str(Path(directory) / ADAPTER_WEIGHTS))
 
 
+FIXED_IS_PEFT = ("support_mode='fixed' is a peft method: peft.get_peft_model(model, config) (or "
+                 "sg_distributed.get_sparsegrad_model); SparseGradModel wraps the 'reference' and 'dynamic' modes")
+
+
 class SparseGradModel(nn.Module):
-    """Wraps a transformers (or any torch) model; only the k-vectors of converted layers train."""
+    """Wraps a transformers (or any torch) model for the reference / dynamic modes; W~ (and, unless frozen by
+    ``reference_freeze_layernorm``, the norms) train."""
 
     def __init__(self, model: nn.Module, config: SparseGradConfig):
         super().__init__()
+        if config.support_mode == "fixed":
+            raise ValueError(f"SparseGradModel: {FIXED_IS_PEFT}")
         self.base_model = model
         self.peft_config = config
         targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
@@ -58,10 +79,10 @@ class SparseGradModel(nn.Module):
         for name, module in targets.items():
             config.entries_for(module.out_features, module.in_features, name)  # validate k early
         self.basis_keys = assign_basis_keys(targets, config.basis_sharing)
+        self.base_quantization = quantization_of(targets.values())  # the layers dequantise their base: record it
         for p in model.parameters():
             p.requires_grad_(False)
-        self.bases: dict[str, Bases] = {}
-        self.shared_bases: dict[str, SharedBasis] = {}
+        self.bases: dict[str, Bases] = {}  # float64, from calibration
         self.calibrated = False
         self.skipped_steps = 0
 
@@ -71,24 +92,6 @@ class SparseGradModel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.base_model, name)
-
-    @property
-    def bases(self) -> dict[str, Bases]:
-        """P, R per basis key: once fixed-support layers exist, the full-precision host masters they share
-        (the float64 calibration bases are then dropped); otherwise the calibration bases."""
-        if not self.shared_bases:
-            return self._calibration_bases
-        return {key: Bases(shared.P, shared.R) for key, shared in self.shared_bases.items()}
-
-    @bases.setter
-    def bases(self, value: dict[str, Bases]) -> None:
-        self._calibration_bases = value
-
-    def _shared_basis(self, key: str, bases: Bases, module: nn.Module) -> SharedBasis:
-        """One SharedBasis per type: its layers share the master and, per device, the compute copy."""
-        if key not in self.shared_bases:
-            self.shared_bases[key] = SharedBasis(bases.P, bases.R, compute_dtype_of(module))
-        return self.shared_bases[key]
 
     def forward(self, *args, **kwargs):
         if not self.calibrated:
@@ -104,39 +107,21 @@ class SparseGradModel(nn.Module):
     # --- calibration --------------------------------------------------------------------------------
     def calibrate(self, batches: Iterable[Any], loss_fn: Callable | None = None, steps: int | None = None,
                   show_progress: bool = False, gram_dtype: torch.dtype = torch.float64) -> "SparseGradModel":
-        """Learn bases (HOSVD of streamed Grams) and supports from a few batches, then convert layers.
+        """Learn the bases (HOSVD of streamed Grams) from a few batches, then convert the layers.
 
-        Runs on every rank of a process group: Grams and scores are summed across ranks, so every
-        rank ends with identical bases and supports, and N ranks that together see the micro-batches
-        of a 1-rank run get the same bases and supports. Grams and scores accumulate in ``gram_dtype``
-        (float64 by default, so summation order cannot flip a top-k choice; float32 halves them:
-        m^2 + n^2 per type, plus per layer m + n sums and the r x c budget block, or m x n without a budget).
-        Three passes over ``batches``: Grams, row/column score sums, budget-block scores (see
-        ``Calibrator.select_supports``; the last two are one pass without a budget, and a ``leading`` block skips the
-        sums).
+        A collective under torch.distributed (Grams summed across ranks: every rank ends with identical bases).
         """
         if self.calibrated:
             raise RuntimeError("SparseGradModel is already calibrated")
         steps = steps or self.peft_config.calibration_steps
-        batches = list(b for _, b in zip(range(steps), batches))  # two passes need the same batches
+        batches = list(b for _, b in zip(range(steps), batches))
         modules = self.converted_layers()
         calibrator = Calibrator(self.base_model, modules, self.basis_keys, self.peft_config, batches, loss_fn,
                                 show_progress)
         with gradients_flowing(self.base_model, modules):
             self.bases = calibrator.fit_bases(gram_dtype)
-            if self.peft_config.support_mode == "fixed":
-                supports = calibrator.select_supports(self.bases, gram_dtype)
-        calibration_bases = self.bases
         for name, module in modules.items():
-            bases = calibration_bases[self.basis_key(name)]
-            if self.peft_config.support_mode == "fixed":
-                basis = self._shared_basis(self.basis_key(name), bases, module)
-                new = SparseGradLinear(module, None, None, supports[name], basis=basis, block=supports[name].block)
-            else:
-                new = self._reference_layer(name, module, bases)
-            _replace_module(self.base_model, name, new)
-        if self.shared_bases:
-            self.bases = {}  # the layers' shared copies replace the float64 ones (bases() reads those)
+            _replace_module(self.base_model, name, self._reference_layer(name, module, self.bases[self.basis_key(name)]))
         self._mark_trainable()
         self.calibrated = True
         return self
@@ -153,12 +138,9 @@ class SparseGradModel(nn.Module):
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         for module in self.converted_layers().values():
-            if isinstance(module, SparseGradLinear):
-                module.sparsegrad_values.requires_grad_(True)
-            else:
-                for p in module.parameters():
-                    p.requires_grad_(True)
-        if self.peft_config.support_mode != "fixed" and not self.peft_config.reference_freeze_layernorm:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        if not self.peft_config.reference_freeze_layernorm:
             for module in self.base_model.modules():
                 if "Norm" in type(module).__name__:
                     for p in module.parameters(recurse=False):
@@ -169,26 +151,10 @@ class SparseGradModel(nn.Module):
         return [p for p in self.base_model.parameters() if p.requires_grad]
 
     def make_optimizer(self, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999)) -> torch.optim.Optimizer:
-        """AdamW over the k-vectors (fixed support); LazyAdam in reference and dynamic mode (SparseAdam
-        semantics for W~, biases and norms alike, as in the authors' code)."""
+        """LazyAdam (SparseAdam semantics for W~, biases and norms alike, as in the authors' code)."""
         if not self.calibrated:
             raise RuntimeError("SparseGradModel: calibrate before creating the optimizer")
-        params = self.trainable_parameters()
-        if self.peft_config.support_mode != "fixed":
-            return LazyAdam(params, lr=lr, betas=betas)
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
-
-    def make_reselector(self, optimizer: torch.optim.Optimizer | None = None) -> SupportReselector:
-        """Drop-and-grow re-selection every ``reselect_every`` steps: call its ``step()`` after each
-        optimizer step. ``optimizer``: the one whose moments the swapped slots reset (under DeepSpeed, the
-        client optimizer given to ``deepspeed.initialize``)."""
-        config = self.peft_config
-        if not self.calibrated:
-            raise RuntimeError("SparseGradModel: calibrate before creating the re-selector")
-        if not config.reselect_every:
-            raise RuntimeError("SparseGradModel.make_reselector: set SparseGradConfig.reselect_every > 0")
-        return SupportReselector(self.converted_layers(), config.reselect_every, config.reselect_fraction,
-                                 square=config.score == "square", optimizer=optimizer)
+        return LazyAdam(self.trainable_parameters(), lr=lr, betas=betas)
 
     def make_sparse_optimizer(self, lr: float, betas=(0.9, 0.999)) -> SparseStateAdam:
         """Dynamic mode: the optimizer of the W~ buffers (step it once per optimizer step, after the engine's)."""
@@ -223,16 +189,13 @@ class SparseGradModel(nn.Module):
         return trainable, total
 
     def support_checksum(self) -> str:
-        """SHA-256 of all supports and bases (exact bytes, any dtype): equal on every rank after calibration.
-        The bases are those in ``bases``: the fp32 masters in fixed mode, else the float64 ones."""
+        """SHA-256 of the float64 bases (exact bytes): equal on every rank after calibration."""
         return support_checksum(self.converted_layers(), self.bases)
 
     # --- persistence --------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
-        """``adapter_config.json`` + ``adapter_model.safetensors``; bases stored once per key. Atomic.
-
-        FSDP2 with sharded k-vectors (DTensors): a collective -- call on every rank; rank 0 writes.
-        """
+        """``adapter_config.json`` + ``adapter_model.safetensors`` (W~ and biases per layer, trained norms,
+        bases once per key, in the layers' precision). Atomic."""
         if not self.calibrated:
             raise RuntimeError("SparseGradModel: nothing to save before calibrate()")
         tensors: dict[str, torch.Tensor] = {}
@@ -240,41 +203,33 @@ class SparseGradModel(nn.Module):
         basis_dtype: dict[str, torch.dtype] = {}
         for name, module in self.converted_layers().items():
             key = self.basis_key(name)
-            compute = module.basis.Pt if isinstance(module, SparseGradLinear) else module.rotated_weight
-            basis_dtype.setdefault(key, compute.dtype)  # full precision (fp32, or float64 in a float64 model)
+            basis_dtype.setdefault(key, module.rotated_weight.dtype)
             layers[name] = {"shape": [module.out_features, module.in_features], "basis_key": key}
-            if isinstance(module, SparseGradLinear):
-                tensors[f"{name}.sparse_values"] = module.sparsegrad_values.detach()
-                small = module.in_features * module.out_features < 2**31  # int32 indices halve the file
-                tensors[f"{name}.support"] = module.support_flat.to(torch.int32 if small else torch.int64)
-                tensors[f"{name}.block_rows"] = module.rows_used.to(torch.int32)  # the block re-selection grows in
-                tensors[f"{name}.block_cols"] = module.cols_used.to(torch.int32)
-            else:
-                tensors[f"{name}.rotated_weight"] = module.rotated_weight.detach()
-                if module.bias is not None:
-                    tensors[f"{name}.bias"] = module.bias.detach()
+            tensors[f"{name}.rotated_weight"] = module.rotated_weight.detach()
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach()
         converted = {f"{name}." for name in self.target_names}
-        for name, p in self.base_model.named_parameters():  # norms trained in reference/dynamic mode
+        for name, p in self.base_model.named_parameters():  # the norms trained beside W~
             if p.requires_grad and not any(name.startswith(prefix) for prefix in converted):
                 tensors[f"extra.{name}"] = p.detach()
         if self.peft_config.basis == "hosvd":
-            for key, b in self.bases.items():  # as precise as the layers' masters: lossless onto any base dtype
+            for key, b in self.bases.items():
                 tensors[f"bases.{key}.P"] = b.P.to(basis_dtype[key])
                 tensors[f"bases.{key}.R"] = b.R.to(basis_dtype[key])
-        sharded = [k for k, v in tensors.items() if hasattr(v, "full_tensor")]  # FSDP2 DTensor params
-        tensors.update({k: tensors[k].full_tensor() for k in sharded})
-        if sharded and dist.get_rank() != 0:
-            return
-        bases = [getattr(m, "base_layer", getattr(m, "base", m)) for m in self.converted_layers().values()]
         meta = {"format": FORMAT, "config": self.peft_config.to_dict(), "layers": layers,
-                "base_quantization": quantization_of(bases)}  # what export must load the base as
+                "base_quantization": self.base_quantization}  # what export must load the base as
         with atomic_directory(directory) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS))
             (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | Path) -> "SparseGradModel":
+        """A reference / dynamic mode adapter onto ``model`` (fixed-support adapters: ``PeftModel.from_pretrained``
+        or ``sg_distributed.sparsegrad.convert.load_adapter``, which also reads the older format)."""
         meta, config, tensors = read_adapter(directory)
+        if config.support_mode == "fixed":
+            raise ValueError(f"{directory}: a fixed-support adapter in the older format; load it with "
+                             f"sg_distributed.sparsegrad.convert.load_adapter(model, directory) ({FIXED_IS_PEFT})")
         wrapper = cls.__new__(cls)
         nn.Module.__init__(wrapper)
         wrapper.base_model, wrapper.peft_config, wrapper.skipped_steps = model, config, 0
@@ -282,7 +237,9 @@ class SparseGradModel(nn.Module):
         wrapper.basis_keys = {name: info["basis_key"] for name, info in meta["layers"].items()}
         for p in model.parameters():
             p.requires_grad_(False)
-        wrapper.bases, wrapper.shared_bases = {}, {}
+        wrapper.bases = {}
+        wrapper.base_quantization = quantization_of(model.get_submodule(name) for name in wrapper.target_names
+                                                    if _has_submodule(model, name))
         loaded: dict[tuple, Bases] = {}
         for name, info in meta["layers"].items():
             try:
@@ -299,18 +256,12 @@ class SparseGradModel(nn.Module):
                 loaded[key, device] = (Bases(tensors[f"bases.{key}.P"].to(device), tensors[f"bases.{key}.R"].to(device))
                                        if config.basis == "hosvd" else identity_bases(*shape, dtype=torch.float64, device=device))
             bases = loaded[key, device]
-            if config.support_mode == "fixed":
-                support = Support.from_flat(tensors[f"{name}.support"], tuple(shape), sort=False)  # slot order
-                block = (tensors[f"{name}.block_rows"], tensors[f"{name}.block_cols"]) if f"{name}.block_rows" in tensors else None
-                new = SparseGradLinear(module, None, None, support, values=tensors[f"{name}.sparse_values"],
-                                       block=block, basis=wrapper._shared_basis(key, bases, module))
-            else:
-                wrapper.bases.setdefault(key, bases)
-                new = wrapper._reference_layer(name, module, bases)
-                with torch.no_grad():  # a parameter in reference mode, a buffer in dynamic mode
-                    new.rotated_weight.copy_(tensors[f"{name}.rotated_weight"])
-                    if new.bias is not None:
-                        new.bias.copy_(tensors[f"{name}.bias"])
+            wrapper.bases.setdefault(key, bases)
+            new = wrapper._reference_layer(name, module, bases)
+            with torch.no_grad():  # a parameter in reference mode, a buffer in dynamic mode
+                new.rotated_weight.copy_(tensors[f"{name}.rotated_weight"])
+                if new.bias is not None:
+                    new.bias.copy_(tensors[f"{name}.bias"])
             _replace_module(model, name, new.to(module.weight.device) if module.weight.dtype.is_floating_point else new)
         wrapper._mark_trainable()
         params = dict(model.named_parameters())
@@ -322,18 +273,17 @@ class SparseGradModel(nn.Module):
         return wrapper
 
     def merge_and_unload(self) -> nn.Module:
-        """Fold every update into a plain nn.Linear (W0 + P S R^T) and return the bare model."""
+        """Fold every update into a plain nn.Linear (W0 + P W~ R^T) and return the bare model."""
         if not self.calibrated:
             raise RuntimeError("SparseGradModel: nothing to merge before calibrate()")
         dtype = self._model_dtype()
         for name, module in self.converted_layers().items():
-            merged = module.merged_linear()  # fixed mode: in its base's dtype; reference / dynamic: full precision
-            _replace_module(self.base_model, name, merged if isinstance(module, SparseGradLinear) else merged.to(dtype))
+            _replace_module(self.base_model, name, module.merged_linear().to(dtype))  # merged in full precision
         return self.base_model
 
     def _model_dtype(self) -> torch.dtype:
         """The dtype the rest of the model computes in (its input embeddings', else its first float weight
-        outside the converted layers): merged reference-mode layers are cast to it."""
+        outside the converted layers): merged layers are cast to it."""
         embeddings = self.base_model.get_input_embeddings() if hasattr(self.base_model, "get_input_embeddings") else None
         if embeddings is not None:
             return embeddings.weight.dtype
@@ -342,6 +292,13 @@ class SparseGradModel(nn.Module):
                      if p.dtype.is_floating_point and not n.startswith(converted)), torch.float32)
 
 
-def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig | None = None) -> SparseGradModel:
-    """Wrap ``model`` for SparseGrad fine-tuning (call ``.calibrate(batches)`` next)."""
-    return SparseGradModel(model, config or SparseGradConfig())
+def get_sparsegrad_model(model: nn.Module, config: SparseGradConfig | None = None) -> nn.Module:
+    """``model`` ready for SparseGrad calibration (call ``.calibrate(batches)`` next), in every support mode:
+    fixed support (the default) is ``peft.get_peft_model(model, config)`` (a ``PeftModel``); the reference and
+    dynamic modes get the research wrapper ``SparseGradModel``."""
+    config = config or SparseGradConfig()
+    if config.support_mode == "fixed":
+        from peft import get_peft_model
+
+        return get_peft_model(model, config)
+    return SparseGradModel(model, config)

@@ -21,9 +21,9 @@ Conventions (also printed under the tables)
   fp32 master copy that mixed-precision engines keep (DeepSpeed bf16 / ZeRO, FSDP MixedPrecision): 12 B.
   ``fp32``: 8 B (the parameter is its own master). Dense AdamW of the same layers: the same per-entry
   cost on all N entries. Totals over all ranks (ZeRO-1/2/3 divide them by p).
-* Adapter (``SparseGradModel.save_pretrained``): values in ``--dtype``; flat indices as int32 (every
-  matrix has < 2**31 entries); bases P (m x m) and R (n x n) once per layer type, saved in the layers'
-  compute dtype (shown at 4 and 2 B).
+* Adapter (peft's ``save_pretrained``): values fp32 in any ``--dtype`` (the trained k-vectors stay fp32 in a
+  bf16 model); flat indices as int32 (every matrix has < 2**31 entries); bases P (m x m) and R (n x n) once per
+  layer type, as their fp32 masters.
 * Wire bytes: sent per rank per step by a ring collective, decimal units (1 GB = 1e9 B), values in
   ``--dtype``, int32 flat indices for the sparse exchange (DESIGN §2's cost check).
 """
@@ -171,10 +171,9 @@ def cost_report(preset: Preset | str, ranks=(8, 64), dtype: str = "bf16", k: int
         "k_per_matrix": sorted(set(ks.values())), "N": N, "k_total": K, "density": K / N,
         "optimizer_state_per_entry": state_per_entry,
         "optimizer_state_sparsegrad": state_per_entry * K, "optimizer_state_dense": state_per_entry * N,
-        "adapter_values": b * K, "adapter_indices_int64": 8 * K, "adapter_indices_int32": 4 * K,
+        "adapter_values": 4 * K, "adapter_indices_int64": 8 * K, "adapter_indices_int32": 4 * K,
         "adapter_bases_entries": basis_entries,
         "adapter_bases_fp64": 8 * basis_entries, "adapter_bases_fp32": 4 * basis_entries,
-        "adapter_bases_bf16": 2 * basis_entries,
         "lora_rank": rank, "lora_params": lora_params,
         "wire": wire,
         "train_args": preset.train_args() if not overrides else
@@ -213,10 +212,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"| optimizer state, SparseGrad ({spe} B/entry) | {_b(r['optimizer_state_sparsegrad'])} |",
         f"| optimizer state, dense AdamW same layers ({spe} B/entry) | {_b(r['optimizer_state_dense'])} |",
         f"| optimizer state ratio | {100 * r['optimizer_state_sparsegrad'] / r['optimizer_state_dense']:.4f} % |",
-        f"| adapter values ({r['dtype']}) | {_b(r['adapter_values'])} |",
+        f"| adapter values (fp32) | {_b(r['adapter_values'])} |",
         f"| adapter indices (int32, as saved) | {_b(r['adapter_indices_int32'])} |",
         f"| adapter bases, once per type (fp32) | {_b(r['adapter_bases_fp32'])} |",
-        f"| adapter bases, once per type (bf16: saved in the layers' compute dtype) | {_b(r['adapter_bases_bf16'])} |",
         f"| LoRA matched rank | {r['lora_rank']} |",
         f"| LoRA trainable parameters at that rank | {r['lora_params']:,d} |",
         f"| train_qa.py flags | `{' '.join(r['train_args'])}` |",

@@ -28,7 +28,7 @@ RESELECT_ARGS = ("--density", "0.05", "--max_rows", "0.5", "--max_cols", "0.5", 
 
 def supports_reselected(adapter: dict) -> bool:
     """True when some saved support left row-major order, i.e. re-selection swapped entries."""
-    return any(not torch.equal(t, t.sort().values) for k, t in adapter.items() if k.endswith(".support"))
+    return any(not torch.equal(t, t.sort().values) for k, t in adapter.items() if k.endswith(".support_flat"))
 
 
 def free_port() -> int:
@@ -175,3 +175,37 @@ def one_rank_group():
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+def calibrated(model, config=None, batches=None, **kwargs):
+    """``get_sparsegrad_model(model, config)`` calibrated on ``batches`` (default ``lm_batches()``): a PeftModel
+    in fixed-support mode (peft's ``calibrate`` works in place), the research wrapper otherwise."""
+    from sg_distributed import get_sparsegrad_model
+
+    wrapped = get_sparsegrad_model(model, config)
+    wrapped.calibrate(lm_batches() if batches is None else batches, **kwargs)
+    return wrapped
+
+
+def orthogonal(n, seed):
+    """A random n x n orthogonal float64 matrix (QR of a seeded Gaussian)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+
+
+def make_layer(m, n, k, budget=None, seed=0, convention="textbook"):
+    """(base, P, R, support, SparseGradLinear) in float64 with random orthogonal bases and a random support."""
+    from torch import nn
+
+    from sg_distributed.selection import select_support
+    from sg_distributed.sparsegrad.layer import SparseGradLinear
+
+    torch.manual_seed(seed)
+    base = nn.Linear(n, m, dtype=torch.float64)
+    P, Q = orthogonal(m, seed + 1), orthogonal(n, seed + 2)
+    R = Q if convention == "textbook" else Q.T.contiguous()
+    score = torch.rand(m, n, dtype=torch.float64)
+    rows, cols = (budget or (m, n))
+    support = select_support(score, k, rows, cols)
+    values = torch.randn(k, dtype=torch.float64)
+    return base, P, R, support, SparseGradLinear(base, P, R, support, values=values, dtype=torch.float64)

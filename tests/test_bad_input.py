@@ -71,10 +71,11 @@ def test_adapter_for_another_base_is_refused(train_qa, tiny_model_dir, tmp_path)
     from conftest import lm_batches, make_tiny_llama
 
     from sg_distributed import SparseGradConfig
-    from sg_distributed.model import get_sparsegrad_model
+    from sg_distributed import get_sparsegrad_model
 
     other = get_sparsegrad_model(make_tiny_llama(intermediate=48), SparseGradConfig(density=0.5, max_rows=None, max_cols=None))
-    other.calibrate(lm_batches(n=2)).save_pretrained(tmp_path / "other_adapter")
+    other.calibrate(lm_batches(n=2))
+    other.save_pretrained(tmp_path / "other_adapter")
     with pytest.raises(SystemExit, match=r"does not fit this run .* trained on a 48x32 weight"):
         train_qa.main(["--model", str(tiny_model_dir), *FAST, "--init_adapter", str(tmp_path / "other_adapter")])
 

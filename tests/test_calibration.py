@@ -9,13 +9,13 @@ from transformers import BatchEncoding
 from sg_distributed import SparseGradConfig, get_sparsegrad_model
 from sg_distributed.calibration import default_loss, model_device, move_to_device, run_backward_passes
 
-from conftest import lm_batches, make_tiny_llama
+from conftest import calibrated, lm_batches, make_tiny_llama
 
 
 def test_tokenizer_batch_encoding_calibrates_like_a_plain_dict():
     config = SparseGradConfig(density=0.1, max_rows=None, max_cols=None)
-    plain = get_sparsegrad_model(make_tiny_llama(), config).calibrate(lm_batches(n=2))
-    encoded = get_sparsegrad_model(make_tiny_llama(), config).calibrate([BatchEncoding(b) for b in lm_batches(n=2)])
+    plain = calibrated(make_tiny_llama(), config, lm_batches(n=2))
+    encoded = calibrated(make_tiny_llama(), config, [BatchEncoding(b) for b in lm_batches(n=2)])
     assert encoded.support_checksum() == plain.support_checksum()  # same bases and supports, bit for bit
 
 
@@ -26,7 +26,7 @@ def test_batch_without_loss_fn_must_be_a_mapping():
                                         r"Mapping, e.g. a tokenizer's BatchEncoding\).*pass loss_fn\(model, batch\)"):
         model.calibrate([ids])
     with pytest.raises(TypeError, match="batch of type list"):
-        default_loss(model.base_model, [ids, ids])
+        default_loss(model.get_base_model(), [ids, ids])
 
 
 Pair = namedtuple("Pair", "x y")

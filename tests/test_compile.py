@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from sg_distributed import SparseGradConfig, get_sparsegrad_model
+from sg_distributed import SparseGradConfig
 
-from conftest import lm_batches, make_tiny_llama
+from conftest import calibrated, lm_batches, make_tiny_llama
 
 
 def k_gradients(model, forward, batch):
@@ -24,13 +24,13 @@ def test_compiled_model_matches_eager(config, dtype):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    model = get_sparsegrad_model(make_tiny_llama(layers=3), SparseGradConfig(**config)).calibrate(lm_batches())
+    model = calibrated(make_tiny_llama(layers=3), SparseGradConfig(**config))
     model.to(dtype).train()
     batch = lm_batches(n=1, seed=5)[0]
-    eager = k_gradients(model, model.base_model, batch)
+    eager = k_gradients(model, model.get_base_model(), batch)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model.base_model, backend="aot_eager")  # tracing and autograd, no C++ codegen
+    compiled = torch.compile(model.get_base_model(), backend="aot_eager")  # tracing and autograd, no C++ codegen
     for _ in range(2):  # the second call must reuse the graph(s)
         got = k_gradients(model, compiled, batch)
     dense_block = config["max_rows"] is not None

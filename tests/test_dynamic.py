@@ -14,14 +14,9 @@ from sg_distributed.dynamic import (DynamicSparseGradLinear, SparseExchange, Spa
 from sg_distributed.sparsegrad.layer import ReferenceSparseGradLinear
 from sg_distributed.optim import LazyAdam, clear_masks
 
-from conftest import free_port, run_ranks
+from conftest import free_port, orthogonal, run_ranks
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def orthogonal(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
 
 
 def reference_net(k, identity=False, rotated_bias_grad=False, sizes=(6, 10, 6)):

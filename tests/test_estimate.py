@@ -268,7 +268,8 @@ def test_calibration_memory_matches_a_measured_calibrate(monkeypatch):
     the kernel, invisible to a dispatch mode). Everything else (Grams, eigh output, bases, score buffers,
     tapped inputs, hook transients) is the estimator's own figure."""
     from sg_distributed.calibration import gradients_flowing, run_backward_passes
-    from sg_distributed.model import SparseGradModel
+    from peft import get_peft_model
+
     from sg_distributed.targets import find_target_linears
 
     layers, hidden, inter, batch, seq = 2, 128, 512, 2, 16
@@ -280,7 +281,7 @@ def test_calibration_memory_matches_a_measured_calibrate(monkeypatch):
     with _PeakBytes() as backward, gradients_flowing(plain, modules):
         run_backward_passes(plain, batches, len(batches))
 
-    model = SparseGradModel(make_tiny_llama(layers=layers, hidden=hidden, intermediate=inter), config)
+    model = get_peft_model(make_tiny_llama(layers=layers, hidden=hidden, intermediate=inter), config)
     measured = _PeakBytes()
     _phase_marks(monkeypatch, measured)
     with measured:

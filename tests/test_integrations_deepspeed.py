@@ -108,6 +108,33 @@ def test_resolve_auto_persists_sparsegrad_k_vectors():
         "stage3_param_persistence_threshold"] == 0
 
 
+def test_trainer_configs_keep_k_vectors_persistent(tmp_path):
+    """For the HF Trainer / TRL: only the ZeRO-3 "auto" persistence threshold is filled, with the largest k
+    of the converted model or of the base model + the SparseGradConfig TRL will apply; the rest stays "auto"."""
+    from peft import get_peft_model
+
+    from conftest import make_tiny_llama
+    from sg_distributed import SparseGradConfig
+    from sg_distributed.integrations.deepspeed import with_persistent_k_vectors
+
+    config = SparseGradConfig(density=0.5, max_rows=None, max_cols=None)  # k = 1024 > 10 x hidden (320)
+    base = make_tiny_llama()
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": "auto", "reduce_bucket_size": "auto"}}))
+    from_base = with_persistent_k_vectors(path, base, config)
+    assert from_base["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 1024,
+                                              "reduce_bucket_size": "auto"}
+    assert from_base["train_batch_size"] == "auto"
+    peft_model = get_peft_model(base, config)
+    assert with_persistent_k_vectors(path, peft_model) == from_base
+    small = SparseGradConfig(density=0.01)
+    assert with_persistent_k_vectors(path, make_tiny_llama(), small)["zero_optimization"][
+        "stage3_param_persistence_threshold"] == 320  # 10 x hidden already covers k
+    explicit = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 7}}
+    assert with_persistent_k_vectors(explicit, peft_model) == explicit
+
+
 def test_resolve_auto_matches_transformers_hf_trainer_config():
     """Same numbers as transformers' HfTrainerDeepSpeedConfig for the batch/clip/precision keys."""
     hf_ds = pytest.importorskip("transformers.integrations.deepspeed")

@@ -21,10 +21,17 @@ def two_ranks(*args):
 
 
 def _calibrated():
-    from sg_distributed import SparseGradConfig
-    from sg_distributed.model import get_sparsegrad_model
+    from peft import get_peft_model
 
-    return get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(density=0.3, max_rows=None, max_cols=None)).calibrate(lm_batches())
+    from sg_distributed import SparseGradConfig
+
+    model = get_peft_model(make_tiny_llama(), SparseGradConfig(density=0.3, max_rows=None, max_cols=None))
+    model.calibrate(lm_batches())
+    return model
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _train(model, optimizer, batches, sync=None):
@@ -54,12 +61,12 @@ def test_fsdp2_one_rank_matches_plain_training_and_kernel_sees_plain_tensors(one
     monkeypatch.setattr(_SparseDelta, "forward", staticmethod(spy))
     batches = lm_batches(n=3, seed=5)
     plain = _calibrated()
-    _train(plain, torch.optim.AdamW(plain.trainable_parameters(), lr=1e-2), batches)
+    _train(plain, torch.optim.AdamW(_trainable(plain), lr=1e-2), batches)
 
     model = _calibrated()
-    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)  # built before sharding: re-pointed
+    optimizer = torch.optim.AdamW(_trainable(model), lr=1e-2)  # built before sharding: re-pointed
     apply_fsdp2(model, shard_sparse_values=shard, optimizer=optimizer)
-    assert len(find_blocks(model)) == 2 and isinstance(model.base_model, FSDPModule)
+    assert len(find_blocks(model)) == 2 and isinstance(model.base_model.model, FSDPModule)
     values = [m.sparsegrad_values for m in model.converted_layers().values()]
     assert all(isinstance(v, DTensor) == shard for v in values)
     _train(model, optimizer, batches, sync=sync_replicated_grads)
@@ -68,8 +75,9 @@ def test_fsdp2_one_rank_matches_plain_training_and_kernel_sees_plain_tensors(one
     model.save_pretrained(tmp_path / "adapter")  # DTensor k-vectors are gathered (world 1: no peers)
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     for name, module in plain.converted_layers().items():
-        torch.testing.assert_close(saved[f"{name}.sparse_values"], module.sparsegrad_values.detach(), atol=1e-6, rtol=0)
-    assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("sparse_values"))
+        torch.testing.assert_close(saved[f"base_model.model.{name}.sparsegrad_values"], module.sparsegrad_values.detach(),
+                                   atol=1e-6, rtol=0)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith("sparsegrad_values"))
 
 
 def test_int8_weights_fsdp_cannot_shard_are_a_clear_error(one_rank_group):
@@ -116,7 +124,7 @@ def test_two_rank_fsdp2_equals_one_rank(shard, tiny_model_dir, one_rank_adapter,
     assert sorted(two_rank) == sorted(one_rank_adapter)
     for key in one_rank_adapter:
         torch.testing.assert_close(two_rank[key], one_rank_adapter[key], atol=1e-5, rtol=0, msg=key)
-    assert any(one_rank_adapter[k].abs().sum() > 0 for k in one_rank_adapter if k.endswith("sparse_values"))
+    assert any(one_rank_adapter[k].abs().sum() > 0 for k in one_rank_adapter if k.endswith("sparsegrad_values"))
 
 
 @pytest.mark.multiprocess
@@ -130,7 +138,7 @@ def test_two_rank_fsdp2_bf16_equals_one_rank_bf16(tiny_model_dir, tmp_path):
     two_rank, _ = run(two_ranks("--model", str(tiny_model_dir), *COMMON, *bf16, "--grad_accum", "1", "--fsdp"),
                       tmp_path / "two")
     assert sorted(two_rank) == sorted(one_rank)
-    values = [k for k in one_rank if k.endswith("sparse_values")]
+    values = [k for k in one_rank if k.endswith("sparsegrad_values")]
     assert all(two_rank[k].dtype == torch.float32 for k in values)
     for key in one_rank:
         torch.testing.assert_close(two_rank[key], one_rank[key], atol=1e-5, rtol=0, msg=key)

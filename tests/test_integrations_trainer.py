@@ -1,4 +1,4 @@
-"""HF Trainer integration (SparseGradTrainer / SparseGradCallback) on the tiny Llama with real QA pairs.
+"""HF Trainer integration (a peft SparseGrad model + SparseGradCallback) on the tiny Llama with real QA pairs.
 
 One in-process Trainer run, one 2-rank Trainer + DeepSpeed ZeRO-2 run (torch.distributed.run) and one
 accelerate-launched 2-rank run of launch/train_qa.py (DeepSpeed plugin, ZeRO-2 from its JSON).
@@ -41,46 +41,61 @@ class GradRecorder:
         self.callback = _CB()
 
 
-def test_single_process_trainer_trains_k_vectors_and_checkpoints_adapter(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+def _peft_model(tiny_model_dir, **config):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    from sg_distributed import SparseGradConfig, SparseGradModel, get_sparsegrad_model
-    from sg_distributed.data.qa import QACollator, load_qa_pairs, split_by_group
-    from sg_distributed.integrations.trainer import SparseGradTrainer
+    from sg_distributed import SparseGradConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model = get_sparsegrad_model(base, SparseGradConfig(max_rows=None, max_cols=None, density=0.5, calibration_steps=2))
+    return get_peft_model(base, SparseGradConfig(calibration_steps=2, **config))
+
+
+def test_single_process_trainer_trains_k_vectors_and_checkpoints_adapter(tiny_model_dir, tmp_path):
+    """A plain Trainer over get_peft_model(..., SparseGradConfig) with SparseGradCallback: calibration on the
+    Trainer's dataloader, gradients only on the k-vectors, the peft adapter in every checkpoint."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from sg_distributed import SparseGradCallback
+    from sg_distributed.data.qa import QACollator, load_qa_pairs, split_by_group
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = _peft_model(tiny_model_dir, max_rows=None, max_cols=None, density=0.5)
     train, heldout = split_by_group(load_qa_pairs(), heldout_fraction=0.2, seed=0)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2,
                              per_device_eval_batch_size=8, learning_rate=3e-2, lr_scheduler_type="constant",
                              save_strategy="steps", save_steps=6, logging_steps=4, report_to="none", use_cpu=True,
                              disable_tqdm=True, seed=0)
     recorder = GradRecorder()
-    trainer = SparseGradTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout[:8],
-                                data_collator=QACollator(tokenizer, max_length=64), processing_class=tokenizer,
-                                callbacks=[recorder.callback])
-    assert trainer.label_names == ["labels"]  # not visible through SparseGradModel.forward(*args, **kwargs)
-    trainer.calibrate()
-    before = trainer.evaluate()["eval_loss"]
-    trainer.train()
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=heldout[:8],
+                      data_collator=QACollator(tokenizer, max_length=64), processing_class=tokenizer,
+                      callbacks=[SparseGradCallback(), recorder.callback])
+    assert trainer.label_names == ["labels"] and args.ddp_broadcast_buffers is False
+    with pytest.raises(RuntimeError, match="calibrate"):  # the layers refuse to run uncalibrated
+        trainer.evaluate()
+    trainer.train()  # the callback calibrates at on_train_begin
+    assert model.base_model.calibrated
     after = trainer.evaluate()["eval_loss"]
-    assert after < before - 0.02, (before, after)
+    base_loss = None
+    with model.disable_adapter():
+        base_loss = trainer.evaluate()["eval_loss"]
+    assert after < base_loss - 0.02, (base_loss, after)
 
     k_vectors = {n for n, p in model.named_parameters() if p.requires_grad}
     assert k_vectors and all(n.endswith("sparsegrad_values") for n in k_vectors)
     assert recorder.seen and all(seen == k_vectors for seen in recorder.seen)
     held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert held == {id(p) for p in model.trainable_parameters()}
+    assert held == {id(p) for p in model.parameters() if p.requires_grad}
 
     for step in (6, 12):
         checkpoint = tmp_path / f"checkpoint-{step}"
         assert (checkpoint / "adapter_config.json").exists() and (checkpoint / "optimizer.pt").exists()
         assert not (checkpoint / "model.safetensors").exists()  # the adapter, not the whole model
     # The last checkpoint's adapter reproduces the trained model on a fresh base.
-    fresh = SparseGradModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
-                                            tmp_path / "checkpoint-12")
+    fresh = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                                      tmp_path / "checkpoint-12")
     batch = QACollator(tokenizer, max_length=64)(heldout[:2])
     model.eval()
     with torch.no_grad():
@@ -88,23 +103,19 @@ def test_single_process_trainer_trains_k_vectors_and_checkpoints_adapter(tiny_mo
 
 
 def test_trainer_runs_support_reselection_on_its_step_count(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-    from sg_distributed import SparseGradConfig, get_sparsegrad_model
+    from sg_distributed import SparseGradCallback
     from sg_distributed.data.qa import QACollator, load_qa_pairs
-    from sg_distributed.integrations.trainer import SparseGradCallback, SparseGradTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    config = SparseGradConfig(density=0.05, max_rows=0.5, max_cols=0.5, calibration_steps=2, reselect_every=3)
-    model = get_sparsegrad_model(base, config)
+    model = _peft_model(tiny_model_dir, density=0.05, max_rows=0.5, max_cols=0.5, reselect_every=3)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=3e-2,
                              save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0)
-    trainer = SparseGradTrainer(model=model, args=args, train_dataset=load_qa_pairs()[:40],
-                                data_collator=QACollator(tokenizer, max_length=64), processing_class=tokenizer)
+    callback = SparseGradCallback()
+    trainer = Trainer(model=model, args=args, train_dataset=load_qa_pairs()[:40], callbacks=[callback],
+                      data_collator=QACollator(tokenizer, max_length=64), processing_class=tokenizer)
     trainer.train()
-    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SparseGradCallback))
     assert [r["step"] for r in callback.reselector.history] == [3, 6]
     assert all(r["swapped"] > 0 for r in callback.reselector.history)
     state = trainer.optimizer.optimizer.state  # the moments of the swapped slots were reset in the real optimizer
@@ -112,76 +123,48 @@ def test_trainer_runs_support_reselection_on_its_step_count(tiny_model_dir, tmp_
     assert any(not layer.structure.in_order for layer in model.converted_layers().values())
 
 
-def test_plain_trainer_callback_refuses_uncalibrated_model(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_trainer_resume_from_a_peft_checkpoint_is_bit_identical(tiny_model_dir, tmp_path):
+    """Trainer(resume_from_checkpoint=...) loads the peft adapter (supports and bases installed by
+    load_adapter, so the callback does not calibrate again) and ends where an uninterrupted run ends."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
 
-    from sg_distributed import SparseGradConfig, get_sparsegrad_model
-    from sg_distributed.integrations.trainer import SparseGradCallback, SparseGradTrainer
-
-    model = get_sparsegrad_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), SparseGradConfig(max_rows=None, max_cols=None, density=0.5))
-    with pytest.raises(RuntimeError, match="not calibrated"):
-        SparseGradCallback().on_train_begin(None, None, None, model=model)
-    with pytest.raises(TypeError, match="SparseGradModel"):
-        SparseGradTrainer(model=model.base_model)
-
-
-def _fake_trainer(base, **flags):
-    """The attributes calibration_device reads, as Trainer sets them, with args.device = cuda:1."""
-    from types import SimpleNamespace
-
-    fields = dict(place_model_on_device=False, is_deepspeed_enabled=False, is_fsdp_enabled=False,
-                  is_distributed_loading_by_transformers=False,
-                  accelerator=SimpleNamespace(state=SimpleNamespace(fsdp_plugin=flags.pop("fsdp_plugin", None))))
-    args = SimpleNamespace(device=torch.device("cuda", 1), fp16_full_eval=False, bf16_full_eval=False)
-    return SimpleNamespace(model=SimpleNamespace(base_model=base), args=args, **{**fields, **flags})
-
-
-def test_calibration_device_is_where_the_engine_will_train():
-    from types import SimpleNamespace
-
-    from torch import nn
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
-
-    from sg_distributed.integrations.trainer import calibration_device
-
-    cuda, cpu = torch.device("cuda", 1), torch.device("cpu")
-    plain = nn.Linear(2, 2)  # loaded on the CPU
-    assert calibration_device(_fake_trainer(plain, is_deepspeed_enabled=True)) == cuda  # engine moves it later
-    assert calibration_device(_fake_trainer(plain, place_model_on_device=True)) == cuda
-    assert calibration_device(_fake_trainer(plain, is_fsdp_enabled=True,
-                                            fsdp_plugin=SimpleNamespace(cpu_offload=OffloadPolicy()))) == cuda
-    assert calibration_device(_fake_trainer(plain, is_fsdp_enabled=True,
-                                            fsdp_plugin=SimpleNamespace(cpu_offload=CPUOffloadPolicy()))) == cpu
-    assert calibration_device(_fake_trainer(plain)) == cpu  # nobody will move it (e.g. SageMaker MP)
-
-    bnb = nn.Linear(2, 2)
-    bnb.quantization_method = "bitsandbytes"  # placed at load; .to() is refused
-    dispatched = nn.Linear(2, 2)
-    dispatched.hf_device_map = {"": "cpu"}
-    partitioned = nn.Linear(2, 2)
-    partitioned.weight.ds_id = 0  # ZeRO-3 partitioned (calibrate refuses it with its own error)
-    for base in (bnb, dispatched, partitioned):
-        assert calibration_device(_fake_trainer(base, is_deepspeed_enabled=True)) == cpu
-
-
-def test_calibrate_moves_the_model_to_the_calibration_device(tiny_model_dir, tmp_path, monkeypatch):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
-
-    from sg_distributed import SparseGradConfig, get_sparsegrad_model
+    from sg_distributed import SparseGradCallback
     from sg_distributed.data.qa import QACollator, load_qa_pairs
-    from sg_distributed.integrations import trainer as trainer_module
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = get_sparsegrad_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                                 SparseGradConfig(max_rows=None, max_cols=None, density=0.5, calibration_steps=1))
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none", use_cpu=True)
-    trainer = trainer_module.SparseGradTrainer(model=model, args=args, train_dataset=load_qa_pairs()[:4],
-                                               data_collator=QACollator(tokenizer, max_length=32))
-    moves = []
-    monkeypatch.setattr(trainer_module, "calibration_device", lambda t: torch.device("meta"))  # "not where it is"
-    monkeypatch.setattr(model, "to", lambda device: moves.append(device) or model, raising=False)
-    trainer.calibrate()
-    assert moves == [torch.device("meta")] and model.calibrated
+
+    def run(out, max_steps, resume=None):
+        torch.manual_seed(0)
+        model = _peft_model(tiny_model_dir, density=0.05, task_type="CAUSAL_LM")
+        args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2,
+                                 learning_rate=3e-2, lr_scheduler_type="constant", save_strategy="steps", save_steps=4,
+                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False)
+        Trainer(model=model, args=args, train_dataset=load_qa_pairs()[:40], processing_class=tokenizer,
+                data_collator=QACollator(tokenizer, max_length=64),
+                callbacks=[SparseGradCallback()]).train(resume_from_checkpoint=resume)
+
+    run(tmp_path / "full", 8)
+    run(tmp_path / "part", 4)
+    run(tmp_path / "part", 8, resume=str(tmp_path / "part" / "checkpoint-4"))
+    full = load_file(str(tmp_path / "full" / "checkpoint-8" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "part" / "checkpoint-8" / "adapter_model.safetensors"))
+    assert sorted(full) == sorted(resumed)
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+
+
+def test_callback_names_a_model_without_adapter_and_a_foreign_optimizer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from sg_distributed import SparseGradCallback
+
+    with pytest.raises(TypeError, match="no SparseGrad adapter.*get_peft_model"):
+        SparseGradCallback().on_train_begin(None, None, None, model=AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    model = _peft_model(tiny_model_dir, max_rows=None, max_cols=None, density=0.5)
+    foreign = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(RuntimeError, match="does not hold the SparseGrad k-vectors"):
+        SparseGradCallback().on_train_begin(None, None, None, model=model, optimizer=foreign)
 
 
 @pytest.mark.multiprocess
@@ -202,7 +185,7 @@ def test_two_rank_trainer_deepspeed_zero2(tiny_model_dir, tmp_path):
         checkpoint = out / f"checkpoint-{step}"
         assert (checkpoint / "adapter_config.json").exists() and (checkpoint / f"global_step{step}").is_dir()
     values = load_file(str(out / "checkpoint-8" / "adapter_model.safetensors"))
-    assert any(v.abs().sum() > 0 for k, v in values.items() if k.endswith("sparse_values"))
+    assert any(v.abs().sum() > 0 for k, v in values.items() if k.endswith("sparsegrad_values"))
 
 
 @pytest.mark.multiprocess

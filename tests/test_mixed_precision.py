@@ -8,18 +8,13 @@ from sg_distributed import SparseGradConfig
 from sg_distributed.checkpoint import structure_checksum
 from sg_distributed.sparsegrad.layer import SharedBasis, SparseGradLinear, _BlockDelta
 from sg_distributed.methods import prepare
-from sg_distributed.model import SparseGradModel, get_sparsegrad_model
+from sg_distributed.sparsegrad.convert import load_adapter
 from sg_distributed.selection import Support
 
-from conftest import lm_batches, make_tiny_llama
+from conftest import calibrated, lm_batches, make_tiny_llama, orthogonal
 
 BUDGET = dict(density=0.05, max_rows=0.5, max_cols=0.5)  # dense-block kernel
 NO_BUDGET = dict(density=0.3, max_rows=None, max_cols=None)  # no row/column budget: supports spread, the CSR kernel
-
-
-def orthogonal(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
 
 
 def relative_error(actual, expected):
@@ -69,16 +64,16 @@ def test_sparsegrad_methods_train_save_reload_and_merge_in_bf16(case, tmp_path):
 
     wrapper.save_pretrained(tmp_path / "adapter")
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert {t.dtype for k, t in saved.items() if ".bases." in f".{k}" or k.endswith(("values", "rotated_weight"))} \
+    assert {t.dtype for k, t in saved.items() if "bases." in k or k.endswith(("values", "rotated_weight"))} \
         == {torch.float32}  # full precision on disk: not silently lossy onto an fp32 base
     ids = lm_batches(seed=9)[0]["input_ids"]
     with torch.no_grad():
         logits = wrapper(input_ids=ids).logits
-        reloaded = SparseGradModel.from_pretrained(make_tiny_llama().to(torch.bfloat16), tmp_path / "adapter")
+        reloaded = load_adapter(make_tiny_llama().to(torch.bfloat16), tmp_path / "adapter")
         assert structure_checksum(reloaded) == structure
         torch.testing.assert_close(reloaded(input_ids=ids).logits, logits, atol=0, rtol=0)
         # the adapter kept fp32 bases and values: onto an fp32 base it is the fp32 model, within bf16 rounding
-        on_fp32 = SparseGradModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter")
+        on_fp32 = load_adapter(make_tiny_llama(), tmp_path / "adapter")
         assert relative_error(on_fp32(input_ids=ids).logits, logits) < 2e-2
         merged = wrapper.merge_and_unload()
         assert not any(isinstance(m, SparseGradLinear) for m in merged.modules())
@@ -101,14 +96,14 @@ def test_baselines_train_in_bf16(method):
 
 def test_small_updates_survive_in_a_bf16_model():
     """DESIGN §7: 40 AdamW steps at lr 1e-5 on values of 0.05 must move them (~4e-4); bf16 values cannot."""
-    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(**BUDGET)).calibrate(lm_batches())
+    model = calibrated(make_tiny_llama(), SparseGradConfig(**BUDGET), lm_batches())
     model.to(torch.bfloat16)  # a cast after calibration keeps the k-vectors in fp32 as well
     values = [layer.sparsegrad_values for layer in model.converted_layers().values()]
     assert all(v.dtype == torch.float32 for v in values)
     with torch.no_grad():
         for v in values:
             v.fill_(0.05)
-    optimizer = model.make_optimizer(lr=1e-5)
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
     batch = lm_batches(n=1, seed=5)[0]
     for _ in range(40):
         model(**batch).loss.backward()
@@ -177,7 +172,7 @@ def test_autocast_bf16_over_fp32_gradients_match_float64(dense_block):
 
 
 def test_autocast_model_k_gradients_within_5e2_of_fp32():
-    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(**NO_BUDGET)).calibrate(lm_batches())
+    model = calibrated(make_tiny_llama(), SparseGradConfig(**NO_BUDGET), lm_batches())
     batch = lm_batches(n=1, seed=5)[0]
     grads = {}
     for autocast in (False, True):
@@ -192,7 +187,7 @@ def test_autocast_model_k_gradients_within_5e2_of_fp32():
 def test_bases_follow_an_engine_cast_that_bypasses_module_apply(monkeypatch):
     """DeepSpeed casts with ``p.data = p.data.to(bf16)`` and FSDP2 casts in its hooks: no ``_apply`` reaches the
     shared basis. The delta must still run in bf16 (from the input), with the fp32 master untouched."""
-    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(**BUDGET)).calibrate(lm_batches())
+    model = calibrated(make_tiny_llama(), SparseGradConfig(**BUDGET), lm_batches())
     for p in model.parameters():
         if p.dtype.is_floating_point:
             p.data = p.data.to(torch.bfloat16)
@@ -232,7 +227,7 @@ def test_activation_checkpointing_gives_the_same_k_gradients(reentrant):
     grads, calls = {}, {}
     for checkpointing in (False, True):
         hf = make_tiny_llama()
-        model = get_sparsegrad_model(hf, SparseGradConfig(**NO_BUDGET)).calibrate(lm_batches())
+        model = calibrated(hf, SparseGradConfig(**NO_BUDGET), lm_batches())
         if checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         hf.train()

@@ -1,4 +1,5 @@
-"""SparseGradModel end to end on tiny models: conversion, reference mode, optimizer state, persistence."""
+"""get_sparsegrad_model end to end on tiny models: conversion, calibration's choices against dense float64,
+optimizer state, quantized bases, and the research wrapper's reference mode (its math and persistence)."""
 import copy
 import json
 
@@ -10,7 +11,7 @@ from sg_distributed import SparseGradConfig, SparseGradModel, get_sparsegrad_mod
 from sg_distributed.sparsegrad.layer import ReferenceSparseGradLinear, SparseGradLinear
 from sg_distributed.optim import clear_masks
 
-from conftest import cls_batches, lm_batches, make_tiny_bert, make_tiny_llama, quantize_linears
+from conftest import calibrated, cls_batches, lm_batches, make_tiny_bert, make_tiny_llama, quantize_linears
 
 
 def train_steps(model, optimizer, batches, steps):
@@ -30,7 +31,7 @@ def train_steps(model, optimizer, batches, steps):
 ])
 def test_conversion_leaves_outputs_unchanged(factory, batches, config):
     reference = factory()
-    model = get_sparsegrad_model(factory(), config).calibrate(batches)
+    model = calibrated(factory(), config, batches)
     converted = model.converted_layers()
     assert len(converted) == 4 and all(isinstance(m, SparseGradLinear) for m in converted.values())
     with torch.no_grad():
@@ -40,19 +41,19 @@ def test_conversion_leaves_outputs_unchanged(factory, batches, config):
 
 
 def test_bert_defaults_pick_mlp_layers_not_attention_output(tiny_bert):
-    model = get_sparsegrad_model(tiny_bert)
-    assert all("attention" not in n for n in model.target_names)
-    assert sorted({n.split(".")[-2] for n in model.target_names}) == ["intermediate", "output"]
+    names = list(get_sparsegrad_model(tiny_bert).converted_layers())
+    assert names and all("attention" not in n for n in names)
+    assert sorted({n.split(".")[-2] for n in names}) == ["intermediate", "output"]
 
 
 def test_block_stride_selects_every_third_block():
     model = get_sparsegrad_model(make_tiny_llama(layers=7), SparseGradConfig(block_stride=3))
-    assert sorted({int(n.split(".")[2]) for n in model.target_names}) == [0, 3, 6]
+    assert sorted({int(n.split(".")[2]) for n in model.converted_layers()}) == [0, 3, 6]
 
 
 def test_adam_state_is_two_k_values_per_matrix():
-    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(k=37)).calibrate(lm_batches())
-    optimizer = model.make_optimizer(lr=1e-2)
+    model = calibrated(make_tiny_llama(), SparseGradConfig(k=37), lm_batches())
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
     train_steps(model, optimizer, lm_batches(seed=5), 2)
     layers = model.converted_layers()
     assert [p.numel() for p in model.trainable_parameters()] == [37] * len(layers)
@@ -62,48 +63,12 @@ def test_adam_state_is_two_k_values_per_matrix():
 
 
 def test_training_before_calibration_is_refused(tiny_llama):
-    model = get_sparsegrad_model(tiny_llama)
-    with pytest.raises(RuntimeError, match="calibrate"):
-        model(**lm_batches()[0])
+    for config in (SparseGradConfig(), SparseGradConfig(support_mode="reference")):
+        model = get_sparsegrad_model(copy.deepcopy(tiny_llama), config)
+        with pytest.raises(RuntimeError, match="calibrate"):
+            model(**lm_batches()[0])
     with pytest.raises(RuntimeError, match="calibrate"):
         model.make_optimizer(lr=1e-3)
-
-
-def test_save_load_merge_roundtrip(tmp_path):
-    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(density=0.05, max_rows=0.75)).calibrate(lm_batches())
-    train_steps(model, model.make_optimizer(lr=1e-2), lm_batches(seed=7), 3)
-    ids = lm_batches(seed=9)[0]["input_ids"]
-    with torch.no_grad():
-        adapter_logits = model(input_ids=ids).logits
-    model.save_pretrained(tmp_path / "adapter")
-    meta = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert len(meta["layers"]) == 4
-    from safetensors.torch import load_file
-    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")).keys()
-    assert sorted(k for k in keys if k.startswith("bases.")) == [  # one pair per layer type
-        "bases.model.layers.*.mlp.down_proj.P", "bases.model.layers.*.mlp.down_proj.R",
-        "bases.model.layers.*.mlp.up_proj.P", "bases.model.layers.*.mlp.up_proj.R"]
-
-    loaded = SparseGradModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, adapter_logits, atol=0, rtol=0)
-
-    merged = loaded.merge_and_unload()
-    assert not any(isinstance(m, SparseGradLinear) for m in merged.modules())
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, adapter_logits, atol=1e-5, rtol=0)
-    merged.save_pretrained(tmp_path / "merged")
-    from transformers import AutoModelForCausalLM
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, adapter_logits, atol=1e-5, rtol=0)
-
-
-def test_loading_onto_a_base_of_another_shape_names_the_layer(tmp_path):
-    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(k=10)).calibrate(lm_batches())
-    model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj.*64x32.*96x32"):
-        SparseGradModel.from_pretrained(make_tiny_llama(intermediate=96), tmp_path)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -113,12 +78,12 @@ def test_quantized_base_stays_bit_identical_and_loss_falls(bits):
     quantize_linears(base, names, bits=bits)
     before = {n: base.get_submodule(n).weight.detach().clone() for n in names}
     assert all(w.dtype == (torch.int8 if bits == 8 else torch.uint8) for w in before.values())
-    model = get_sparsegrad_model(base, SparseGradConfig(density=0.2, max_rows=None, max_cols=None)).calibrate(lm_batches())
+    model = calibrated(base, SparseGradConfig(density=0.2, max_rows=None, max_cols=None), lm_batches())
     batch = lm_batches(seed=3)[:1] * 20  # overfit one batch: the loss must fall
-    losses = train_steps(model, model.make_optimizer(lr=3e-2), batch, 20)
+    losses = train_steps(model, torch.optim.AdamW(model.trainable_parameters(), lr=3e-2), batch, 20)
     assert losses[-1] < losses[0] - 0.05
     for n in names:
-        assert torch.equal(model.get_submodule(n).base_layer.weight, before[n])
+        assert torch.equal(model.get_base_model().get_submodule(n).base_layer.weight, before[n])
 
 
 def test_reference_mode_equals_sparse_adam_restatement():
@@ -132,7 +97,7 @@ def test_reference_mode_equals_sparse_adam_restatement():
     loss_fn = lambda model, batch: ((model(batch[0]) - batch[1]) ** 2).mean()
     k = 7
     config = SparseGradConfig(target_modules=["0", "2"], k=k, support_mode="reference")
-    model = get_sparsegrad_model(net, config).calibrate(data, loss_fn=loss_fn)
+    model = calibrated(net, config, data, loss_fn=loss_fn)
     assert all(isinstance(m, ReferenceSparseGradLinear) for m in model.converted_layers().values())
     optimizer = model.make_optimizer(lr=0.05)
     for batch in data[:3]:
@@ -181,13 +146,13 @@ def test_reference_mode_equals_sparse_adam_restatement():
 
 
 def test_nonfinite_gradients_raise_or_skip(tiny_llama):
-    model = get_sparsegrad_model(tiny_llama, SparseGradConfig(k=5)).calibrate(lm_batches())
+    model = calibrated(tiny_llama, SparseGradConfig(k=5, support_mode="reference"), lm_batches())
     layer = next(iter(model.converted_layers().values()))
-    layer.sparsegrad_values.grad = torch.tensor([float("nan")] * 5)
-    with pytest.raises(FloatingPointError, match="model.layers.0.mlp.up_proj.sparsegrad_values"):
+    layer.rotated_weight.grad = torch.full_like(layer.rotated_weight, float("nan"))
+    with pytest.raises(FloatingPointError, match="model.layers.0.mlp.up_proj.rotated_weight"):
         model.grads_are_finite("raise")
     assert model.grads_are_finite("skip") is False and model.skipped_steps == 1
-    assert layer.sparsegrad_values.grad is None
+    assert layer.rotated_weight.grad is None
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -207,7 +172,7 @@ def test_reference_quirks_rotated_bias_grad_and_frozen_layernorm():
     loss_fn = lambda model, batch: ((model(batch[0]) - batch[1]) ** 2).mean()
     config = SparseGradConfig(target_modules=["2"], k=7, support_mode="reference",
                               reference_rotated_bias_grad=True, reference_freeze_layernorm=True)
-    model = get_sparsegrad_model(net, config).calibrate(data, loss_fn=loss_fn)
+    model = calibrated(net, config, data, loss_fn=loss_fn)
     layer = model.get_submodule("2")
     assert not model.get_submodule("3").weight.requires_grad  # LayerNorm left untrained
     upstream = torch.randn(5, 6, dtype=torch.float64)
@@ -218,14 +183,14 @@ def test_reference_quirks_rotated_bias_grad_and_frozen_layernorm():
 
 
 def test_wrapper_config_is_the_hf_config_and_peft_config_is_ours(tiny_llama):
-    model = get_sparsegrad_model(tiny_llama, SparseGradConfig(k=5))
+    model = get_sparsegrad_model(tiny_llama, SparseGradConfig(k=5, support_mode="reference"))
     assert model.config.model_type == "llama"
     assert isinstance(model.peft_config, SparseGradConfig) and model.peft_config.k == 5
 
 
 def test_reference_mode_adapter_carries_the_trained_norms(tmp_path):
     batches = lm_batches()
-    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(k=20, support_mode="reference")).calibrate(batches)
+    model = calibrated(make_tiny_llama(), SparseGradConfig(k=20, support_mode="reference"), batches)
     optimizer = model.make_optimizer(lr=1e-2)
     train_steps(model, optimizer, lm_batches(seed=8), 2)
     norm = model.get_submodule("model.norm").weight
@@ -238,21 +203,18 @@ def test_reference_mode_adapter_carries_the_trained_norms(tmp_path):
 
 
 def test_layers_of_one_type_share_the_basis_and_no_float64_copy_stays():
-    """Fixed mode keeps one P, R per layer type, an fp32 master (the layers gather their slices at each use):
-    no per-layer slices, no float64 calibration copy; ``bases`` reads the shared tensors."""
-    model = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(density=0.05, max_rows=0.5, max_cols=0.5))
-    model.calibrate(lm_batches())
+    """Fixed mode keeps one P, R per layer type, an fp32 master (the layers read their slices at each use):
+    no per-layer slices, no float64 calibration copy."""
+    model = calibrated(make_tiny_llama(), SparseGradConfig(density=0.05, max_rows=0.5, max_cols=0.5))
     layers = model.converted_layers()
     by_key = {}
     for name, layer in layers.items():
-        by_key.setdefault(model.basis_key(name), set()).add(id(layer.basis))
+        by_key.setdefault(model.basis_keys[name], set()).add(id(layer.basis))
     assert sorted(len(ids) for ids in by_key.values()) == [1, 1] and len(layers) == 4
     assert {t.dtype for basis in model.shared_bases.values() for t in basis.tensors()} == {torch.float32}
-    assert model._calibration_bases == {}
-    for key, bases in model.bases.items():
-        shared = model.shared_bases[key]
-        assert bases.P.data_ptr() == shared.Pt.data_ptr()
-        torch.testing.assert_close(bases.P.T @ bases.P, torch.eye(bases.P.shape[0]), atol=1e-5, rtol=0)
+    for shared in model.shared_bases.values():
+        assert shared.P.data_ptr() == shared.Pt.data_ptr()  # P is a view of the one stored copy
+        torch.testing.assert_close(shared.P.T @ shared.P, torch.eye(shared.P.shape[0]), atol=1e-5, rtol=0)
 
 
 def test_a_budget_gives_every_layer_of_a_type_one_block_shape():
@@ -260,7 +222,7 @@ def test_a_budget_gives_every_layer_of_a_type_one_block_shape():
     support was chosen in), not just the rows and cols the support touches: one GEMM shape per layer type
     (bounded kernel caches, compiled graphs), and re-selection can grow anywhere in that block."""
     config = SparseGradConfig(density=0.02, max_rows=0.5, max_cols=0.25)
-    model = get_sparsegrad_model(make_tiny_llama(), config).calibrate(lm_batches())
+    model = calibrated(make_tiny_llama(), config, lm_batches())
     shapes = {}
     for name, layer in model.converted_layers().items():
         m, n = layer.out_features, layer.in_features
@@ -268,7 +230,7 @@ def test_a_budget_gives_every_layer_of_a_type_one_block_shape():
         assert block == config.block_budget(m, n), name
         support = layer.support
         assert torch.isin(support.rows, layer.rows_used).all() and torch.isin(support.cols, layer.cols_used).all()
-        shapes.setdefault(model.basis_key(name), set()).add(block)
+        shapes.setdefault(model.basis_keys[name], set()).add(block)
     assert all(len(s) == 1 for s in shapes.values())
     # the support alone would touch fewer rows than the budget: the test would fail on touched rows
     assert any(torch.unique(l.support.rows).numel() < l.structure.r for l in model.converted_layers().values())
@@ -291,7 +253,7 @@ def test_supports_equal_top_k_of_the_dense_float64_score(score, budget, monkeypa
     monkeypatch.setattr(calibration_module, "run_backward_passes", lambda *a, **k: passes.append(a[3]) or real_passes(*a, **k))
     base, batches = make_tiny_llama(seed=3).double(), lm_batches(n=3, seed=4)
     config = SparseGradConfig(density=0.05, score=score, **budget)
-    model = get_sparsegrad_model(copy.deepcopy(base), config).calibrate(batches)
+    model = calibrated(copy.deepcopy(base), config, batches)
     scored_block = budget["max_rows"] is not None and budget.get("budget_block") != "leading"
     assert len(passes) == (3 if scored_block else 2), passes  # Grams, [row/column sums,] block or full scores
     layers = model.converted_layers()

@@ -58,7 +58,7 @@ def test_two_rank_zero_equals_one_rank(case, tiny_model_dir, one_rank_runs, tmp_
     assert f'"stage": {stage}' in stdout and "world size 2" in stdout
     if extra == BF16:
         assert '"bf16": {"enabled": true}' in stdout and '"communication_data_type": "fp32"' in stdout
-    suffix = "sparse_values" if method == "sparsegrad" else "rotated_weight"
+    suffix = "sparsegrad_values" if method == "sparsegrad" else "rotated_weight"
     values = sorted(k for k in one_rank if k.endswith(suffix))
     assert values and sorted(k for k in two_rank if k.endswith(suffix)) == values
     assert all(two_rank[k].dtype == torch.float32 for k in values)  # DeepSpeed's fp32 masters, not bf16 copies

@@ -2,14 +2,13 @@
 each against an independent computation (brute force / dense float64 autograd)."""
 import pytest
 import torch
+from peft import PeftModel
 
-from sg_distributed import SparseGradConfig, get_sparsegrad_model
+from sg_distributed import SparseGradConfig
 from sg_distributed.sparsegrad.layer import SparseGradLinear
-from sg_distributed.model import SparseGradModel
 from sg_distributed.reselect import SupportReselector, plan_swap
 from sg_distributed.selection import Support
-from conftest import lm_batches, make_tiny_llama
-from test_layer import make_layer
+from conftest import calibrated, lm_batches, make_layer, make_tiny_llama
 
 
 def brute_force_plan(values, score, support_block, count):
@@ -133,8 +132,8 @@ def test_reselection_swaps_entries_and_resets_their_adam_state():
 
 def test_reselected_adapter_round_trips_in_slot_order(tmp_path):
     config = SparseGradConfig(density=0.05, max_rows=0.5, max_cols=0.5, reselect_every=1, reselect_fraction=0.5)
-    wrapped = get_sparsegrad_model(make_tiny_llama(), config).calibrate(lm_batches())
-    optimizer = wrapped.make_optimizer(5e-2)
+    wrapped = calibrated(make_tiny_llama(), config)
+    optimizer = torch.optim.AdamW(wrapped.trainable_parameters(), lr=5e-2)
     reselector = wrapped.make_reselector(optimizer)
     for batch in lm_batches(seed=7)[:2]:
         optimizer.zero_grad()
@@ -149,11 +148,11 @@ def test_reselected_adapter_round_trips_in_slot_order(tmp_path):
         expected = wrapped(input_ids=ids).logits
     wrapped.save_pretrained(tmp_path / "adapter")
 
-    restored = SparseGradModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter")
+    restored = PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "adapter", is_trainable=True)
     for name, layer in restored.converted_layers().items():
         assert torch.equal(layer.support_flat, layers[name].support_flat)
         assert torch.equal(layer.rows_used, layers[name].rows_used) and torch.equal(layer.cols_used, layers[name].cols_used)
-    assert restored.peft_config.reselect_every == 1  # training resumed from the adapter keeps re-selecting
+    assert restored.active_peft_config.reselect_every == 1  # training resumed from the adapter keeps re-selecting
     with torch.no_grad():
         torch.testing.assert_close(restored(input_ids=ids).logits, expected, rtol=0, atol=0)
 

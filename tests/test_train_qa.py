@@ -27,14 +27,14 @@ def test_budget_axes_and_block_options_reach_the_saved_adapter(train_qa, tiny_mo
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sg_distributed import SparseGradModel
+    from peft import PeftModel
 
     out = tmp_path / "run"
     train_qa.main(["--model", str(tiny_model_dir), "--steps", "2", "--eval_size", "2", "--no_eval_before",
                    "--calibration_steps", "2", "--micro_batch_size", "2", "--density", "0.02",
                    "--budget_axes", "balanced", "--budget_block", "leading", "--output_dir", str(out)])
-    model = SparseGradModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
-    assert (model.peft_config.budget_axes, model.peft_config.budget_block) == ("balanced", "leading")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "adapter")
+    assert (model.active_peft_config.budget_axes, model.active_peft_config.budget_block) == ("balanced", "leading")
     for name, layer in model.converted_layers().items():
         m, n = layer.out_features, layer.in_features
         r, c = round(0.25 * n), round(0.25 * m)

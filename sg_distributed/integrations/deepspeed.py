@@ -21,6 +21,7 @@ __all__ = [
     "validate_ds_config",
     "resolve_auto",
     "largest_sparse_k",
+    "with_persistent_k_vectors",
     "skip_shm_comm_build",
     "init_distributed",
     "initialize_engine",
@@ -307,6 +308,35 @@ def largest_sparse_k(model: Any) -> int:
 
     return max((m.k for m in model.modules()
                 if isinstance(m, SparseGradLinear) and m.sparsegrad_values.requires_grad), default=0)
+
+
+def with_persistent_k_vectors(cfg: Mapping[str, Any] | str | os.PathLike, model: Any,
+                              config: Any = None) -> dict:
+    """A DeepSpeed config for the HF Trainer / TRL whose ZeRO-3 ``"auto"`` persistence threshold keeps every
+    SparseGrad k-vector whole (see :func:`resolve_auto`); every other ``"auto"`` is left for the Trainer.
+
+    The Trainer fills ``stage3_param_persistence_threshold`` with 10·hidden, below the k of the paper presets,
+    so each k-vector would be all-gathered twice per micro-batch. ``model``: a converted model (its largest
+    trainable k-vector), or the base model with ``config``, the SparseGradConfig it will get (TRL's
+    ``SFTTrainer(peft_config=...)`` converts it only later). Give the result to ``TrainingArguments(deepspeed=...)``.
+    An explicit threshold is kept."""
+    out = load_ds_config(cfg) if isinstance(cfg, (str, os.PathLike)) else copy.deepcopy(dict(cfg))
+    zero = out.get("zero_optimization")
+    if not isinstance(zero, dict) or zero.get("stage3_param_persistence_threshold") != AUTO:
+        return out
+    if config is None:
+        largest = largest_sparse_k(model)
+    else:
+        from ..targets import find_target_linears
+
+        targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
+        largest = max((config.entries_for(m.out_features, m.in_features, n) for n, m in targets.items()), default=0)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise DeepSpeedConfigError("with_persistent_k_vectors: the model has no config.hidden_size to fill the "
+                                   "\"auto\" stage3_param_persistence_threshold with; put a number in the config")
+    zero["stage3_param_persistence_threshold"] = max(10 * hidden, largest)
+    return out
 
 
 def _resolve_precision(out: dict, precision: str) -> None:

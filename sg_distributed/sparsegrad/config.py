@@ -82,6 +82,9 @@ class SparseGradConfig(PeftConfig):
     reference_rotated_bias_grad / reference_freeze_layernorm: the authors' quirks, reference mode only.
     modules_to_save: names of further modules trained densely and saved with the adapter (peft's
         ``modules_to_save``: a fresh classification head, embeddings), e.g. ``["classifier"]``.
+    base_quantization: set at injection, not by users: ``8bit`` / ``4bit`` when the converted layers' bases are
+        bitsandbytes layers, else None. Saved with the adapter, so ``sg_distributed.export`` loads the base as
+        it was trained.
     """
 
     target_modules: list[str] | str | None = None
@@ -106,6 +109,7 @@ class SparseGradConfig(PeftConfig):
     reference_rotated_bias_grad: bool = False
     reference_freeze_layernorm: bool = False
     modules_to_save: Optional[list[str]] = None
+    base_quantization: Optional[str] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -1,19 +1,28 @@
-"""Convert a SparseGradModel adapter (format ``sg_distributed.sparsegrad/1``: what ``launch/train_qa.py``,
-``SparseGradTrainer`` and ``SparseGradModel.save_pretrained`` write) into a peft adapter that
+"""Older SparseGrad adapters and the one loader for all of them.
+
+``convert``: a SparseGradModel adapter (format ``sg_distributed.sparsegrad/1``, what ``launch/train_qa.py`` and
+``SparseGradTrainer`` wrote before SparseGrad became a peft method) into a peft adapter that
 ``PeftModel.from_pretrained`` loads. A pure file transform: no base model is needed.
 
     python -m sg_distributed.sparsegrad.convert old_adapter/ peft_adapter/
+
+``load_adapter``: any SparseGrad adapter onto a base model (peft's, an older one converted on the fly, or a
+reference / dynamic mode one, which only the research wrapper ``SparseGradModel`` trains).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 from pathlib import Path
+
+from torch import nn
 
 from safetensors.torch import save_file
 
 from ..io import atomic_directory
-from ..model import ADAPTER_WEIGHTS, read_adapter
+from ..model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, SparseGradModel, read_adapter
 from .model import BASES, BLOCK_COLS, BLOCK_ROWS, SUPPORT
 
 LAYER_KEYS = {"sparse_values": "sparsegrad_values", "support": SUPPORT, "block_rows": BLOCK_ROWS,
@@ -40,6 +49,24 @@ def convert(source: str | Path, target: str | Path) -> Path:
         save_file(out, str(tmp / ADAPTER_WEIGHTS))
         config.save_pretrained(str(tmp))  # peft's adapter_config.json (peft_type SPARSEGRAD)
     return Path(target)
+
+
+def load_adapter(model: nn.Module, directory: str | Path, is_trainable: bool = False) -> nn.Module:
+    """``model`` with the SparseGrad adapter saved in ``directory``: a ``PeftModel`` (fixed support; an older
+    adapter is converted on the fly) or a ``SparseGradModel`` (reference / dynamic mode). ``is_trainable``:
+    the k-vectors (and any ``modules_to_save``) train, as for a resumed run; else peft's inference mode."""
+    from peft import PeftModel
+
+    config_path = Path(directory) / ADAPTER_CONFIG
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: not a SparseGrad adapter directory")
+    if json.loads(config_path.read_text()).get("format") != FORMAT:
+        return PeftModel.from_pretrained(model, str(directory), is_trainable=is_trainable)
+    if read_adapter(directory)[1].support_mode != "fixed":
+        return SparseGradModel.from_pretrained(model, directory)
+    with tempfile.TemporaryDirectory(prefix="sparsegrad-peft-") as tmp:
+        return PeftModel.from_pretrained(model, str(convert(directory, Path(tmp) / "adapter")),
+                                         is_trainable=is_trainable)
 
 
 def main(argv=None) -> int:

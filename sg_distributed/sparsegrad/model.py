@@ -9,7 +9,8 @@ layer and the bases once per layer type (like VeRA's shared projections); loadin
 ``print_trainable_parameters`` are peft's own.
 
 Only the fixed-support mode is a peft method: the paper-exact ``reference`` and ``dynamic`` modes train a
-dense rotated m x n matrix per layer (not an adapter of k values) and stay on ``SparseGradModel``.
+dense rotated m x n matrix per layer (not an adapter of k values) and stay on the research wrapper
+``SparseGradModel`` (``sg_distributed/model.py``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from torch import nn
 
 from ..basis import Bases
 from ..calibration import gradients_flowing
+from ..quant import quantization_of
+from ..reselect import SupportReselector
 from ..selection import Support
 from ..targets import find_target_linears
 from .calibration import Calibrator, assign_basis_keys, support_checksum
@@ -62,6 +65,7 @@ class SparseGradTuner(BaseTuner):
         for name, module in self._targets.items():
             config.entries_for(module.out_features, module.in_features, name)  # a bad k fails before injection
         self.basis_keys = assign_basis_keys(self._targets, config.basis_sharing)
+        config.base_quantization = quantization_of(self._targets.values())  # export loads the base this way
 
     def _check_target_module_exists(self, config: SparseGradConfig, key: str) -> bool:
         return key in self._targets
@@ -133,6 +137,27 @@ class SparseGradTuner(BaseTuner):
         """SHA-256 of every layer's support and every type's bases (exact bytes): equal on all ranks."""
         return support_checksum(self.sparsegrad_layers(), self.shared_bases)
 
+    # --- training helpers (methods.prepare, launch/train_qa.py, SparseGradCallback) --------------------------
+    def converted_layers(self) -> dict[str, SparseGradLinear]:
+        """The SparseGrad layers by their name in the wrapped model (as the research wrapper names them)."""
+        return self.sparsegrad_layers()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer takes: the k-vectors and any ``modules_to_save``."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def make_reselector(self, optimizer: torch.optim.Optimizer | None = None) -> SupportReselector:
+        """Drop-and-grow re-selection every ``reselect_every`` steps: call its ``step()`` after each optimizer
+        step. ``optimizer``: the one whose moments the swapped slots reset (under DeepSpeed, the client
+        optimizer given to ``deepspeed.initialize``)."""
+        config: SparseGradConfig = self.peft_config[self.active_adapters[0]]
+        if not self.calibrated:
+            raise RuntimeError("SparseGrad adapter: calibrate before creating the re-selector")
+        if not config.reselect_every:
+            raise RuntimeError("make_reselector: set SparseGradConfig.reselect_every > 0")
+        return SupportReselector(self.sparsegrad_layers(), config.reselect_every, config.reselect_fraction,
+                                 square=config.score == "square", optimizer=optimizer)
+
     def _shared_basis(self, key: str, bases: Bases, base_layer: nn.Module) -> SharedBasis:
         if key not in self.shared_bases:
             self.shared_bases[key] = SharedBasis(bases.P, bases.R, compute_dtype_of(base_layer))
@@ -158,7 +183,9 @@ class SparseGradTuner(BaseTuner):
         for basis_key, shared in tuner.shared_bases.items():  # once per layer type, full precision
             to_return[f"{prefix}{BASES}.{basis_key}.P"] = shared.P.contiguous()
             to_return[f"{prefix}{BASES}.{basis_key}.R"] = shared.R.contiguous()
-        return to_return
+        # FSDP2-sharded k-vectors (DTensors) become whole tensors: a collective, so every rank calls
+        # save_pretrained (is_main_process=rank == 0), as for the FSDP2 engine's own state dicts
+        return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in to_return.items()}
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):

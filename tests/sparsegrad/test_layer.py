@@ -8,22 +8,7 @@ from sg_distributed.sparsegrad.layer import SparseGradLinear, fold_into_input_si
 from sg_distributed.selection import Support, leading_block, select_support, top_k_in_block
 
 
-def orthogonal(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return q
-
-
-def make_layer(m, n, k, budget=None, seed=0, convention="textbook"):
-    torch.manual_seed(seed)
-    base = nn.Linear(n, m, dtype=torch.float64)
-    P, Q = orthogonal(m, seed + 1), orthogonal(n, seed + 2)
-    R = Q if convention == "textbook" else Q.T.contiguous()
-    score = torch.rand(m, n, dtype=torch.float64)
-    rows, cols = (budget or (m, n))
-    support = select_support(score, k, rows, cols)
-    values = torch.randn(k, dtype=torch.float64)
-    return base, P, R, support, SparseGradLinear(base, P, R, support, values=values, dtype=torch.float64)
+from conftest import make_layer, orthogonal
 
 
 @pytest.mark.parametrize("convention", ["textbook", "reference"])

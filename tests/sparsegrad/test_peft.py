@@ -1,6 +1,7 @@
 """SparseGrad through peft's own entry points: get_peft_model, calibrate, save_pretrained,
 PeftModel.from_pretrained, merge_and_unload, disable_adapter, modules_to_save."""
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,22 +80,18 @@ def test_get_peft_model_calibrate_train_save_load_merge(tmp_path):
         torch.testing.assert_close(unloaded(**batches[0]).logits, reference(**batches[0]).logits, atol=0, rtol=0)
 
 
-def test_peft_path_equals_sparsegrad_model():
-    """get_peft_model + calibrate chooses the same bases and supports, and computes the same loss, as the
-    standalone SparseGradModel on the same batches (one calibration implementation)."""
-    config = dict(density=0.05, max_rows=0.5, max_cols=0.5)
-    batches = lm_batches()
-    peft_model = get_peft_model(make_tiny_llama(), SparseGradConfig(**config))
-    peft_model.calibrate(batches)
-    standalone = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(**config)).calibrate(batches)
-    ours = {n.removeprefix("model."): m for n, m in peft_model.base_model.sparsegrad_layers().items()}
-    theirs = {n.removeprefix("model."): m for n, m in standalone.converted_layers().items()}
-    assert sorted(ours) == sorted(theirs)
-    for name, layer in ours.items():
-        assert torch.equal(layer.support_flat, theirs[name].support_flat), name
-        assert torch.equal(layer.basis.P, theirs[name].basis.P), name
-    with torch.no_grad():
-        torch.testing.assert_close(peft_model(**batches[1]).loss, standalone(**batches[1]).loss, atol=0, rtol=0)
+def test_get_sparsegrad_model_is_peft_for_fixed_support_and_the_wrapper_for_the_paper_modes():
+    """One way per mode: fixed support is the peft method (get_sparsegrad_model is get_peft_model), the
+    reference / dynamic modes are the research wrapper, which refuses fixed support."""
+    from sg_distributed import SparseGradModel
+
+    fixed = get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(density=0.05))
+    assert isinstance(fixed, PeftModel) and isinstance(fixed.base_model, SparseGradTuner)
+    for mode in ("reference", "dynamic"):
+        assert isinstance(get_sparsegrad_model(make_tiny_llama(), SparseGradConfig(k=5, support_mode=mode)),
+                          SparseGradModel)
+    with pytest.raises(ValueError, match="fixed.* is a peft method: peft.get_peft_model"):
+        SparseGradModel(make_tiny_llama(), SparseGradConfig())
 
 
 def test_modules_to_save_trains_and_restores_a_fresh_head(tmp_path):
@@ -135,21 +132,23 @@ def test_bad_input_is_named(tmp_path):
         PeftModel.from_pretrained(make_tiny_llama(intermediate=96), tmp_path / "adapter")
 
 
-def test_a_sparsegrad_model_adapter_converts_to_a_peft_adapter(tmp_path):
-    """Adapters written by SparseGradModel (train_qa.py, SparseGradTrainer) load through peft after
-    ``python -m sg_distributed.sparsegrad.convert``, with the same outputs."""
-    from sg_distributed.sparsegrad.convert import main as convert_main
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
-    base, batches = make_tiny_llama(), lm_batches()
-    reference = copy.deepcopy(base)
-    old = get_sparsegrad_model(base, SparseGradConfig(density=0.05))
-    old.calibrate(batches)
-    _train(old, batches)
-    old.save_pretrained(tmp_path / "old")
-    assert convert_main([str(tmp_path / "old"), str(tmp_path / "peft")]) == 0
-    loaded = PeftModel.from_pretrained(reference, tmp_path / "peft")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batches[0]).logits, old(**batches[0]).logits, atol=1e-6, rtol=0)
+
+def test_an_older_format_adapter_converts_and_loads(tmp_path):
+    """Adapters written by SparseGradModel before SparseGrad became a peft method (tests/fixtures/README.md) load
+    through peft after ``python -m sg_distributed.sparsegrad.convert``, and through ``load_adapter`` directly,
+    with the logits that model had."""
+    from sg_distributed.sparsegrad.convert import load_adapter, main as convert_main
+
+    old = FIXTURES / "sparsegrad_adapter_v1"
+    expected = torch.load(FIXTURES / "sparsegrad_adapter_v1_logits.pt")
+    batch = lm_batches()[0]
+    assert convert_main([str(old), str(tmp_path / "peft")]) == 0
+    for loaded in (PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "peft"), load_adapter(make_tiny_llama(), old)):
+        assert isinstance(loaded, PeftModel)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=0)
     assert convert_main([str(tmp_path / "peft"), str(tmp_path / "again")]) == 1  # named: already peft
 
 
@@ -181,32 +180,6 @@ def test_merge_onto_a_quantized_base_is_the_dequantized_weight_plus_the_update(b
         torch.testing.assert_close(linear.weight, expected[name], atol=0, rtol=0)
 
 
-def test_plain_hf_trainer_with_the_callback_trains_a_peft_adapter(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-
-    from sg_distributed import SparseGradCallback
-    from sg_distributed.data.qa import QACollator, load_qa_pairs
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                           SparseGradConfig(density=0.05, calibration_steps=2, task_type="CAUSAL_LM"))
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=2, learning_rate=3e-2,
-                             lr_scheduler_type="constant", save_strategy="no", logging_steps=2, report_to="none",
-                             use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=load_qa_pairs()[:40], processing_class=tokenizer,
-                      data_collator=QACollator(tokenizer, max_length=64), callbacks=[SparseGradCallback()])
-    trainer.train()
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert model.base_model.calibrated and losses[-1] < losses[0], losses
-    trainer.save_model(str(tmp_path / "final"))
-    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "final")
-    batch = QACollator(tokenizer, max_length=64)(load_qa_pairs()[:2])
-    model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
-
-
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_calibration_under_gradient_checkpointing_is_unchanged(reentrant):
     """TRL's SFTConfig turns gradient checkpointing on by default: calibration through a checkpointed model
@@ -222,59 +195,6 @@ def test_calibration_under_gradient_checkpointing_is_unchanged(reentrant):
     checkpointed.train()
     checkpointed.calibrate(batches)
     assert checkpointed.base_model.support_checksum() == plain.base_model.support_checksum()
-
-
-def test_callback_runs_support_reselection_for_a_peft_adapter(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-
-    from sg_distributed import SparseGradCallback
-    from sg_distributed.data.qa import QACollator, load_qa_pairs
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    config = SparseGradConfig(density=0.05, max_rows=0.5, max_cols=0.5, calibration_steps=2, reselect_every=3)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=2, learning_rate=3e-2,
-                             save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-                             remove_unused_columns=False)
-    callback = SparseGradCallback()
-    Trainer(model=model, args=args, train_dataset=load_qa_pairs()[:40], processing_class=tokenizer,
-            data_collator=QACollator(tokenizer, max_length=64), callbacks=[callback]).train()
-    assert [r["step"] for r in callback.reselector.history] == [3, 6]
-    assert all(r["swapped"] > 0 for r in callback.reselector.history)
-    assert any(not layer.structure.in_order for layer in model.base_model.sparsegrad_layers().values())
-
-
-def test_trainer_resume_from_a_peft_checkpoint_is_bit_identical(tiny_model_dir, tmp_path):
-    """Trainer(resume_from_checkpoint=...) loads the peft adapter (supports and bases installed by
-    load_adapter, so the callback does not calibrate again) and ends where an uninterrupted run ends."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
-
-    from sg_distributed import SparseGradCallback
-    from sg_distributed.data.qa import QACollator, load_qa_pairs
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-
-    def run(out, max_steps, resume=None):
-        torch.manual_seed(0)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-                               SparseGradConfig(density=0.05, calibration_steps=2, task_type="CAUSAL_LM"))
-        args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2,
-                                 learning_rate=3e-2, lr_scheduler_type="constant", save_strategy="steps", save_steps=4,
-                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=0, remove_unused_columns=False)
-        Trainer(model=model, args=args, train_dataset=load_qa_pairs()[:40], processing_class=tokenizer,
-                data_collator=QACollator(tokenizer, max_length=64),
-                callbacks=[SparseGradCallback()]).train(resume_from_checkpoint=resume)
-
-    run(tmp_path / "full", 8)
-    run(tmp_path / "part", 4)
-    run(tmp_path / "part", 8, resume=str(tmp_path / "part" / "checkpoint-4"))
-    full = load_file(str(tmp_path / "full" / "checkpoint-8" / "adapter_model.safetensors"))
-    resumed = load_file(str(tmp_path / "part" / "checkpoint-8" / "adapter_model.safetensors"))
-    assert sorted(full) == sorted(resumed)
-    for key in full:
-        assert torch.equal(full[key], resumed[key]), key
 
 
 def test_bf16_model_keeps_fp32_k_vectors_and_matches_fp32_within_bf16_rounding(tmp_path):
