@@ -1,5 +1,6 @@
 """TRL's SFTTrainer with peft_config=SparseGradConfig (launch/sft_trl.py) on the tiny Llama with the real
-SmolLM2 tokenizer and QA pairs: one process in-process, and 2 ranks under DeepSpeed ZeRO-2 on CPU."""
+SmolLM2 tokenizer and QA pairs: one process in-process, 2 ranks under DeepSpeed ZeRO-2 and ZeRO-3 on CPU, and
+ZeRO-3 over a base that zero.Init partitioned at load."""
 import json
 import os
 import sys
@@ -78,3 +79,21 @@ def test_sft_trainer_two_ranks_deepspeed(tiny_model_dir, tmp_path, stage):
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     values = [v for k, v in saved.items() if k.endswith("sparsegrad_values")]
     assert len(values) == 4 and all(v.numel() == 102 and v.abs().sum() > 0 for v in values)  # whole, trained
+
+
+@pytest.mark.multiprocess
+def test_sft_trainer_over_a_base_partitioned_by_zero_init(tiny_model_dir, tmp_path):
+    """The model loaded after a ZeRO-3 SFTConfig (zero.Init: every weight a 0-element partition at load):
+    get_peft_model injects on the partitioned linears (their shapes come from in/out_features), and the
+    callback calibrates through the engine's module, whose forward gathers the weights."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_"))}
+    env |= {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "tests/zero_init_worker.py", str(tiny_model_dir), str(tmp_path)]
+    proc = run_ranks(cmd, env=env, cwd=ROOT, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["partitioned_at_load"] and result["calibrated"]
+    losses = result["losses"]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    assert result["k_values"] == [102] * 4 and result["k_values_trained"]  # whole (gathered) and trained
