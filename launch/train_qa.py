@@ -32,6 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
+from sg_distributed.training.signals import GracefulStop  # noqa: E402
+from sg_distributed.training.arguments import (ArgumentParser, at_least, check_paths, fraction,  # noqa: E402
+                                               non_negative_float, non_negative_int, positive_float, positive_int,
+                                               probability_below_one)
 from sg_distributed import checkpoint as ckpt  # noqa: E402
 from sg_distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
@@ -43,7 +47,7 @@ from sg_distributed.runtime import (Engine, all_reduce_mean, assert_same_on_all_
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", choices=METHODS, default="sparsegrad")
     p.add_argument("--ds_config", help="DeepSpeed JSON config ('auto' values are resolved here)")
     p.add_argument("--fsdp", action="store_true", help="PyTorch FSDP2 (fully_shard per block) instead of DDP, "
@@ -54,11 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="set by the deepspeed launcher")
     p.add_argument("--model", help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="FanOutQA-format JSON (default: the fanoutqa package's dev set)")
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps")
-    p.add_argument("--micro_batch_size", type=int, default=4)
-    p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None, help="default depends on the method")
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
+    p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps")
+    p.add_argument("--micro_batch_size", type=positive_int, default=4)
+    p.add_argument("--grad_accum", type=positive_int, default=1)
+    p.add_argument("--lr", type=positive_float, default=None, help="default depends on the method")
+    p.add_argument("--max_grad_norm", type=non_negative_float, default=1.0, help="0 = no clipping")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="weight dtype: the model loads in it; DeepSpeed's bf16/fp16 mode (fp32 master, fp32 "
                    "gradient reduction and accumulation), FSDP2 mixed precision. SparseGrad's trained values "
@@ -70,10 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=["non_reentrant", "reentrant"],
                    help="recompute each block's activations in backward (HF activation checkpointing; default "
                    "torch's non-reentrant implementation)")
-    p.add_argument("--density", type=float, default=0.01)
-    p.add_argument("--k", type=int, default=None, help="entries per matrix (overrides --density)")
-    p.add_argument("--max_rows", type=float, default=DEFAULT_BUDGET, help="row budget of P (fraction or count); 0 = none")
-    p.add_argument("--max_cols", type=float, default=DEFAULT_BUDGET, help="column budget of R (fraction or count); 0 = none")
+    p.add_argument("--density", type=fraction, default=0.01)
+    p.add_argument("--k", type=positive_int, default=None, help="entries per matrix (overrides --density)")
+    p.add_argument("--max_rows", type=non_negative_float, default=DEFAULT_BUDGET, help="row budget of P (fraction or count); 0 = none")
+    p.add_argument("--max_cols", type=non_negative_float, default=DEFAULT_BUDGET, help="column budget of R (fraction or count); 0 = none")
     p.add_argument("--budget_axes", choices=["own", "balanced"], default="own",
                    help="budget fractions of m and n (own) or of n and m (balanced: the same block area, the two "
                         "rotated products cost the same; SparseGradConfig.budget_axes)")
@@ -81,34 +85,38 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the budget's rows x cols: the leading eigen-directions (bases read as slices) or the "
                         "top-scored ones (one more calibration pass; SparseGradConfig.budget_block)")
     p.add_argument("--input_convention", choices=["textbook", "reference"], default="textbook")
-    p.add_argument("--reselect_every", type=int, default=0,
+    p.add_argument("--reselect_every", type=non_negative_int, default=0,
                    help="sparsegrad: drop-and-grow re-selection of the support every N steps (0 = fixed support)")
-    p.add_argument("--reselect_fraction", type=float, default=0.2, help="share of each support swapped per re-selection")
-    p.add_argument("--block_stride", type=int, default=1)
-    p.add_argument("--calibration_steps", type=int, default=8)
-    p.add_argument("--drop_prob", type=float, default=0.5, help="GradDrop p")
-    p.add_argument("--lora_rank", type=int, default=None, help="default: matched to SparseGrad's trainable count")
-    p.add_argument("--eval_size", type=int, default=64, help="held-out pairs evaluated (0 = all)")
-    p.add_argument("--max_length", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reselect_fraction", type=fraction, default=0.2, help="share of each support swapped per re-selection")
+    p.add_argument("--block_stride", type=positive_int, default=1)
+    p.add_argument("--calibration_steps", type=positive_int, default=8)
+    p.add_argument("--drop_prob", type=probability_below_one, default=0.5, help="GradDrop p")
+    p.add_argument("--lora_rank", type=positive_int, default=None, help="default: matched to SparseGrad's trainable count")
+    p.add_argument("--eval_size", type=non_negative_int, default=64, help="held-out pairs evaluated (0 = all)")
+    p.add_argument("--max_length", type=at_least(2), default=64)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--output_dir", default="outputs/train_qa")
     p.add_argument("--no_eval_before", action="store_true")
-    p.add_argument("--save_every", type=int, default=0, help="checkpoint every N optimizer steps (0 = never)")
+    p.add_argument("--save_every", type=non_negative_int, default=0, help="checkpoint every N optimizer steps (0 = never)")
     p.add_argument("--resume", help="'auto': newest complete checkpoint in --checkpoint_dir (none: start fresh); "
                    "or a step_N directory / checkpoint root")
     p.add_argument("--checkpoint_dir", help="default: <output_dir>/checkpoints")
-    p.add_argument("--keep_checkpoints", type=int, default=2, help="complete checkpoints kept (0 = all)")
-    p.add_argument("--max_skipped_steps", type=int, default=0,
+    p.add_argument("--keep_checkpoints", type=non_negative_int, default=2, help="complete checkpoints kept (0 = all)")
+    p.add_argument("--max_skipped_steps", type=non_negative_int, default=0,
                    help="steps with a non-finite loss that are skipped; one more stops the run with a checkpoint "
                    f"and exit code {ckpt.EXIT_NONFINITE}")
-    p.add_argument("--collective_timeout", type=float, default=600.0,
+    p.add_argument("--collective_timeout", type=positive_float, default=600.0,
                    help="seconds a collective waits for the other ranks (a dead peer) before this rank stops "
                    f"with exit code {ckpt.EXIT_COLLECTIVE}")
     p.add_argument("--init_adapter", help="start from a saved SparseGrad adapter directory (skips calibration)")
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--load_in_8bit", action="store_true", help="frozen bitsandbytes int8 base weights")
     quant.add_argument("--load_in_4bit", action="store_true", help="frozen bitsandbytes nf4 base weights")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_paths(p, args, files=("ds_config", "data"), dirs=("model", "init_adapter"))
+    if args.resume not in (None, "auto"):
+        check_paths(p, args, dirs=("resume",))
+    return args
 
 
 DEFAULT_LR = {"sparsegrad": 1e-3, "sparsegrad_reference": 1e-4, "sparsegrad_dynamic": 1e-4, "meprop": 1e-4,
@@ -240,9 +248,10 @@ class Stop(SystemExit):
 
 def fault_injection() -> dict[str, set]:
     """SG_FAULT_INJECT (tests): comma-separated ``nan_loss_at_step_N``, ``kill_rankR_at_step_N``,
-    ``hang_at_step_N`` (every rank sleeps, to be killed from outside), ``crash_in_save_at_step_N``
-    (N: 0-based step index; for saves, the checkpoint's step)."""
-    faults: dict[str, set] = {"nan": set(), "kill": set(), "crash_in_save": set(), "hang": set()}
+    ``hang_at_step_N`` (every rank sleeps, to be killed from outside), ``crash_in_save_at_step_N``,
+    ``sigterm_at_step_N`` (each rank sends itself SIGTERM) (N: 0-based step index; for saves, the checkpoint's
+    step)."""
+    faults: dict[str, set] = {"nan": set(), "kill": set(), "crash_in_save": set(), "hang": set(), "sigterm": set()}
     for token in filter(None, os.environ.get("SG_FAULT_INJECT", "").split(",")):
         if m := re.fullmatch(r"nan_loss_at_step_(\d+)", token.strip()):
             faults["nan"].add(int(m[1]))
@@ -252,6 +261,8 @@ def fault_injection() -> dict[str, set]:
             faults["hang"].add(int(m[1]))
         elif m := re.fullmatch(r"crash_in_save_at_step_(\d+)", token.strip()):
             faults["crash_in_save"].add(int(m[1]))
+        elif m := re.fullmatch(r"sigterm_at_step_(\d+)", token.strip()):
+            faults["sigterm"].add(int(m[1]))
         else:
             raise SystemExit(f"error: SG_FAULT_INJECT: unknown fault {token!r}")
     return faults
@@ -534,14 +545,16 @@ def main(argv=None) -> dict:
         any rank, and the step's loss (mean over micro-batches and ranks).
 
         ``nonfinite``: one 0-dim flag per micro-batch of this rank; ``loss_sum``: this rank's mean micro-batch
-        loss. Everything stays on the device until the single ``tolist`` below (on a GPU each ``.item()`` or
+        loss. The same collective carries whether a rank caught SIGTERM / SIGINT (``graceful``). Everything stays on the device until the single ``tolist`` below (on a GPU each ``.item()`` or
         ``bool(t)`` waits for the GPU to catch up). Every rank gets the same answer, so every rank skips or
         stops on the same steps (their collectives must match)."""
-        stats = torch.stack([flag.float() for flag in nonfinite] + [loss_sum.float()])
+        stop_flag = torch.tensor(float(graceful.requested is not None), device=loss_sum.device)
+        stats = torch.stack([flag.float() for flag in nonfinite] + [loss_sum.float(), stop_flag])
         if info.world_size > 1:
             with counter.paused():  # bookkeeping, not training traffic
                 in_place_collective(stats, torch.distributed.all_reduce)
-        *flags, total = stats.tolist()
+        *flags, total, stops = stats.tolist()
+        stop_requested[0] = stops > 0  # a signal on any rank stops every rank after this step
         return [i for i, flag in enumerate(flags) if flag > 0], total / info.world_size
 
     def growth_scores() -> list[torch.Tensor]:
@@ -551,9 +564,12 @@ def main(argv=None) -> dict:
     engine.wrapped.train()  # from_pretrained returns eval mode: dropout (and activation checkpointing) need train
     bar = tqdm(range(start_step, args.steps), desc=f"train {args.method}", disable=not info.is_main,
                initial=start_step, total=args.steps)
+    graceful, stop_requested = GracefulStop(enabled=bool(args.save_every)), [False]
     try:
-        with counter:
+        with counter, graceful:
             for step in bar:
+                if step in faults["sigterm"]:  # SG_FAULT_INJECT=sigterm_at_step_N: as Slurm before a time limit
+                    os.kill(os.getpid(), signal.SIGTERM)
                 if (info.rank, step) in faults["kill"]:  # SG_FAULT_INJECT=kill_rankR_at_step_N
                     print(f"fault injection: rank {info.rank} dies at step {step}", flush=True)
                     os.kill(os.getpid(), signal.SIGKILL)
@@ -618,8 +634,13 @@ def main(argv=None) -> dict:
                         prepared.after_step()
                     losses.append(step_loss)
                     bar.set_postfix(loss=f"{step_loss:.3f}")
+                saved = None
                 if args.save_every and (step + 1) % args.save_every == 0:
-                    save(step + 1)
+                    saved = save(step + 1)
+                if stop_requested[0]:
+                    path = saved or save(step + 1)
+                    raise Stop(f"stopped by {graceful.name} after step {step + 1} of {args.steps}: checkpoint {path}; "
+                               f"continue with --resume auto", graceful.exit_code)
     except Stop:
         raise
     except (RuntimeError, TimeoutError) as err:  # a dead or hung peer surfaces as a failed collective

@@ -31,34 +31,38 @@ from sg_distributed import SparseGradCallback, SparseGradConfig  # noqa: E402
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET  # noqa: E402
 from sg_distributed.data.qa import QACollator, load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.runtime import destroy_process_group  # noqa: E402
+from sg_distributed.training.arguments import (  # noqa: E402
+    ArgumentParser, check_paths, at_least, fraction, non_negative_float, non_negative_int, positive_float, positive_int)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--data", help="FanOutQA-format JSON (default: the fanoutqa package's dev set)")
     p.add_argument("--deepspeed", help="DeepSpeed JSON (\"auto\" values are filled by the Trainer)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
     p.add_argument("--output_dir", default="outputs/train_qa_trainer")
-    p.add_argument("--max_steps", type=int, default=40)
-    p.add_argument("--micro_batch_size", type=int, default=4)
-    p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max_grad_norm", type=float, default=1.0)
-    p.add_argument("--density", type=float, default=0.01)
-    p.add_argument("--k", type=int, default=None)
-    p.add_argument("--max_rows", type=float, default=DEFAULT_BUDGET, help="0 = no budget")
-    p.add_argument("--max_cols", type=float, default=0.25, help="0 = no budget")
-    p.add_argument("--block_stride", type=int, default=1)
-    p.add_argument("--calibration_steps", type=int, default=8, help="train-dataloader batches per rank")
-    p.add_argument("--max_length", type=int, default=64)
-    p.add_argument("--eval_size", type=int, default=64, help="held-out pairs (0 = all)")
-    p.add_argument("--save_steps", type=int, default=None, help="default: max_steps (one checkpoint)")
-    p.add_argument("--logging_steps", type=int, default=5)
+    p.add_argument("--max_steps", type=positive_int, default=40)
+    p.add_argument("--micro_batch_size", type=positive_int, default=4)
+    p.add_argument("--grad_accum", type=positive_int, default=1)
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--max_grad_norm", type=non_negative_float, default=1.0)
+    p.add_argument("--density", type=fraction, default=0.01)
+    p.add_argument("--k", type=positive_int, default=None)
+    p.add_argument("--max_rows", type=non_negative_float, default=DEFAULT_BUDGET, help="0 = no budget")
+    p.add_argument("--max_cols", type=non_negative_float, default=0.25, help="0 = no budget")
+    p.add_argument("--block_stride", type=positive_int, default=1)
+    p.add_argument("--calibration_steps", type=positive_int, default=8, help="train-dataloader batches per rank")
+    p.add_argument("--max_length", type=at_least(2), default=64)
+    p.add_argument("--eval_size", type=non_negative_int, default=64, help="held-out pairs (0 = all)")
+    p.add_argument("--save_steps", type=positive_int, default=None, help="default: max_steps (one checkpoint)")
+    p.add_argument("--logging_steps", type=positive_int, default=5)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--no_eval_before", action="store_true", help="skip eval before training (always under DeepSpeed)")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    args = p.parse_args(argv)
+    check_paths(p, args, files=("deepspeed", "data"), dirs=("model",))
+    return args
 
 
 def main(argv=None) -> dict:

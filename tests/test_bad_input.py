@@ -43,10 +43,6 @@ def test_bad_data_file_is_a_clear_error(train_qa, tiny_model_dir, tmp_path, cont
 
 
 def test_missing_paths_and_bad_ds_config(train_qa, tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="data file .* does not exist"):
-        train_qa.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "nope.json"), *FAST])
-    with pytest.raises(SystemExit, match="model directory .* does not exist"):
-        train_qa.main(["--model", str(tmp_path / "nope"), *FAST])
     (tmp_path / "empty_model").mkdir()
     with pytest.raises(SystemExit, match="cannot load the model from"):
         train_qa.main(["--model", str(tmp_path / "empty_model"), *FAST])
@@ -56,9 +52,56 @@ def test_missing_paths_and_bad_ds_config(train_qa, tiny_model_dir, tmp_path):
         train_qa.main(["--model", str(tiny_model_dir), "--ds_config", str(bad), *FAST])
 
 
-def test_resume_from_missing_or_corrupt_checkpoint_is_refused(train_qa, tiny_model_dir, tmp_path):
-    with pytest.raises(SystemExit, match="cannot resume: .* is not a directory"):
-        train_qa.main(["--model", str(tiny_model_dir), *FAST, "--resume", str(tmp_path / "step_9")])
+BAD_ARGUMENTS = [  # (flag, value, what the message says is valid); paths: relative to tmp_path
+    ("--steps", "0", "an integer >= 1"), ("--micro_batch_size", "0", "an integer >= 1"),
+    ("--grad_accum", "two", "not an integer"), ("--lr", "-1", "a number > 0"), ("--lr", "nan", "a number > 0"),
+    ("--max_grad_norm", "-0.5", "a number >= 0"), ("--density", "2", r"a number in \(0, 1\]"),
+    ("--density", "0", r"a number in \(0, 1\]"), ("--k", "0", "an integer >= 1"),
+    ("--max_rows", "-1", "a number >= 0"), ("--max_cols", "inf", "a number >= 0"),
+    ("--reselect_every", "-3", "an integer >= 0"), ("--reselect_fraction", "1.5", r"a number in \(0, 1\]"),
+    ("--block_stride", "0", "an integer >= 1"), ("--calibration_steps", "0", "an integer >= 1"),
+    ("--drop_prob", "1", r"a number in \[0, 1\)"), ("--lora_rank", "0", "an integer >= 1"),
+    ("--eval_size", "-1", "an integer >= 0"), ("--max_length", "1", "an integer >= 2"),
+    ("--seed", "-1", "an integer >= 0"), ("--save_every", "-2", "an integer >= 0"),
+    ("--keep_checkpoints", "-1", "an integer >= 0"), ("--max_skipped_steps", "x", "not an integer"),
+    ("--collective_timeout", "0", "a number > 0"),
+    ("--model", "nope", "does not exist"), ("--model", "file.txt", "is not a directory"),
+    ("--data", "nope.json", "does not exist"), ("--data", ".", "is not a file"),
+    ("--ds_config", "nope.json", "does not exist"), ("--init_adapter", "nope", "does not exist"),
+    ("--resume", "step_9", "does not exist"),
+]
+
+
+@pytest.mark.parametrize("flag,value,valid", BAD_ARGUMENTS, ids=[f"{f}={v}" for f, v, _ in BAD_ARGUMENTS])
+def test_every_bad_flag_value_is_named_before_any_work(train_qa, tmp_path, monkeypatch, flag, value, valid):
+    """Checked by argparse as the flag is read: exit code 1, the flag and what is valid, no traceback, and
+    nothing loaded or written yet."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(SystemExit, match=rf"error: argument {flag}: .*{valid}") as err:
+        train_qa.parse_args([flag, value])
+    assert not isinstance(err.value.code, int)  # a message, which Python prints and exits 1 with
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt"]
+
+
+@pytest.mark.parametrize("script", ["sft_trl", "train_qa_trainer"])
+@pytest.mark.parametrize("flag,value,valid", [("--max_steps", "0", "an integer >= 1"), ("--lr", "-1", "a number > 0"),
+                                              ("--density", "2", r"a number in \(0, 1\]"),
+                                              ("--deepspeed", "nope.json", "does not exist")])
+def test_the_trainer_examples_check_their_flags_too(script, flag, value, valid, tmp_path, monkeypatch):
+    from conftest import load_launch_script
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=rf"error: argument {flag}: .*{valid}"):
+        load_launch_script(script).parse_args([flag, value])
+
+
+def test_a_bad_flag_from_the_command_line_exits_1_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "launch/train_qa.py", "--micro_batch_size", "0"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "argument --micro_batch_size: 0 is out of range (expected an integer >= 1)" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_long_sequences_are_truncated_and_counted(train_qa, tiny_model_dir, tmp_path):

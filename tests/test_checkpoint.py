@@ -138,6 +138,25 @@ def test_resume_between_reselections_is_bit_identical(train_qa, tiny_model_dir, 
     assert resumed["train_loss_first_last"] == full["train_loss_first_last"]
 
 
+def test_sigterm_saves_a_checkpoint_and_resume_auto_is_bit_identical(train_qa, tiny_model_dir, tmp_path, monkeypatch):
+    """SIGTERM (Slurm before a time limit) during step 3 with --save_every: the step finishes, a verified
+    checkpoint of step 4 is written, the run exits with 128 + 15; --resume auto ends where the uninterrupted
+    run ends."""
+    args = ["--model", str(tiny_model_dir), *COMMON, "--save_every", "3"]
+    full = train_qa.main([*args, "--output_dir", str(tmp_path / "full")])
+    monkeypatch.setenv("SG_FAULT_INJECT", "sigterm_at_step_3")
+    with pytest.raises(SystemExit) as stop:
+        train_qa.main([*args, "--output_dir", str(tmp_path / "part")])
+    assert stop.value.code == 128 + signal.SIGTERM and "stopped by SIGTERM after step 4 of 8" in str(stop.value)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the run
+    ckpt.verify(tmp_path / "part" / "checkpoints" / "step_4")
+    monkeypatch.delenv("SG_FAULT_INJECT")
+    resumed = train_qa.main([*args, "--output_dir", str(tmp_path / "part"), "--resume", "auto"])
+    assert resumed["resumed_from"].endswith("step_4")
+    assert_identical(adapter(tmp_path / "full"), adapter(tmp_path / "part"))
+    assert resumed["train_loss_first_last"] == full["train_loss_first_last"]
+
+
 # ------------------------------------------------------------------------------------------ DeepSpeed ZeRO-2
 
 

@@ -16,11 +16,6 @@ def test_single_process_run_trains_and_saves(train_qa, tiny_model_dir, tmp_path,
     assert (out / "adapter" / "adapter_config.json").exists() == (method != "graddrop")
 
 
-def test_missing_model_dir_is_a_clear_error(train_qa, tmp_path):
-    with pytest.raises(SystemExit, match="does not exist"):
-        train_qa.main(["--model", str(tmp_path / "nope"), "--steps", "1"])
-
-
 def test_budget_axes_and_block_options_reach_the_saved_adapter(train_qa, tiny_model_dir, tmp_path):
     """--budget_axes balanced --budget_block leading: the cost-balanced block shape, made of the leading
     eigen-directions, which a reloaded adapter reads as slices of its bases."""

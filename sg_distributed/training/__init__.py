@@ -1,0 +1,1 @@
+"""Training-run plumbing shared by the launch scripts: argument checking (``arguments.py``)."""

@@ -1,0 +1,64 @@
+"""Command-line arguments checked before any work starts.
+
+``ArgumentParser`` exits with code 1 (not argparse's 2) and no traceback: every error names the flag and what
+would be valid, in the ``SystemExit`` itself (Python prints it), so an in-process caller can read it too. The ``type=`` functions below check a value's range as argparse converts it; ``check_paths``
+checks the path flags of a parsed namespace. Shared by ``launch/train_qa.py`` and the Trainer / TRL examples.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with exit code 1 on a bad argument (the launch scripts' code for bad input)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise SystemExit(f"{self.prog}: error: {message}")  # a str exit status: printed, exit code 1
+
+
+def _number(kind: type, test: Callable[[float], bool], valid: str) -> Callable[[str], float]:
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'} "
+                                             f"(expected {valid})") from None
+        if isinstance(value, float) and not math.isfinite(value) or not test(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range (expected {valid})")
+        return value
+
+    convert.__name__ = valid  # argparse names the type in some messages
+    return convert
+
+
+positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0, "a number > 0")
+non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
+fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+probability_below_one = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    return _number(int, lambda v: v >= minimum, f"an integer >= {minimum}")
+
+
+def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace, *, files: tuple[str, ...] = (),
+                dirs: tuple[str, ...] = ()) -> None:
+    """Every given path flag must exist: ``files`` name files, ``dirs`` directories (attribute names)."""
+    for name, want_dir in [(n, False) for n in files] + [(n, True) for n in dirs]:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        path = Path(value)
+        flag = "--" + name
+        if not path.exists():
+            parser.error(f"argument {flag}: {value} does not exist")
+        if want_dir and not path.is_dir():
+            parser.error(f"argument {flag}: {value} is not a directory")
+        if not want_dir and not path.is_file():
+            parser.error(f"argument {flag}: {value} is not a file")
