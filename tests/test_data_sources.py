@@ -1,12 +1,15 @@
-"""User datasets as QA examples: each source and format end to end, held-out splits, errors."""
+"""User datasets as QA examples (each source and format end to end, held-out splits, errors) and their cached
+tokenisation (padding collator == QACollator, labels -100 exactly on prompt and padding)."""
 
 import csv
 import json
 
 import pytest
+import torch
 
-from sg_distributed.data.qa import QAPair, build_prompt, load_qa_pairs, split_by_group
-from sg_distributed.data.sources import load_examples
+from sg_distributed.data.qa import (IGNORE_INDEX, QACollator, QAPair, TokenizedCollator, build_prompt, load_qa_pairs,
+                                    split_by_group)
+from sg_distributed.data.sources import TOKENIZED_COLUMNS, load_examples, tokenize_examples
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +174,88 @@ def test_fanoutqa_default(load):
     assert [(p.question, p.answer, p.group) for p in train] == [(p.question, p.answer, p.group) for p in plain[0]]
 
 
+# ------------------------------------------------------------------------------------ tokenisation
+
+def example_set(long_prompt=True):
+    examples = [
+        QAPair("What is the capital of France?", "Paris", "g0"),
+        QAPair("Capital?", "Paris", "g1", context="France is a country in Europe.", system="Be brief."),
+        QAPair("And of Italy?", "Rome", "g2", history=(("user", "Hi"), ("assistant", "Hello!"))),
+        QAPair("Why?", "because " * 40, "g3"),  # answer truncated
+    ]
+    if long_prompt:
+        examples.append(QAPair("Tell me " + "very " * 60 + "much: what is it?", "It", "g4"))  # prompt truncated
+    return examples
+
+
+@pytest.mark.parametrize("which", ["tokenizer", "plain_tokenizer"])
+def test_tokenized_collator_equals_qa_collator(request, which):
+    tok = request.getfixturevalue(which)
+    examples = example_set()
+    tokenized = tokenize_examples(examples, tok, max_length=24)
+    assert tokenized.column_names == list(TOKENIZED_COLUMNS) and len(tokenized) == len(examples)
+    reference = QACollator(tok, max_length=24)
+    expected = reference(examples)
+    for rows in ([tokenized[i] for i in range(len(examples))], tokenized[list(range(len(examples)))]):
+        collate = TokenizedCollator(tok)
+        got = collate(rows)
+        assert got.keys() == expected.keys()
+        for key in expected:
+            assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+        counters = (collate.num_truncated_prompts, collate.num_truncated_answers)
+        assert counters == (reference.num_truncated_prompts, reference.num_truncated_answers)
+    assert reference.num_truncated_answers == 1 and reference.num_truncated_prompts >= 1
+    # a sub-batch in another order is the same rows
+    order = [3, 0, 2]
+    assert torch.equal(TokenizedCollator(tok)(tokenized[order])["labels"],
+                       QACollator(tok, max_length=24)([examples[i] for i in order])["labels"])
+
+
+def test_labels_mask_exactly_prompt_and_padding(tokenizer):
+    """Against an independent tokenisation: the chat template on hand-written messages, answer + eos."""
+    examples = example_set(long_prompt=False)[:3]
+    messages = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be brief."},
+         {"role": "user", "content": "France is a country in Europe.\n\nCapital?"}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "And of Italy?"}],
+    ]
+    batch = TokenizedCollator(tokenizer)(tokenize_examples(examples, tokenizer, max_length=256)[:])
+    width = batch["input_ids"].shape[1]
+    for row, (example, msgs) in enumerate(zip(examples, messages)):
+        prompt = tokenizer(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]
+        answer = tokenizer(example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        n = len(prompt) + len(answer)
+        assert batch["input_ids"][row, :n].tolist() == prompt + answer
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
+        assert batch["labels"][row].tolist() == [IGNORE_INDEX] * len(prompt) + answer + [IGNORE_INDEX] * (width - n)
+        assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
+    assert int(batch["attention_mask"].sum(1).min()) < width  # some row is padded
+
+
+def test_tokenization_cache_file_is_reused(tmp_path, tokenizer, monkeypatch):
+    from sg_distributed.data import sources
+
+    examples = example_set()
+    assert tokenize_examples(examples, tokenizer, max_length=24).cache_files == []  # in memory
+    first = tokenize_examples(examples, tokenizer, max_length=24, cache_dir=tmp_path)
+    files = sorted(tmp_path.glob("qa-tokens-*.arrow"))
+    assert len(files) == 1 and first.cache_files[0]["filename"] == str(files[0])
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenised again instead of reading the cache")
+
+    monkeypatch.setattr(sources, "_encode_row", fail)
+    again = tokenize_examples(examples, tokenizer, max_length=24, cache_dir=tmp_path)
+    assert again[:] == first[:] and again.cache_files == first.cache_files
+    with pytest.raises(AssertionError, match="tokenised again"):  # other inputs: another key, tokenised anew
+        tokenize_examples(examples, tokenizer, max_length=32, cache_dir=tmp_path)
+    with pytest.raises(AssertionError, match="tokenised again"):
+        tokenize_examples(examples[:-1], tokenizer, max_length=24, cache_dir=tmp_path)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -289,3 +374,5 @@ def test_option_conflicts(tmp_path, load):
         load(path, context_column="ctx")
     with pytest.raises(ValueError, match=r"FanOutQA data takes none of \['eval_split', 'question_column'\]"):
         load(None, question_column="q", eval_split="test")
+    with pytest.raises(ValueError, match="at least one example"):
+        tokenize_examples([], None)

@@ -1,4 +1,4 @@
-"""A user's QA dataset as ``QAPair`` examples (train, held-out).
+"""A user's QA dataset as ``QAPair`` examples (train, held-out), and their tokenisation through ``datasets.map``.
 
 This module holds what touches the ``datasets`` library; the records, prompts and collators live in ``qa``.
 
@@ -45,7 +45,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from sg_distributed.data.qa import QAPair, load_qa_pairs, split_by_group
+from sg_distributed.data import qa
+from sg_distributed.data.qa import QACollator, QAPair, load_qa_pairs, split_by_group
 
 FANOUTQA = "fanoutqa"
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -368,3 +369,58 @@ def load_examples(
                          "lower eval_fraction or give eval_split")
     return train, heldout
 
+
+# ------------------------------------------------------------------------------------ tokenisation
+
+_EXAMPLE_COLUMNS = ("question", "answer", "group", "context", "system", "history")
+TOKENIZED_COLUMNS = ("input_ids", "labels", "prompt_truncated", "answer_truncated")
+
+
+def _example_row(pair: QAPair) -> dict:
+    return {"question": pair.question, "answer": pair.answer, "group": pair.group, "context": pair.context,
+            "system": pair.system, "history": json.dumps(pair.history)}
+
+
+def _row_example(row: Mapping) -> QAPair:
+    return QAPair(row["question"], row["answer"], row["group"], context=row["context"], system=row["system"],
+                  history=tuple(tuple(turn) for turn in json.loads(row["history"])))
+
+
+def _encode_row(row: Mapping, tokenizer, max_length: int) -> dict:
+    collator = QACollator(tokenizer, max_length)  # the one truncation rule; its counters flag this row
+    input_ids, labels = collator.encode(_row_example(row))
+    return {"input_ids": input_ids, "labels": labels, "prompt_truncated": collator.num_truncated_prompts > 0,
+            "answer_truncated": collator.num_truncated_answers > 0}
+
+
+def tokenize_examples(examples: Sequence[QAPair], tokenizer, max_length: int = 64, *,
+                      cache_dir: str | os.PathLike | None = None):
+    """``datasets.Dataset`` of ``TOKENIZED_COLUMNS``; row ``i`` holds ``QACollator(tokenizer, max_length).encode``
+    of ``examples[i]`` (the same truncation) and whether it cut the prompt / the answer.
+
+    Tokenised with ``Dataset.from_list(...).map(...)``. Without ``cache_dir`` the dataset lives in memory
+    and nothing is reused across calls (``datasets`` only caches datasets backed by files). With
+    ``cache_dir`` the result is the Arrow file ``cache_dir/qa-tokens-<key>.arrow``, where ``key`` hashes the
+    examples, the tokenizer (``datasets``' Hasher), ``max_length`` and the source of ``qa``/``sources``: a
+    second call with the same inputs reads that file (``load_from_cache_file``) instead of tokenising.
+    Ranks may tokenise into the same ``cache_dir`` at once: ``datasets`` writes a temporary file and moves it
+    into place. ``qa.TokenizedCollator`` pads rows of it into the batches ``QACollator`` builds.
+    """
+    from datasets import Dataset, Features, Value
+    from datasets.fingerprint import Hasher
+
+    if not examples:
+        raise ValueError("tokenize_examples needs at least one example")
+    features = Features({name: Value("string") for name in _EXAMPLE_COLUMNS})
+    dataset = Dataset.from_list([_example_row(p) for p in examples], features=features)
+    kwargs = {}
+    if cache_dir is not None:
+        hasher = Hasher()
+        for part in (dataset._fingerprint, tokenizer, max_length, Path(qa.__file__).read_bytes(),
+                     Path(__file__).read_bytes()):
+            hasher.update(part)
+        key = hasher.hexdigest()
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        kwargs = {"cache_file_name": str(Path(cache_dir) / f"qa-tokens-{key}.arrow"), "new_fingerprint": key}
+    return dataset.map(_encode_row, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+                       remove_columns=list(_EXAMPLE_COLUMNS), desc="tokenize", **kwargs)
