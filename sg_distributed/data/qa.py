@@ -12,6 +12,11 @@ and skips list and dict answers (multi-entity answers such as "the first 5 picks
 asked again as their own sub-questions). Pass ``numeric=False`` for strings only (1,265 pairs; the
 raw file has 1,266 string answers, one of them empty). Duplicates of the same (question, answer)
 within a top-level question are dropped. ``group`` is the top-level question id.
+
+``QAPair`` is also the record of any other QA data (``sg_distributed.data.sources``): besides the
+question it may carry a ``context`` (put before the question in the user turn), a ``system`` prompt
+and a ``history`` of earlier chat turns; ``build_prompt`` renders all of them, and only the answer
+is ever supervised.
 """
 
 from __future__ import annotations
@@ -33,9 +38,32 @@ IGNORE_INDEX = -100
 
 @dataclass(frozen=True)
 class QAPair:
+    """One supervised example: a prompt and its answer (the only supervised tokens).
+
+    The prompt is, in order: ``system`` (optional), the ``history`` of earlier chat turns (optional
+    ``(role, content)`` pairs, e.g. a multi-turn prefix; its assistant turns are context, not trained),
+    then one user turn holding ``context`` (optional, before the question) and ``question``. ``group``
+    names the examples that must stay on one side of a train/held-out split. ``history`` may be given
+    as ``{"role", "content"}`` dicts; it is stored as a tuple of pairs so that the record stays hashable.
+    """
+
     question: str
     answer: str
     group: str
+    context: str | None = None
+    system: str | None = None
+    history: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        turns = []
+        for turn in self.history:
+            if isinstance(turn, Mapping):
+                turn = (turn.get("role"), turn.get("content"))
+            turn = tuple(turn)
+            if len(turn) != 2 or not all(isinstance(x, str) for x in turn):
+                raise ValueError(f"a history turn must be (role, content) strings, got {turn!r}")
+            turns.append(turn)
+        object.__setattr__(self, "history", tuple(turns))
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -123,19 +151,46 @@ def split_by_group(
 # ------------------------------------------------------------------------------------ tokenisation
 
 
-def build_prompt(tokenizer, question: str) -> str:
-    """Chat-template prompt (user turn, generation prompt) if the tokenizer has one, else plain text."""
+_PLAIN_ROLES = {"user": "Question", "assistant": "Answer"}
+
+
+def _as_pair(prompt: str | QAPair) -> QAPair:
+    return prompt if isinstance(prompt, QAPair) else QAPair(prompt, "", "")
+
+
+def user_content(pair: QAPair) -> str:
+    """The final user turn: the context (if any), a blank line, then the question."""
+    return f"{pair.context}\n\n{pair.question}" if pair.context else pair.question
+
+
+def prompt_messages(pair: QAPair) -> list[dict[str, str]]:
+    """The prompt as chat messages: system (if any), history, then the user turn."""
+    messages = [{"role": "system", "content": pair.system}] if pair.system else []
+    messages += [{"role": role, "content": content} for role, content in pair.history]
+    messages.append({"role": "user", "content": user_content(pair)})
+    return messages
+
+
+def build_prompt(tokenizer, prompt: str | QAPair) -> str:
+    """Chat-template prompt (``prompt_messages`` + generation prompt) if the tokenizer has one, else plain text.
+
+    ``prompt`` is a question or a ``QAPair`` (whose system prompt, history and context are rendered too).
+    The plain text is ``"Question: ...\nAnswer:"``, preceded by the system prompt and a blank line, the
+    history as ``"Question: ..."`` / ``"Answer: ..."`` lines (other roles capitalised) and ``"Context: ..."``.
+    """
+    pair = _as_pair(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-    return f"Question: {question}\nAnswer:"
+        return tokenizer.apply_chat_template(prompt_messages(pair), tokenize=False, add_generation_prompt=True)
+    text = f"{pair.system}\n\n" if pair.system else ""
+    text += "".join(f"{_PLAIN_ROLES.get(role, role.capitalize())}: {content}\n" for role, content in pair.history)
+    text += f"Context: {pair.context}\n" if pair.context else ""
+    return text + f"Question: {pair.question}\nAnswer:"
 
 
-def prompt_ids(tokenizer, question: str) -> list[int]:
+def prompt_ids(tokenizer, prompt: str | QAPair) -> list[int]:
     """Token ids of the prompt (a chat template already contains its special tokens)."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    return tokenizer(build_prompt(tokenizer, question), add_special_tokens=not has_template)["input_ids"]
+    return tokenizer(build_prompt(tokenizer, prompt), add_special_tokens=not has_template)["input_ids"]
 
 
 def answer_ids(tokenizer, answer: str) -> list[int]:
@@ -169,7 +224,7 @@ class QACollator:
 
     def encode(self, pair: QAPair) -> tuple[list[int], list[int]]:
         """(input_ids, labels) of one pair, truncated to ``max_length``."""
-        prompt = prompt_ids(self.tokenizer, pair.question)
+        prompt = prompt_ids(self.tokenizer, pair)
         answer = answer_ids(self.tokenizer, pair.answer)
         if len(answer) > self.max_length - 1:  # keep one prompt token to predict the first answer token
             answer = answer[: self.max_length - 1]
@@ -181,17 +236,45 @@ class QACollator:
         return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
     def __call__(self, pairs: Sequence[QAPair]) -> dict[str, torch.Tensor]:
-        encoded = [self.encode(p) for p in pairs]
-        width = max(len(ids) for ids, _ in encoded)
-        pad = _pad_id(self.tokenizer)
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, lab) in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            attention_mask[row, : len(ids)] = 1
-            labels[row, : len(lab)] = torch.tensor(lab)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return pad_batch([self.encode(p) for p in pairs], _pad_id(self.tokenizer))
+
+
+def pad_batch(encoded: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(input_ids, labels) rows -> right-padded ``input_ids``/``attention_mask``/``labels`` (labels -100 on padding)."""
+    if not encoded:
+        raise ValueError("cannot build a batch from no examples")
+    width = max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, lab) in enumerate(encoded):
+        if len(ids) != len(lab):
+            raise ValueError(f"row {row}: {len(ids)} input ids but {len(lab)} labels")
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+        labels[row, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class TokenizedCollator:
+    """``QACollator`` for rows tokenised ahead of time (``sources.tokenize_examples``): pads only.
+
+    Takes a sequence of rows (``{"input_ids", "labels"}``, as ``dataset[i]`` gives them) or one batch
+    (``dataset[indices]``: a mapping of lists) and returns exactly what ``QACollator`` returns for the
+    same examples. Rows with ``prompt_truncated`` / ``answer_truncated`` flags add to the same counters.
+    """
+
+    def __init__(self, tokenizer):
+        self.pad_id = _pad_id(tokenizer)
+        self.num_truncated_prompts = 0
+        self.num_truncated_answers = 0
+
+    def __call__(self, rows) -> dict[str, torch.Tensor]:
+        if isinstance(rows, Mapping):  # a batch: column -> list of values
+            rows = [dict(zip(rows, values)) for values in zip(*rows.values())]
+        self.num_truncated_prompts += sum(bool(r.get("prompt_truncated", False)) for r in rows)
+        self.num_truncated_answers += sum(bool(r.get("answer_truncated", False)) for r in rows)
+        return pad_batch([(r["input_ids"], r["labels"]) for r in rows], self.pad_id)
 
 
 # ----------------------------------------------------------------------------------------- metrics
@@ -272,7 +355,7 @@ def _generate_answers(
     pad = _pad_id(tokenizer)
     predictions = []
     for chunk in _batches(pairs, batch_size, show_progress, "generate"):
-        prompts = [prompt_ids(tokenizer, p.question)[-max_length:] for p in chunk]
+        prompts = [prompt_ids(tokenizer, p)[-max_length:] for p in chunk]
         width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
