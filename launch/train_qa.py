@@ -12,6 +12,8 @@ FanOutQA single-hop question/answer pairs, split into train and held-out by top-
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -19,6 +21,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -34,11 +37,12 @@ from sg_distributed import SparseGradConfig  # noqa: E402
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
 from sg_distributed.training.signals import GracefulStop  # noqa: E402
 from sg_distributed.training.arguments import (ArgumentParser, at_least, check_paths, fraction,  # noqa: E402
-                                               non_negative_float, non_negative_int, positive_float, positive_int,
-                                               probability_below_one)
+                                               non_negative_float, non_negative_int, open_fraction, positive_float,
+                                               positive_int, probability_below_one)
 from sg_distributed import checkpoint as ckpt  # noqa: E402
 from sg_distributed.comm import CommCounter  # noqa: E402
-from sg_distributed.data.qa import QACollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
+from sg_distributed.data.qa import TokenizedCollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
+from sg_distributed.data.sources import load_examples, tokenize_examples  # noqa: E402
 from sg_distributed.graddrop import GradDropConfig  # noqa: E402
 from sg_distributed.methods import METHODS, prepare, sparsegrad_config  # noqa: E402
 from sg_distributed.runtime import (Engine, all_reduce_mean, assert_same_on_all_ranks, barrier,  # noqa: E402
@@ -57,7 +61,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     p.add_argument("--model", help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--data", help="FanOutQA-format JSON (default: the fanoutqa package's dev set)")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data", help="FanOutQA-format JSON (default: the fanoutqa package's dev set)")
+    data.add_argument("--dataset", help="any QA / chat data through datasets: a .json/.jsonl/.csv/.parquet file, a "
+                      "save_to_disk folder, a folder of data files or a hub name (online); see --question_column ...")
+    p.add_argument("--question_column", help="--dataset: the question column (default: question, prompt or "
+                   "instruction, whichever exists); without one, a 'messages' column of chat turns is used")
+    p.add_argument("--answer_column", help="--dataset: the answer column (default: answer, completion or output)")
+    p.add_argument("--context_column", help="--dataset: a column put before the question (e.g. Alpaca's input)")
+    p.add_argument("--messages_column", default="messages", help="--dataset: the chat column (the last assistant "
+                   "turn is the answer; earlier turns are the prompt)")
+    p.add_argument("--system_prompt", help="a system turn for every example (chat rows with their own keep it)")
+    p.add_argument("--group_column", help="--dataset: rows with the same value stay on one side of the held-out split")
+    p.add_argument("--eval_split", help="--dataset: the held-out split's name (default: --eval_fraction of train)")
+    p.add_argument("--eval_fraction", type=open_fraction, default=0.2,
+                   help="share of the training rows (or groups) held out when there is no --eval_split")
     p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps")
     p.add_argument("--micro_batch_size", type=positive_int, default=4)
     p.add_argument("--grad_accum", type=positive_int, default=1)
@@ -114,6 +132,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     quant.add_argument("--load_in_4bit", action="store_true", help="frozen bitsandbytes nf4 base weights")
     args = p.parse_args(argv)
     check_paths(p, args, files=("ds_config", "data"), dirs=("model", "init_adapter"))
+    dataset_only = [f"--{name}" for name in ("question_column", "answer_column", "context_column", "group_column",
+                                             "eval_split") if getattr(args, name) is not None]
+    if dataset_only and args.dataset is None:
+        p.error(f"argument {dataset_only[0]}: applies to --dataset, which is not given")
     if args.resume not in (None, "auto"):
         check_paths(p, args, dirs=("resume",))
     return args
@@ -268,7 +290,36 @@ def fault_injection() -> dict[str, set]:
     return faults
 
 
-def fingerprint(args, info, model_path: str, global_batch: int) -> dict:
+def load_data(args) -> tuple[list, list, str]:
+    """(train pairs, held-out pairs, the data's resume key): FanOutQA (embedded, or --data) split by top-level
+    question, or any --dataset through sg_distributed.data.sources. The key is the FanOutQA file's digest
+    ("default" for the embedded one) or a digest of the loaded examples."""
+    try:
+        if args.dataset is None:
+            train, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=args.eval_fraction, seed=0)
+            if args.system_prompt:
+                train, heldout = ([replace(p, system=args.system_prompt) for p in side] for side in (train, heldout))
+            key = ckpt.file_digest(args.data) if args.data else "default"
+            if args.system_prompt or args.eval_fraction != 0.2:
+                key = examples_digest(train, heldout)
+            return train, heldout, key
+        train, heldout = load_examples(args.dataset, question_column=args.question_column,
+                                       answer_column=args.answer_column, context_column=args.context_column,
+                                       messages_column=args.messages_column, system_prompt=args.system_prompt,
+                                       group_column=args.group_column, eval_split=args.eval_split,
+                                       eval_fraction=args.eval_fraction, seed=0)
+        return train, heldout, examples_digest(train, heldout)
+    except (ValueError, OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"error: cannot use the training data: {err}")
+
+
+def examples_digest(train, heldout) -> str:
+    digest = hashlib.sha256(json.dumps([[dataclasses.astuple(p) for p in side] for side in (train, heldout)],
+                                       ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(args, info, model_path: str, global_batch: int, data_key: str) -> dict:
     """What a resumed run must share with the checkpoint (compared key by key; see checkpoint.check_compatible)."""
     return {"method": args.method, "density": args.density, "k": args.k, "max_rows": args.max_rows,
             "max_cols": args.max_cols, "input_convention": args.input_convention, "block_stride": args.block_stride,
@@ -280,7 +331,7 @@ def fingerprint(args, info, model_path: str, global_batch: int) -> dict:
             "global_batch": global_batch, "max_length": args.max_length, "precision": args.precision,
             "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit, "autocast": args.autocast,
             "model_config_sha256": ckpt.file_digest(Path(model_path) / "config.json"),
-            "data": ckpt.file_digest(args.data) if args.data else "default", "init_adapter": args.init_adapter,
+            "data": data_key, "init_adapter": args.init_adapter,
             "fsdp_shard_sparse_values": args.fsdp_shard_sparse_values, "world_size": info.world_size}
 
 
@@ -309,14 +360,10 @@ def main(argv=None) -> dict:
         args.model = str(smollm2_dir())
     if not Path(args.model).exists():
         raise SystemExit(f"error: model directory {args.model} does not exist")
-    if args.data is not None and not Path(args.data).is_file():
-        raise SystemExit(f"error: data file {args.data} does not exist")
     if args.init_adapter and args.method not in ckpt.SPARSEGRAD_METHODS:
         raise SystemExit(f"error: --init_adapter is for the SparseGrad methods {ckpt.SPARSEGRAD_METHODS}")
-    try:
-        train_pairs, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=0.2, seed=0)
-    except (ValueError, OSError, UnicodeDecodeError) as err:
-        raise SystemExit(f"error: cannot use the training data: {err}")
+    train_pairs, heldout, data_key = load_data(args)
+    data_info = {"source": args.dataset or args.data or "fanoutqa", "train": len(train_pairs), "heldout": len(heldout)}
     check_precision(args, deepspeed=ds_config is not None)
     info = init_process_group(use_deepspeed=ds_config is not None, timeout=args.collective_timeout)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.method]
@@ -344,7 +391,7 @@ def main(argv=None) -> dict:
         else:
             resume_dir = Path(found[1])
             resume_manifest = json.loads((resume_dir / ckpt.MANIFEST).read_text())
-            current = fingerprint(args, info, args.model, global_batch)
+            current = fingerprint(args, info, args.model, global_batch, data_key)
             diffs = ckpt.compare_fingerprints(resume_manifest["fingerprint"], current,
                                               reshardable=resume_manifest["backend"] in ("fsdp2", "single", "ddp"))
             if diffs:  # the backend itself is checked once the engine exists
@@ -364,7 +411,10 @@ def main(argv=None) -> dict:
         enable_gradient_checkpointing(model, args.gradient_checkpointing)
     heldout = heldout[: args.eval_size] if args.eval_size else heldout
     heldout = heldout[: len(heldout) - len(heldout) % info.world_size]  # equal shares per rank
-    collate = QACollator(tokenizer, max_length=args.max_length)
+    # tokenised once through datasets.map (cached in the output folder), padded per micro-batch
+    train_tokens = tokenize_examples(train_pairs, tokenizer, args.max_length,
+                                     cache_dir=Path(args.output_dir) / "cache" / "tokens")
+    collate = TokenizedCollator(tokenizer)
 
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -377,10 +427,11 @@ def main(argv=None) -> dict:
 
     def micro_batches(step):
         indices = global_batch_indices(len(train_pairs), step, global_batch, args.seed)  # host-only permutation
-        return [{k: to_device(v) for k, v in collate([train_pairs[i] for i in chunk]).items()}
+        return [{k: to_device(v) for k, v in collate(train_tokens[list(chunk)]).items()}
                 for chunk in rank_micro_batches(indices, info, args.micro_batch_size)]
 
     results = {"method": args.method, "world_size": info.world_size, "deepspeed": args.ds_config, "fsdp": args.fsdp,
+               "data": data_info,
                "quantized_base_digest_before": quantized_weights_digest(model)}
     if not args.no_eval_before and resume_dir is None:
         results["before"] = evaluate(model, tokenizer, heldout, info, args, "before")
@@ -485,7 +536,7 @@ def main(argv=None) -> dict:
     losses, skipped, start_step = [], [], 0
     if resume_dir is not None:
         try:
-            ckpt.check_compatible(resume_manifest, fingerprint(args, info, args.model, global_batch), backend,
+            ckpt.check_compatible(resume_manifest, fingerprint(args, info, args.model, global_batch, data_key), backend,
                                   resume_dir)
         except ckpt.CheckpointError as err:
             raise SystemExit(f"error: {err}")
@@ -528,7 +579,7 @@ def main(argv=None) -> dict:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         extra = {"backend": backend, "world_size": info.world_size,
-                 "fingerprint": fingerprint(args, info, args.model, global_batch),
+                 "fingerprint": fingerprint(args, info, args.model, global_batch, data_key),
                  # now, not at calibration: re-selection changes the supports
                  "structure_checksum": ckpt.structure_checksum(prepared.model) if "structure_checksum" in results else None}
         state = {"losses": losses, "skipped_steps": skipped,

@@ -41,6 +41,7 @@ positive_float = _number(float, lambda v: v > 0, "a number > 0")
 non_negative_float = _number(float, lambda v: v >= 0, "a number >= 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 probability_below_one = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+open_fraction = _number(float, lambda v: 0 < v < 1, "a number in (0, 1)")
 
 
 def at_least(minimum: int) -> Callable[[str], int]:
