@@ -361,7 +361,7 @@ def run_job(job: dict) -> dict:
 
             net.eval()
             with torch.no_grad():
-                metrics = {"answer_loss": _answer_loss(net, collate, split, 16, False)}
+                metrics = {"answer_loss": _answer_loss(net, collate, split, 16, False)[0]}
     else:
         metrics = bbc_eval(net, collate, split)
     eval_s = time.perf_counter() - t0

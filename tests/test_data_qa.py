@@ -228,6 +228,30 @@ def test_evaluate_qa_tiny_llama(smol_tokenizer, pairs):
     assert abs(metrics["answer_loss"] - math.log(len(smol_tokenizer))) < 1.0
 
 
+def test_answer_token_accuracy_counts_the_answer_tokens_ranked_first(smol_tokenizer, pairs):
+    """Against an independent count: one forward per pair, argmax at each position that predicts an answer
+    token (prompt positions excluded), pooled over all pairs' answer tokens."""
+    model = _tiny_llama(len(smol_tokenizer)).eval()
+    chosen = pairs[:5]
+    collator = QACollator(smol_tokenizer, max_length=64)
+    # bias the model towards one answer token so that the accuracy is not trivially 0
+    target = collator.encode(chosen[0])[1][-1]  # eos: every answer ends with it
+    with torch.no_grad():
+        model.lm_head.weight[target] += 5.0 * model.model.norm.weight.sign()
+    hits = total = 0
+    with torch.no_grad():
+        for pair in chosen:
+            ids, labels = collator.encode(pair)
+            logits = model(input_ids=torch.tensor([ids])).logits[0]
+            for position in range(1, len(ids)):
+                if labels[position] != -100:
+                    total += 1
+                    hits += int(logits[position - 1].argmax() == labels[position])
+    metrics = evaluate_qa(model, smol_tokenizer, chosen, batch_size=2, max_new_tokens=2)
+    assert 0 < hits < total  # the check can fail both ways
+    assert metrics["answer_token_accuracy"] == pytest.approx(hits / total, abs=1e-12)
+
+
 def test_evaluate_qa_wrapped_model(plain_tokenizer):
     class Wrapper(torch.nn.Module):
         def __init__(self, inner):

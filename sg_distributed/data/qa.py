@@ -324,22 +324,25 @@ def _batches(items: Sequence, batch_size: int, show_progress: bool, desc: str):
     return chunks
 
 
-def _answer_loss(model, collator: QACollator, pairs, batch_size: int, show_progress: bool) -> float:
-    """Mean cross-entropy over all supervised answer tokens (teacher-forced)."""
+def _answer_loss(model, collator: QACollator, pairs, batch_size: int, show_progress: bool) -> tuple[float, float]:
+    """Mean cross-entropy over all supervised answer tokens (teacher-forced), and the fraction of those tokens
+    the model ranks first (answer-token accuracy: what moves first when a small model learns a format)."""
     device = _device_of(model)
-    total, count = 0.0, 0
+    total, correct, count = 0.0, 0, 0
     for chunk in _batches(pairs, batch_size, show_progress, "answer loss"):
         batch = {k: v.to(device) for k, v in collator(chunk).items()}
         out = model(**batch)
         logits = out["logits"] if isinstance(out, Mapping) else out.logits
         shift_logits = logits[:, :-1].float()
         shift_labels = batch["labels"][:, 1:]
+        supervised = shift_labels != IGNORE_INDEX
         total += F.cross_entropy(
             shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
             ignore_index=IGNORE_INDEX, reduction="sum",
         ).item()
-        count += int((shift_labels != IGNORE_INDEX).sum())
-    return total / max(count, 1)
+        correct += int((shift_logits.argmax(-1).eq(shift_labels) & supervised).sum())
+        count += int(supervised.sum())
+    return total / max(count, 1), correct / max(count, 1)
 
 
 def _generate_answers(
@@ -386,7 +389,8 @@ def evaluate_qa(
     return_predictions: bool = False,
     synced_gpus: bool = False,
 ) -> dict[str, float]:
-    """Teacher-forced ``answer_loss`` plus greedy ``exact_match`` and ``f1`` (fractions in [0, 1]).
+    """Teacher-forced ``answer_loss`` and ``answer_token_accuracy``, plus greedy ``exact_match`` and ``f1``
+    (fractions in [0, 1]).
 
     ``model`` may be a wrapper whose forward takes input_ids/attention_mask/labels and returns
     logits; ``generate_model`` (default ``model``) must provide HF ``.generate``.
@@ -400,7 +404,7 @@ def evaluate_qa(
         for m in modules:
             m.eval()
         with torch.no_grad():
-            loss = _answer_loss(model, QACollator(tokenizer, max_length), pairs, batch_size, show_progress)
+            loss, accuracy = _answer_loss(model, QACollator(tokenizer, max_length), pairs, batch_size, show_progress)
             predictions = _generate_answers(
                 generate_model, tokenizer, pairs, batch_size, max_new_tokens, max_length, show_progress,
                 synced_gpus=synced_gpus,
@@ -410,7 +414,8 @@ def evaluate_qa(
             m.train(mode)
     em = sum(exact_match(pred, p.answer) for pred, p in zip(predictions, pairs)) / len(pairs)
     f1 = sum(f1_score(pred, p.answer) for pred, p in zip(predictions, pairs)) / len(pairs)
-    metrics = {"answer_loss": loss, "exact_match": em, "f1": f1, "num_examples": len(pairs)}
+    metrics = {"answer_loss": loss, "answer_token_accuracy": accuracy, "exact_match": em, "f1": f1,
+               "num_examples": len(pairs)}
     if return_predictions:
         metrics["predictions"] = predictions
     return metrics
