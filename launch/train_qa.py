@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
+from sg_distributed.training.metrics_log import MetricsLog  # noqa: E402
 from sg_distributed.training.signals import GracefulStop  # noqa: E402
 from sg_distributed.training.arguments import (ArgumentParser, at_least, check_paths, fraction,  # noqa: E402
                                                non_negative_float, non_negative_int, open_fraction, positive_float,
@@ -115,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--output_dir", default="outputs/train_qa")
     p.add_argument("--no_eval_before", action="store_true")
+    p.add_argument("--log_every", type=non_negative_int, default=1,
+                   help="append the loss to <output_dir>/metrics.jsonl every N optimizer steps (0 = off)")
     p.add_argument("--save_every", type=non_negative_int, default=0, help="checkpoint every N optimizer steps (0 = never)")
     p.add_argument("--resume", help="'auto': newest complete checkpoint in --checkpoint_dir (none: start fresh); "
                    "or a step_N directory / checkpoint root")
@@ -629,6 +632,8 @@ def main(argv=None) -> dict:
     bar = tqdm(range(start_step, args.steps), desc=f"train {args.method}", disable=not info.is_main,
                initial=start_step, total=args.steps)
     graceful, stop_requested = GracefulStop(enabled=bool(args.save_every)), [False]
+    metrics_log = MetricsLog(Path(args.output_dir) / "metrics.jsonl", args.log_every, enabled=info.is_main,
+                             start_step=start_step)
     try:
         with counter, graceful:
             for step in bar:
@@ -698,6 +703,7 @@ def main(argv=None) -> dict:
                         prepared.after_step()
                     losses.append(step_loss)
                     bar.set_postfix(loss=f"{step_loss:.3f}")
+                    metrics_log.log(step + 1, step_loss, lr, len(skipped))
                 saved = None
                 if args.save_every and (step + 1) % args.save_every == 0:
                     saved = save(step + 1)
