@@ -408,13 +408,11 @@ def main(argv=None) -> dict:
             resume_dir = Path(found[1])
             resume_manifest = json.loads((resume_dir / ckpt.MANIFEST).read_text())
             current = fingerprint(args, info, args.model, global_batch, data_key)
-            diffs = ckpt.compare_fingerprints(resume_manifest["fingerprint"], current,
-                                              reshardable=resume_manifest["backend"] in ("fsdp2", "single", "ddp"))
-            if diffs:  # the backend itself is checked once the engine exists
-                try:
-                    ckpt.check_compatible(resume_manifest, current, resume_manifest["backend"], resume_dir)
-                except ckpt.CheckpointError as err:
-                    raise SystemExit(f"error: {err}")
+            try:  # before the model loads; checked again against the engine's own backend once it exists
+                ckpt.check_compatible(resume_manifest, current,
+                                      ckpt.planned_backend(ds_config, args.fsdp, info.world_size), resume_dir)
+            except ckpt.CheckpointError as err:
+                raise SystemExit(f"error: {err}")
             if info.is_main:
                 print(f"resume: from {resume_dir} (step {resume_manifest['step']})", flush=True)
 
@@ -556,17 +554,26 @@ def main(argv=None) -> dict:
                                   resume_dir)
         except ckpt.CheckpointError as err:
             raise SystemExit(f"error: {err}")
-        ckpt.load_engine_state(resume_dir, engine, args.method)
+        same_world = resume_manifest["world_size"] == info.world_size
+        if ckpt.uses_engine_state(resume_manifest, backend, info.world_size):  # same engine and ranks: exact
+            ckpt.load_engine_state(resume_dir, engine, args.method)
+        else:  # another world size (or ZeRO stage): the world-size-independent trainable_state.pt
+            if info.is_main:
+                print(f"resume: resharding from {resume_manifest['world_size']} ranks ({resume_manifest['backend']}) "
+                      f"to {info.world_size} ({backend}) through {ckpt.TRAINABLE_STATE}", flush=True)
+            try:
+                ckpt.load_trainable_state(resume_dir, engine)
+            except ckpt.CheckpointError as err:
+                raise SystemExit(f"error: cannot resume from {resume_dir}: {err}")
         trainer_state = json.loads((resume_dir / ckpt.TRAINER_STATE).read_text())
         losses, skipped, start_step = trainer_state["losses"], trainer_state["skipped_steps"], resume_manifest["step"]
         results.update({k: v for k, v in trainer_state.get("results", {}).items() if k not in results})
-        same_world = resume_manifest["world_size"] == info.world_size
-        # resharded resume (FSDP2 / replicated state): new ranks take rank 0's RNG, GradDrop and SparseStateAdam
-        # state (the latter two are identical on every rank); the byte counters restart (they are per world size)
+        # resharded resume: new ranks take rank 0's RNG, GradDrop and SparseStateAdam state (the latter two are
+        # identical on every rank); the byte counters restart (they are per world size)
         rank_state = ckpt.load_rank_state(resume_dir, info.rank if same_world else 0)
         if same_world:
             ckpt.load_counter_state(counter, rank_state["comm"])
-        elif info.is_main:
+        elif info.is_main and ckpt.uses_engine_state(resume_manifest, backend, info.world_size):
             print(f"resume: resharding from {resume_manifest['world_size']} to {info.world_size} ranks", flush=True)
         if controller is not None:
             controller.load_state_dict(rank_state["graddrop"])

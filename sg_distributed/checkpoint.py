@@ -5,10 +5,15 @@ the data order is a pure function of (step, seed), so N is the whole data positi
 
     step_N/
       manifest.json        written last, by rank 0: sha256 + size of every other file, the step, the run's
-                           fingerprint (what must not change on resume) and the backend
+                           fingerprint (what must not change on resume), the backend and the world size
       trainer_state.json   losses so far, skipped (non-finite) steps
       adapter/             SparseGrad family: the adapter (peft's save_pretrained: k-values, supports, bases;
                            reference / dynamic mode: SparseGradModel.save_pretrained)
+      trainable_state.pt   every backend, written by rank 0 after gathering (sg_distributed.trainable_state):
+                           every trainable parameter by name (fp32; DeepSpeed: the fp32 master), its optimizer
+                           state (Adam(W) exp_avg / exp_avg_sq and step count), DeepSpeed's step counters,
+                           LR scheduler and fp16 loss scaler. World-size independent: what a resume on a
+                           different number of ranks loads instead of the engine-specific state below
       trainable.pt         single process / DDP: every trainable parameter by name (incl. norms trained in
                            reference / dynamic mode, which the adapter does not hold)
       optimizer.pt         single process / DDP: the optimizer state dict
@@ -16,7 +21,16 @@ the data order is a pure function of (step, seed), so N is the whole data positi
                            LR scheduler, DeepSpeed's step counters); frozen weights excluded
       dcp/                 FSDP2: torch.distributed.checkpoint of get_state_dict(model, optimizer), trainable only
       rank_R.pt            per rank: RNG states (torch, cuda, python, numpy), comm counters,
-                           GradDrop controller, SparseStateAdam (dynamic mode)
+                           GradDrop controller, SparseStateAdam (dynamic mode), re-selection scores
+
+Resume (``launch/train_qa.py --resume``): the same backend at the same world size loads the engine-specific
+state (bit-identical continuation). A different world size (or another ZeRO stage) loads
+``trainable_state.pt`` into the freshly built engine instead; the global batch must stay the same (it is in
+the fingerprint: 2 ranks x --grad_accum 1 -> 1 rank x --grad_accum 2) and so must the kind of engine
+(DeepSpeed -> DeepSpeed, FSDP2 -> FSDP2, one process / DDP -> one process / DDP). Every new rank takes old
+rank 0's per-rank state (RNG, GradDrop, SparseStateAdam; its re-selection schedule, with every old rank's
+growth scores summed onto new rank 0). Checkpoints written before ``trainable_state.pt`` existed reshard
+under FSDP2 (DCP) and one process / DDP only.
 
 Atomicity for many writers: rank 0 creates ``step_N.tmp``; every rank writes its part; barrier; rank 0
 writes the manifest (after fsync of every file) and renames ``step_N.tmp`` -> ``step_N`` in one
@@ -43,6 +57,7 @@ from .runtime import is_distributed
 
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
+TRAINABLE_STATE = "trainable_state.pt"  # = trainable_state.FILENAME
 FORMAT = "sg_distributed.checkpoint/1"
 
 # Exit codes of launch/train_qa.py (see README "Faults and bad input").
@@ -199,16 +214,62 @@ def compare_fingerprints(saved: dict, current: dict, reshardable: bool) -> list[
     return diffs
 
 
+def backend_kind(backend: str | None) -> str:
+    """The kind of engine a backend name belongs to: a checkpoint resumes only under the same kind."""
+    if backend is None:
+        return "unknown"
+    if backend.startswith("deepspeed"):
+        return "DeepSpeed"
+    if backend == "fsdp2":
+        return "FSDP2"
+    return "one process / DDP"  # single, ddp: replicated state
+
+
+def planned_backend(ds_config: dict | None, fsdp: bool, world_size: int) -> str:
+    """``backend_name`` of the engine a run will build, known before the model loads."""
+    if ds_config is not None:
+        stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+        return f"deepspeed_zero{stage}"
+    if fsdp:
+        return "fsdp2"
+    return "ddp" if world_size > 1 else "single"
+
+
+def reshardable(manifest: dict) -> bool:
+    """The checkpoint can resume on another number of ranks: it holds ``trainable_state.pt`` (or, written
+    before that file existed, by FSDP2 / one process / DDP, whose own state reshards)."""
+    from .trainable_state import FILENAME
+
+    return FILENAME in manifest.get("files", {}) or manifest.get("backend") in ("fsdp2", "single", "ddp")
+
+
+def uses_engine_state(manifest: dict, backend: str, world_size: int) -> bool:
+    """Resume from the engine-specific state (same backend, same world size: bit-identical), or else from
+    ``trainable_state.pt``. Older checkpoints without that file keep the engine state (FSDP2's DCP and
+    single/DDP's files reshard)."""
+    from .trainable_state import FILENAME
+
+    same = manifest.get("backend") == backend and manifest.get("world_size") == world_size
+    return same or FILENAME not in manifest.get("files", {})
+
+
 def check_compatible(manifest: dict, current: dict, backend: str, path: Path) -> None:
     """Refuse a resume whose configuration differs from the checkpoint's (naming every difference)."""
-    if manifest.get("backend") != backend:
-        raise CheckpointError(f"checkpoint {path} was written by backend {manifest.get('backend')!r}, this run uses "
-                              f"{backend!r}; resume with the same engine (DeepSpeed stage / FSDP2 / DDP / single)")
-    reshardable = backend in ("fsdp2", "single", "ddp")  # DCP reshards; single/DDP state is replicated
-    diffs = compare_fingerprints(manifest.get("fingerprint", {}), current, reshardable)
+    saved_backend = manifest.get("backend")
+    if backend_kind(saved_backend) != backend_kind(backend):
+        raise CheckpointError(
+            f"checkpoint {path} was written by backend {saved_backend!r} ({backend_kind(saved_backend)}), this run "
+            f"uses {backend!r} ({backend_kind(backend)}); resume under the same kind of engine ({backend_kind(saved_backend)}; "
+            f"the world size may change, DeepSpeed -> DeepSpeed, FSDP2 -> FSDP2, one process / DDP -> one process / DDP)")
+    if saved_backend != backend and not reshardable(manifest):
+        raise CheckpointError(f"checkpoint {path} was written by backend {saved_backend!r}, this run uses "
+                              f"{backend!r}, and it has no world-size-independent state: resume with {saved_backend!r}")
+    can_reshard = reshardable(manifest)
+    diffs = compare_fingerprints(manifest.get("fingerprint", {}), current, can_reshard)
     if diffs:
-        extra = ("" if reshardable or not any(d.startswith("world_size") for d in diffs) else
-                 f"\n(the {backend} checkpoint holds per-rank ZeRO partitions: resume with the same number of ranks)")
+        extra = ("" if can_reshard or not any(d.startswith("world_size") for d in diffs) else
+                 f"\n(the {backend} checkpoint holds per-rank ZeRO partitions and predates the world-size-"
+                 "independent trainable_state.pt: resume with the same number of ranks)")
         raise CheckpointError(f"checkpoint {path} was written with a different configuration; refusing to resume:\n  - "
                               + "\n  - ".join(diffs) + extra)
 
@@ -387,7 +448,8 @@ def _trainable_names(module) -> set[str]:
 
 
 def write_engine_state(tmp: Path, engine, prepared, method: str, full_params) -> None:
-    """Every rank: the adapter (SparseGrad family), the engine's model/optimizer state, this rank's state.
+    """Every rank: the adapter (SparseGrad family), the engine's model/optimizer state and the
+    world-size-independent ``trainable_state.pt`` (gathered to rank 0).
 
     ``full_params``: a context manager factory making the trainable parameters whole on every rank
     (ZeRO-3 GatheredParameters / FSDP2 full tensors; a collective)."""
@@ -412,6 +474,20 @@ def write_engine_state(tmp: Path, engine, prepared, method: str, full_params) ->
         torch.save({n: p.detach().cpu() for n, p in engine.module.named_parameters() if p.requires_grad},
                    tmp / "trainable.pt")
         torch.save(engine.optimizer.state_dict(), tmp / "optimizer.pt")
+    from . import trainable_state
+
+    trainable_state.write(tmp, engine)  # a collective under DeepSpeed / FSDP2: every rank
+
+
+def load_trainable_state(path: Path, engine) -> dict:
+    """Every rank: trainable values and optimizer state from ``path/trainable_state.pt`` into a fresh engine
+    (a resume on another number of ranks); CheckpointError when the file does not fit."""
+    from . import trainable_state
+
+    try:
+        return trainable_state.restore(path, engine)
+    except trainable_state.TrainableStateError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def load_engine_state(path: Path, engine, method: str) -> None:

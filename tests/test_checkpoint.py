@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from sg_distributed import checkpoint as ckpt
 
-from conftest import free_port, supports_reselected
+from conftest import free_port, run_ranks, supports_reselected
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["--steps", "8", "--calibration_steps", "2", "--eval_size", "2", "--no_eval_before", "--density", "0.5",
@@ -84,6 +84,15 @@ def test_fingerprint_guard_names_every_difference():
     assert ckpt.compare_fingerprints(saved, {**saved, "world_size": 4}, reshardable=True) == []  # DCP reshards
     with pytest.raises(ckpt.CheckpointError, match="backend 'fsdp2'"):
         ckpt.check_compatible({"backend": "fsdp2", "fingerprint": saved}, saved, "ddp", Path("x"))
+    # with the world-size-independent trainable_state.pt the world size may change under DeepSpeed too
+    portable = {"backend": "deepspeed_zero2", "world_size": 2, "fingerprint": saved,
+                "files": {"trainable_state.pt": {}}}
+    ckpt.check_compatible(portable, {**saved, "world_size": 1}, "deepspeed_zero2", Path("x"))
+    assert ckpt.uses_engine_state(portable, "deepspeed_zero2", 2)
+    assert not ckpt.uses_engine_state(portable, "deepspeed_zero2", 1)
+    assert not ckpt.uses_engine_state(portable, "deepspeed_zero3", 2)
+    with pytest.raises(ckpt.CheckpointError, match=r"'deepspeed_zero2' \(DeepSpeed\), this run uses 'fsdp2' \(FSDP2\)"):
+        ckpt.check_compatible(portable, {**saved, "world_size": 1}, "fsdp2", Path("x"))
 
 
 # ------------------------------------------------------------------------------------- single process, end to end
@@ -197,3 +206,89 @@ def test_zero2_two_ranks_sigkill_then_resume_auto_is_bit_identical(tiny_model_di
     assert uninterrupted.returncode == 0, out[-3000:]
     assert_identical(adapter(full), adapter(part))
     assert (part / "checkpoints" / "step_8" / "engine" / "state").is_dir()
+
+
+# ------------------------------------------------------- another world size: trainable_state.pt (2 ranks -> 1 rank)
+
+# 2 ranks x --grad_accum 1 and 1 rank x --grad_accum 2 see the same global batches (runtime.rank_micro_batches)
+RESHARD = ["--steps", "4", "--calibration_steps", "2", "--eval_size", "2", "--no_eval_before", "--density", "0.5",
+           "--max_rows", "0", "--max_cols", "0", "--lr", "1e-2", "--micro_batch_size", "2", "--save_every", "2"]
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(train_qa, tiny_model_dir, tmp_path_factory):
+    """An uninterrupted one-process run to step 4 (checkpoints step_2, step_4), micro-batch 2 x accumulation 2."""
+    out = tmp_path_factory.mktemp("one_rank")
+    train_qa.main(["--model", str(tiny_model_dir), *RESHARD, "--grad_accum", "2", "--output_dir", str(out)])
+    return out
+
+
+def losses(out: Path) -> list[float]:
+    return json.loads((out / "checkpoints" / "step_4" / ckpt.TRAINER_STATE).read_text())["losses"]
+
+
+def assert_resumed_equals(resumed: Path, reference: Path) -> None:
+    """Supports, bases and everything but the trained values identical; values and losses within fp32 1e-5."""
+    ref, got = adapter(reference), adapter(resumed)
+    assert sorted(ref) == sorted(got)
+    values = [k for k in ref if k.endswith("sparsegrad_values")]
+    assert values and any(ref[k].abs().sum() > 0 for k in values)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], atol=1e-5 if key in values else 0, rtol=0, msg=key)
+    assert len(losses(resumed)) == len(losses(reference)) == 4
+    torch.testing.assert_close(torch.tensor(losses(resumed)), torch.tensor(losses(reference)), atol=1e-5, rtol=0)
+
+
+def two_then_one(tiny_model_dir, tmp_path, engine_args) -> tuple[Path, str]:
+    """2 ranks to step 2 (checkpoint step_2), then --resume of that checkpoint on 1 rank (--grad_accum 2) to
+    step 4 in another output folder; returns (the 2-rank output folder, the 1-rank run's stdout)."""
+    def launch(ranks, out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+               "127.0.0.1", "--master_port", str(free_port()), "launch/train_qa.py", "--model", str(tiny_model_dir),
+               *RESHARD, *engine_args, "--output_dir", str(out), *extra]
+        proc = run_ranks(cmd, env=ENV)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    two = tmp_path / "two"
+    launch(2, two, "--steps", "2")
+    manifest = ckpt.verify(two / "checkpoints" / "step_2")
+    assert manifest["world_size"] == 2 and ckpt.TRAINABLE_STATE in manifest["files"]  # checksummed
+    stdout = launch(1, tmp_path / "one", "--grad_accum", "2", "--resume", str(two / "checkpoints"))
+    assert "resume: resharding from 2 ranks" in stdout and "through trainable_state.pt" in stdout
+    return two, stdout
+
+
+@pytest.mark.multiprocess
+def test_zero2_two_ranks_resume_on_one_rank_matches_one_rank_run(train_qa, tiny_model_dir, one_rank_run, tmp_path):
+    """ZeRO-2 partitions are per rank: the 1-rank engine takes values, Adam moments and step count from
+    trainable_state.pt (written by rank 0 after gathering through DeepSpeed's safe_get_full_* API)."""
+    two, _ = two_then_one(tiny_model_dir, tmp_path, ["--ds_config", "ds_configs/zero2.json"])
+    state = torch.load(two / "checkpoints" / "step_2" / ckpt.TRAINABLE_STATE, weights_only=False)
+    assert state["backend"] == "deepspeed_zero2" and state["world_size"] == 2
+    assert {e["step"] for e in state["optimizer"].values()} == {2} and state["deepspeed"]["global_steps"] == 2
+    assert_resumed_equals(tmp_path / "one", one_rank_run)
+    resumed = ckpt.verify(tmp_path / "one" / "checkpoints" / "step_4")
+    assert resumed["backend"] == "deepspeed_zero2" and resumed["world_size"] == 1
+    assert (tmp_path / "one" / "checkpoints" / "step_4" / "engine" / "state").is_dir()
+    # a DeepSpeed checkpoint does not resume without DeepSpeed (refused before the model loads)
+    with pytest.raises(SystemExit, match=r"'deepspeed_zero2' \(DeepSpeed\), this run uses 'single'"):
+        train_qa.main(["--model", str(tiny_model_dir), *RESHARD, "--grad_accum", "2", "--output_dir",
+                       str(tmp_path / "refused"), "--resume", str(two / "checkpoints")])
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_two_ranks_resume_on_one_rank_matches_one_rank_run(tiny_model_dir, one_rank_run, tmp_path):
+    two_then_one(tiny_model_dir, tmp_path, ["--fsdp"])
+    assert_resumed_equals(tmp_path / "one", one_rank_run)
+
+
+def test_resume_under_another_kind_of_engine_is_refused(train_qa, tiny_model_dir, one_rank_run, tmp_path):
+    """A one-process checkpoint under FSDP2: refused before the model loads (no process group needed)."""
+    with pytest.raises(SystemExit) as err:
+        train_qa.main(["--model", str(tiny_model_dir), *RESHARD, "--grad_accum", "2", "--fsdp", "--output_dir",
+                       str(tmp_path / "refused"), "--resume", str(one_rank_run / "checkpoints")])
+    text = str(err.value)
+    assert "written by backend 'single' (one process / DDP), this run uses 'fsdp2' (FSDP2)" in text
+    assert "resume under the same kind of engine" in text and "DeepSpeed -> DeepSpeed" in text
+    assert not (tmp_path / "refused" / "checkpoints").exists()
