@@ -56,7 +56,7 @@ def load_model_and_batches(name: str, args):
     if name == "smollm2":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sg_distributed.assets import smollm2_dir
+        from sg_distributed.data.assets import smollm2_dir
         from sg_distributed.data.qa import QACollator, load_qa_pairs, split_by_group
 
         path = smollm2_dir()
@@ -71,7 +71,7 @@ def load_model_and_batches(name: str, args):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from sg_distributed.assets import minilm_dir
+        from sg_distributed.data.assets import minilm_dir
         from sg_distributed.data.classify import ClassificationCollator, load_bbc_news, split_articles
 
         path = minilm_dir()
@@ -120,7 +120,7 @@ def topk_energy(mat: torch.Tensor, k: int, total: torch.Tensor) -> float:
 
 def backward_over(model, batches, taps: dict, on_grad, trainable=()) -> list[float]:
     """Forward + backward of every batch with ``on_grad(name, dY, X)`` tapped; returns the losses."""
-    from sg_distributed.calibration import gradient_tap, gradients_flowing
+    from sg_distributed.sparsegrad.gradient_tap import gradient_tap, gradients_flowing
 
     losses = []
     with gradients_flowing(model, taps), gradient_tap(taps, on_grad):
@@ -135,7 +135,7 @@ def backward_over(model, batches, taps: dict, on_grad, trainable=()) -> list[flo
 
 def fit_bases(model, taps, batches, key_of, trainable=()) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{layer type: (P, Q)} in float32 from the streamed Grams of ``batches`` (textbook: G~ = P^T G Q)."""
-    from sg_distributed.basis import GramAccumulator
+    from sg_distributed.sparsegrad.basis import GramAccumulator
 
     acc = GramAccumulator()
     backward_over(model, batches, taps, lambda n, dy, x: acc.add_factors(key_of[n], dy, x), trainable)
@@ -221,7 +221,7 @@ def short_type(layer_type: str) -> str:
 
 
 def run_model(name: str, args, log) -> dict:
-    from sg_distributed.targets import find_target_linears, layer_type
+    from sg_distributed.sparsegrad.targets import find_target_linears, layer_type
 
     t0 = time.perf_counter()
     model, batches = load_model_and_batches(name, args)
@@ -254,7 +254,7 @@ def run_model(name: str, args, log) -> dict:
 def train_and_track(name, model, batches, targets, key_of, calib_bases, args, log) -> dict:
     from sg_distributed import SparseGradConfig
     from sg_distributed.sparsegrad.layer import SparseGradLinear
-    from sg_distributed.methods import prepare
+    from sg_distributed.training.methods import prepare
 
     t = time.perf_counter()
     config = SparseGradConfig(density=args.density, max_rows=args.max_rows, max_cols=args.max_cols)

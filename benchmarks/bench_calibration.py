@@ -13,7 +13,7 @@ Part 2 (``--part synthetic``): HOSVD bases of S = 16 gradients of an m x n layer
 the factors of one micro-batch (dY: T x m, X: T x n, T = ``--tokens``), for (m, n) = (256, 688),
 (512, 1376), (1024, 2752), (2048, 5504):
 
-* ours (streaming Grams, ``sg_distributed.basis.GramAccumulator.add_factors`` + ``bases()``): sum of
+* ours (streaming Grams, ``sg_distributed.sparsegrad.basis.GramAccumulator.add_factors`` + ``bases()``): sum of
   G G^T and G^T G accumulated in float64 from the factors (O(m^2 + n^2) memory), then two ``eigh``.
 * the authors' (stacked tensor): materialise every G_s = dY_s^T X_s in fp32, stack them (S x m x n) and
   take the left singular vectors of the two unfoldings (m x S n and n x S m) with
@@ -120,7 +120,7 @@ def report_run(r: dict, args) -> str:
 def synthetic_worker(args) -> dict:
     import torch
 
-    from sg_distributed.basis import GramAccumulator
+    from sg_distributed.sparsegrad.basis import GramAccumulator
 
     m, n = (int(v) for v in args.size.split("x"))
     g = torch.Generator().manual_seed(0)

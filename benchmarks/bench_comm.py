@@ -18,10 +18,10 @@ include that all-reduce of the r x c score blocks, amortised over the counted st
 Started with plain python it relaunches itself with ``torch.distributed.run`` (2 ranks, OMP_NUM_THREADS=1,
 DS_ACCELERATOR=cpu). Every method trains the same target layers (SparseGradConfig defaults: the MLP
 up/down projections of every block) with the same data; after one uncounted warm-up step the collectives
-of ``--steps`` steps are counted on every rank with ``sg_distributed.comm.CommCounter``, split into
+of ``--steps`` steps are counted on every rank with ``sg_distributed.distributed.comm.CommCounter``, split into
 ``forward`` / ``backward`` (gradient reduction) / ``step`` (optimizer + ZeRO's all-gather of updated
 partitions). Printed per method (rank 0; ranks agree to a few bytes): payload bytes per step by op,
-total payload, ring "wire" bytes per step (see sg_distributed/comm.py for both conventions), the ratio to
+total payload, ring "wire" bytes per step (see sg_distributed/distributed/comm.py for both conventions), the ratio to
 full fine-tuning, and the analytic value next to the measurement.
 
 Analytic column (p ranks, D trainable fp32 values): ZeRO-2 = gradient all-reduce ``2(p-1)/p*4D`` +
@@ -104,7 +104,7 @@ def build_model(name: str):
     if name == "smollm2":
         from transformers import AutoModelForCausalLM
 
-        from sg_distributed.assets import smollm2_dir
+        from sg_distributed.data.assets import smollm2_dir
 
         return AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32), 49152
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -141,11 +141,11 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     import torch
     import torch.distributed as dist
 
-    from sg_distributed.comm import CommCounter
+    from sg_distributed.distributed.comm import CommCounter
     from sg_distributed.sparsegrad.config import SparseGradConfig
     from sg_distributed.integrations.deepspeed import initialize_engine, largest_sparse_k, load_ds_config, resolve_auto
-    from sg_distributed.methods import prepare
-    from sg_distributed.targets import find_target_linears
+    from sg_distributed.training.methods import prepare
+    from sg_distributed.sparsegrad.targets import find_target_linears
 
     from bench_methods import reset_peak, status_mib
 
@@ -248,7 +248,7 @@ def worker(args) -> None:
 
 def analytic(res: dict, stage: int) -> tuple[float, float | None]:
     """(ring wire bytes/step of the gradient + trainable-parameter exchange, planned sparse exchange or None)."""
-    from sg_distributed.comm import dense_allreduce_bytes, sparse_allgather_bytes
+    from sg_distributed.distributed.comm import dense_allreduce_bytes, sparse_allgather_bytes
 
     p, D = res["world"], res["trainable_numel"]
     if stage == 3:
@@ -271,7 +271,7 @@ def bw_payload(r: dict) -> float:
 
 
 def report(data: dict) -> str:
-    from sg_distributed.comm import fmt_bytes
+    from sg_distributed.distributed.comm import fmt_bytes
 
     stage = data["stage"]
     r0 = data["ranks"][0]
@@ -322,7 +322,7 @@ def persistence_table(data: dict) -> str:
              f"(mean of {data['steps']} steps); ZeRO config {_short(r0[0]['ds_config'])} "
              f"(stage3_prefetch_bucket_size {r0[0]['prefetch_bucket']:,}, max_live_parameters "
              f"{r0[0]['max_live']:,}, max_reuse_distance {r0[0]['max_reuse']:,})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    from sg_distributed.comm import fmt_bytes
+    from sg_distributed.distributed.comm import fmt_bytes
 
     for r in r0:
         calls = lambda lab, op: r["by_label_op"].get(f"{lab}/{op}", {}).get("calls", 0)

@@ -47,9 +47,9 @@ def worker(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sg_distributed import SparseGradConfig
-    from sg_distributed.comm import CommCounter
+    from sg_distributed.distributed.comm import CommCounter
     from sg_distributed.integrations.fsdp import apply_fsdp2, set_gradient_sync, sync_replicated_grads
-    from sg_distributed.model import get_sparsegrad_model
+    from sg_distributed.sparsegrad.wrapper import get_sparsegrad_model
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -4,21 +4,21 @@
 A ``LlamaForCausalLM`` with LLaMA-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, vocab 32000,
 rms_norm_eps 1e-5) but only ``--layers`` blocks, random weights, synthetic tokens (``--batch`` x
 ``--seq``). Every method trains the same target layers (the MLP up/down of every block) and is built by
-``sg_distributed.methods.prepare``, so the library's own code is what is timed:
+``sg_distributed.training.methods.prepare``, so the library's own code is what is timed:
 
 * ``sparsegrad``      ``SparseGradConfig()``: the library defaults (density 1 %, row/column budget 0.25, as
                       ``launch/train_qa.py``: the dense-block kernel), calibrated on ``--calib-batches``
                       synthetic batches;
 * ``sparsegrad_b125`` ``max_rows = max_cols = 0.125``;
 * ``sparsegrad_csr``  no row/column budget (``max_rows = max_cols = None``): the CSR kernels;
-* ``lora``            peft LoRA, rank from ``sg_distributed.methods.matched_lora_rank`` (same trainable count);
+* ``lora``            peft LoRA, rank from ``sg_distributed.training.methods.matched_lora_rank`` (same trainable count);
 * ``full``            dense AdamW on the target weights.
 
 Per method: the time and peak memory of ``prepare`` (SparseGrad: calibration + conversion; LoRA: peft's
 wrapping), median step time (forward + backward + optimizer step, CUDA-synchronised, after
 ``--warmup`` steps), peak GPU memory over those steps (``torch.cuda.reset_peak_memory_stats`` after
 calibration; ``max_memory_allocated``), the resident "state" memory right after an optimizer step
-(weights + buffers + gradients + optimizer state), and what ``sg_distributed.estimate.estimate`` predicts
+(weights + buffers + gradients + optimizer state), and what ``sg_distributed.tools.estimate.estimate`` predicts
 for the same model, layers and batch (p = 1, its ZeRO-2 accounting). The estimator models DeepSpeed's
 mixed precision (fp32 master copy + fp32 Adam moments, 12 B per trained value when the dtype is 16-bit)
 and activations by a rough formula without flash attention; this loop is plain torch (AdamW keeps its
@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET  # noqa: E402
 
-# method name -> (sg_distributed.methods.prepare name, SparseGradConfig overrides, estimator method)
+# method name -> (sg_distributed.training.methods.prepare name, SparseGradConfig overrides, estimator method)
 VARIANTS = {
     "sparsegrad": ("sparsegrad", {}, "sparsegrad"),
     "sparsegrad_b125": ("sparsegrad", {"max_rows": 0.125, "max_cols": 0.125}, "sparsegrad"),
@@ -155,10 +155,10 @@ def peak(device: torch.device) -> int | None:
 
 
 def estimator_rows(args, config_overrides: dict, est_method: str, lora_rank: int | None) -> dict:
-    """sg_distributed.estimate for the same model (built on the meta device), layers and batch, p = 1."""
+    """sg_distributed.tools.estimate for the same model (built on the meta device), layers and batch, p = 1."""
     from transformers import LlamaForCausalLM
 
-    from sg_distributed.estimate import estimate
+    from sg_distributed.tools.estimate import estimate
 
     with torch.device("meta"):
         meta = LlamaForCausalLM(llama_config(args))
@@ -170,7 +170,7 @@ def estimator_rows(args, config_overrides: dict, est_method: str, lora_rank: int
 
 def run_method(name: str, args, device: torch.device) -> dict:
     from sg_distributed import SparseGradConfig
-    from sg_distributed.methods import matched_lora_rank, prepare
+    from sg_distributed.training.methods import matched_lora_rank, prepare
 
     method, overrides, est_method = VARIANTS[name]
     row: dict = {"method": name}
@@ -253,7 +253,7 @@ def markdown(rows: list[dict], args, device: torch.device, header_extra: str = "
              f"{args.heads} heads, vocab {args.vocab}), random weights, {args.dtype}, batch {args.batch} x "
              f"{args.seq} synthetic tokens, on {name}; torch {torch.__version__}{header_extra}. Targets: MLP up/down "
              f"of every block. Step = forward + backward + optimizer step, median of {args.steps} after "
-             f"{args.warmup} warm-up. Memory in GiB; estimate = sg_distributed.estimate (p=1, ZeRO-2 accounting: "
+             f"{args.warmup} warm-up. Memory in GiB; estimate = sg_distributed.tools.estimate (p=1, ZeRO-2 accounting: "
              f"fp32 master + moments, activation formula without flash attention); state = allocated right after "
              f"an optimizer step (weights, buffers, gradients, optimizer state); plain AdamW = the estimator's "
              f"terms with this loop's optimizer (2 moments in the trained tensor's dtype, no master copy).", "",

@@ -38,7 +38,7 @@ from torch import nn  # noqa: E402
 from sg_distributed import SparseGradConfig  # noqa: E402
 from sg_distributed.sparsegrad import layer as layer_module  # noqa: E402
 from sg_distributed.sparsegrad.layer import SharedBasis, SparseGradLinear, fold_into_input_side, fold_into_output_side  # noqa: E402
-from sg_distributed.selection import Support, leading_block  # noqa: E402
+from sg_distributed.sparsegrad.selection import Support, leading_block  # noqa: E402
 
 SHAPES = {  # name -> [(layer, m = out_features, n = in_features)]
     "smollm2": [("up_proj", 1536, 576), ("down_proj", 576, 1536)],

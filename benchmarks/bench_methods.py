@@ -73,7 +73,7 @@ def _build_model(name: str):
     if name == "smollm2":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sg_distributed.assets import smollm2_dir
+        from sg_distributed.data.assets import smollm2_dir
 
         path = smollm2_dir()
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
@@ -113,8 +113,8 @@ def worker(args) -> dict:
     import torch
 
     from sg_distributed import SparseGradConfig
-    from sg_distributed.methods import prepare
-    from sg_distributed.targets import find_target_linears
+    from sg_distributed.training.methods import prepare
+    from sg_distributed.sparsegrad.targets import find_target_linears
 
     torch.manual_seed(0)
     method, overrides = VARIANTS[args.worker]
@@ -125,7 +125,7 @@ def worker(args) -> dict:
     dense_adam_bytes = sum(2 * m.weight.numel() * 4 for m in targets.values())
     lora_rank = None
     if method == "lora":  # rank matched to SparseGrad's trainable count
-        from sg_distributed.methods import matched_lora_rank
+        from sg_distributed.training.methods import matched_lora_rank
 
         lora_rank = matched_lora_rank(model, config)
     rss_loaded = status_mib("VmRSS")

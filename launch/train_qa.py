@@ -40,15 +40,16 @@ from sg_distributed.training.signals import GracefulStop  # noqa: E402
 from sg_distributed.training.arguments import (ArgumentParser, at_least, check_paths, fraction,  # noqa: E402
                                                non_negative_float, non_negative_int, open_fraction, positive_float,
                                                positive_int, probability_below_one)
-from sg_distributed import checkpoint as ckpt  # noqa: E402
-from sg_distributed.comm import CommCounter  # noqa: E402
+from sg_distributed.training import checkpoint as ckpt  # noqa: E402
+from sg_distributed.distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.data.qa import TokenizedCollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.data.sources import load_examples, tokenize_examples  # noqa: E402
 from sg_distributed.graddrop import GradDropConfig  # noqa: E402
-from sg_distributed.methods import METHODS, prepare, sparsegrad_config  # noqa: E402
-from sg_distributed.runtime import (Engine, all_reduce_mean, assert_same_on_all_ranks, barrier,  # noqa: E402
-                                    destroy_process_group, global_batch_indices, in_place_collective,
-                                    init_process_group, rank_micro_batches)
+from sg_distributed.training.methods import METHODS, prepare, sparsegrad_config  # noqa: E402
+from sg_distributed.distributed.process_group import (  # noqa: E402
+    all_reduce_mean, assert_same_on_all_ranks, barrier, destroy_process_group, in_place_collective,
+    init_process_group)
+from sg_distributed.training.engine import Engine, global_batch_indices, rank_micro_batches  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -192,7 +193,7 @@ def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if path is None:
-        from sg_distributed.assets import smollm2_dir
+        from sg_distributed.data.assets import smollm2_dir
 
         path = smollm2_dir()
     if not Path(path).exists():
@@ -371,7 +372,7 @@ def main(argv=None) -> dict:
         except DeepSpeedConfigError as err:
             raise SystemExit(f"error: {err}")
     if args.model is None:
-        from sg_distributed.assets import smollm2_dir
+        from sg_distributed.data.assets import smollm2_dir
 
         args.model = str(smollm2_dir())
     if not Path(args.model).exists():

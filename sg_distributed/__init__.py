@@ -1,7 +1,7 @@
 """Sparse-gradient fine-tuning (SparseGrad, GradDrop) for distributed engines."""
 from .sparsegrad.config import SparseGradConfig
 from .graddrop import GradDropConfig, GradualUnfreezing, apply_graddrop
-from .model import SparseGradModel, get_sparsegrad_model
+from sg_distributed.sparsegrad.wrapper import SparseGradModel, get_sparsegrad_model
 from .sparsegrad.model import SparseGradTuner  # registers SparseGrad with peft
 from .integrations.trainer import SparseGradCallback
 

@@ -1,4 +1,4 @@
-"""Worker for tests/test_comm.py: bytes per step under DeepSpeed ZeRO, counted with CommCounter.
+"""Worker for tests/distributed/test_comm.py: bytes per step under DeepSpeed ZeRO, counted with CommCounter.
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 \
         --master_addr 127.0.0.1 --master_port 29531 tests/comm_worker.py --out /tmp/comm.json
@@ -23,10 +23,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from conftest import lm_batches, make_tiny_llama  # noqa: E402
-from sg_distributed.comm import CommCounter, check_collective_devices_from_env  # noqa: E402
+from sg_distributed.distributed.comm import CommCounter, check_collective_devices_from_env  # noqa: E402
 from sg_distributed.sparsegrad.config import SparseGradConfig  # noqa: E402
 from sg_distributed.integrations.deepspeed import init_distributed, initialize_engine  # noqa: E402
-from sg_distributed.methods import prepare  # noqa: E402
+from sg_distributed.training.methods import prepare  # noqa: E402
 
 
 def ds_config(stage: int, micro: int, world: int) -> dict:

@@ -7,7 +7,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Every process the tests launch (train_qa, workers; they inherit os.environ) raises on a collective whose
-# tensor is not on the device its process group takes (sg_distributed.comm, "Collective-device check").
+# tensor is not on the device its process group takes (sg_distributed.distributed.comm, "Collective-device check").
 os.environ.setdefault("SG_CHECK_COLLECTIVE_DEVICE", "1")
 
 import socket
@@ -150,7 +150,7 @@ def save_tiny_llama_dir(path: Path, hidden: int = 32, intermediate: int = 64) ->
     """A 2-block random Llama saved with the real SmolLM2 tokenizer: the launch scripts run on it in seconds."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from sg_distributed.assets import smollm2_dir
+    from sg_distributed.data.assets import smollm2_dir
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
@@ -197,7 +197,7 @@ def make_layer(m, n, k, budget=None, seed=0, convention="textbook"):
     """(base, P, R, support, SparseGradLinear) in float64 with random orthogonal bases and a random support."""
     from torch import nn
 
-    from sg_distributed.selection import select_support
+    from sg_distributed.sparsegrad.selection import select_support
     from sg_distributed.sparsegrad.layer import SparseGradLinear
 
     torch.manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Worker for tests/test_integrations_deepspeed.py: train a tiny MLP under DeepSpeed ZeRO on CPU ranks.
+"""Worker for tests/integrations/test_integrations_deepspeed.py: train a tiny MLP under DeepSpeed ZeRO on CPU ranks.
 
 Launch with either launcher (2 ranks, gloo on CPU)::
 
@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from sg_distributed.comm import check_collective_devices_from_env  # noqa: E402
+from sg_distributed.distributed.comm import check_collective_devices_from_env  # noqa: E402
 from sg_distributed.integrations.deepspeed import (  # noqa: E402
     init_distributed,
     initialize_engine,

@@ -1,4 +1,4 @@
-"""Worker for tests/test_dynamic.py: dynamic-support SparseGrad on 2 gloo ranks (CPU, float64).
+"""Worker for tests/sparsegrad/test_dynamic.py: dynamic-support SparseGrad on 2 gloo ranks (CPU, float64).
 
     OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 --master_addr 127.0.0.1 \
         --master_port 29531 tests/dynamic_worker.py --out /tmp/dynamic.json
@@ -21,10 +21,11 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-from sg_distributed.comm import check_collective_devices_from_env  # noqa: E402
-from sg_distributed.dynamic import SparseExchange, SparseStateAdam, convert_to_dynamic, dense_parameters  # noqa: E402
+from sg_distributed.distributed.comm import check_collective_devices_from_env  # noqa: E402
+from sg_distributed.sparsegrad.dynamic import (  # noqa: E402
+    SparseExchange, SparseStateAdam, convert_to_dynamic, dense_parameters)
 from sg_distributed.sparsegrad.layer import ReferenceSparseGradLinear  # noqa: E402
-from sg_distributed.optim import LazyAdam, clear_masks  # noqa: E402
+from sg_distributed.sparsegrad.optim import LazyAdam, clear_masks  # noqa: E402
 
 K, LR, STEPS, GLOBAL_BATCH = 20, 0.05, 3, 8
 

@@ -15,7 +15,7 @@ What they hold the library to, on a tiny random Llama on the GPU:
 * support_checksum() (recorded by train_qa.py for every SparseGrad run) works on a bf16 model.
 * a 1-rank NCCL process group (env:// rendezvous on a free port): calibration runs under it and gives
   the same supports as without one; NCCL reduces the float64 Gram dtype on the GPU; and the metric
-  average that ``launch/train_qa.py`` uses (``runtime.all_reduce_mean``) works under NCCL.
+  average that ``launch/train_qa.py`` uses (``process_group.all_reduce_mean``) works under NCCL.
 
 The helpers take the device, so the same code can be run on CPU by hand (bf16 there too).
 """
@@ -209,8 +209,8 @@ def test_calibrate_under_nccl_one_rank(monkeypatch, tmp_path):
 
 
 def test_metric_average_under_nccl(monkeypatch):
-    """train_qa.py averages held-out metrics with runtime.all_reduce_mean: it must work on an NCCL group."""
-    from sg_distributed.runtime import all_reduce_mean
+    """train_qa.py averages held-out metrics with process_group.all_reduce_mean: it must work on an NCCL group."""
+    from sg_distributed.distributed.process_group import all_reduce_mean
 
     with one_rank_nccl(monkeypatch):
         merged = all_reduce_mean({"answer_loss": 2.5, "f1": 0.25}, 4)

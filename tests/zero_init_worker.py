@@ -1,4 +1,4 @@
-"""Worker for tests/test_integrations_trl.py: SFTTrainer(peft_config=SparseGradConfig) over a base that ZeRO-3's
+"""Worker for tests/integrations/test_integrations_trl.py: SFTTrainer(peft_config=SparseGradConfig) over a base that ZeRO-3's
 ``zero.Init`` partitioned at load (``SFTConfig`` with a ZeRO-3 config created *before* ``from_pretrained``).
 
     DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 \\
@@ -24,7 +24,7 @@ from sft_trl import conversations  # noqa: E402
 from sg_distributed import SparseGradCallback, SparseGradConfig  # noqa: E402
 from sg_distributed.data.qa import load_qa_pairs  # noqa: E402
 from sg_distributed.integrations.trainer import configure_cpu_deepspeed_state  # noqa: E402
-from sg_distributed.runtime import destroy_process_group  # noqa: E402
+from sg_distributed.distributed.process_group import destroy_process_group  # noqa: E402
 
 
 def main(model_dir: str, out: str) -> None:

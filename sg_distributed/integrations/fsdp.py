@@ -17,7 +17,7 @@ micro-batch all-gathers them with the block's weights in forward (again in backw
 and reduce-scatters their gradients per block; the optimizer state is sharded (k/p per rank).
 
 Measured on this machine (2 CPU ranks, gloo; ``CommCounter`` bytes per optimizer step on rank 0, ring
-"wire" convention of sg_distributed/comm.py; the box was shared with other jobs, so times are noisy):
+"wire" convention of sg_distributed/distributed/comm.py; the box was shared with other jobs, so times are noisy):
 
 ``benchmarks/bench_fsdp.py`` (random Llama, 4 blocks 256x1024, vocab 256, SparseGrad on MLP up/down at
 density 1 %: k = 20,968 fp32 values = 83,872 B; micro-batch 4x64; 14 steps x 3 interleaved rounds)::
@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..runtime import is_distributed
+from sg_distributed.distributed.process_group import is_distributed
 
 __all__ = ["FSDPSetupError", "apply_fsdp2", "find_blocks", "quantized_params", "sync_replicated_grads",
            "gathered_full_params", "set_gradient_sync", "is_fsdp_model", "find_root"]

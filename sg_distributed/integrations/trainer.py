@@ -61,7 +61,7 @@ def find_sparsegrad_tuner(model: nn.Module | None):
 def calibrate_from_dataloader(tuner, dataloader, steps: int | None = None, loss_fn: Callable | None = None) -> None:
     """Calibrate a peft SparseGrad adapter on the first ``steps`` batches of a Trainer's train dataloader (every
     rank its own shard: Grams and scores are summed across ranks), then check that all ranks agree."""
-    from ..runtime import assert_same_on_all_ranks
+    from sg_distributed.distributed.process_group import assert_same_on_all_ranks
 
     if dataloader is None:
         raise RuntimeError("SparseGrad calibration needs the Trainer's train dataloader (none was passed)")
@@ -113,7 +113,7 @@ class SparseGradCallback(TrainerCallback):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            from ..comm import check_collective_devices_from_env
+            from sg_distributed.distributed.comm import check_collective_devices_from_env
 
             check_collective_devices_from_env()  # SG_CHECK_COLLECTIVE_DEVICE=1 (tests): calibration and training
         tuner = find_sparsegrad_tuner(model)

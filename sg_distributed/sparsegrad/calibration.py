@@ -15,12 +15,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..basis import Bases, GramAccumulator, compute_dtype, identity_bases
-from ..calibration import gradient_tap, run_backward_passes
+from sg_distributed.sparsegrad.basis import Bases, GramAccumulator, compute_dtype, identity_bases
+from sg_distributed.sparsegrad.gradient_tap import gradient_tap, run_backward_passes
 from ..io import tensor_bytes
-from ..runtime import in_place_collective, is_distributed
-from ..selection import Support, choose_block, leading_block, select_support, top_k_in_block
-from ..targets import layer_type
+from sg_distributed.distributed.process_group import in_place_collective, is_distributed
+from sg_distributed.sparsegrad.selection import Support, choose_block, leading_block, select_support, top_k_in_block
+from sg_distributed.sparsegrad.targets import layer_type
 from .config import SparseGradConfig
 from .layer import compute_dtype_of, master_dtype
 

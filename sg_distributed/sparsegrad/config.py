@@ -83,7 +83,7 @@ class SparseGradConfig(PeftConfig):
     modules_to_save: names of further modules trained densely and saved with the adapter (peft's
         ``modules_to_save``: a fresh classification head, embeddings), e.g. ``["classifier"]``.
     base_quantization: set at injection, not by users: ``8bit`` / ``4bit`` when the converted layers' bases are
-        bitsandbytes layers, else None. Saved with the adapter, so ``sg_distributed.export`` loads the base as
+        bitsandbytes layers, else None. Saved with the adapter, so ``sg_distributed.tools.export`` loads the base as
         it was trained.
     """
 

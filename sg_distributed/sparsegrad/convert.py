@@ -22,7 +22,7 @@ from torch import nn
 from safetensors.torch import save_file
 
 from ..io import atomic_directory
-from ..model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, SparseGradModel, read_adapter
+from sg_distributed.sparsegrad.wrapper import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FORMAT, SparseGradModel, read_adapter
 from .model import BASES, BLOCK_COLS, BLOCK_ROWS, SUPPORT
 
 LAYER_KEYS = {"sparse_values": "sparsegrad_values", "support": SUPPORT, "block_rows": BLOCK_ROWS,

@@ -30,7 +30,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..quant import dequantized_weight, is_quantized
-from ..selection import Support
+from sg_distributed.sparsegrad.selection import Support
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 

@@ -10,7 +10,7 @@ layer and the bases once per layer type (like VeRA's shared projections); loadin
 
 Only the fixed-support mode is a peft method: the paper-exact ``reference`` and ``dynamic`` modes train a
 dense rotated m x n matrix per layer (not an adapter of k values) and stay on the research wrapper
-``SparseGradModel`` (``sg_distributed/model.py``).
+``SparseGradModel`` (``sg_distributed/sparsegrad/wrapper.py``).
 """
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..basis import Bases
-from ..calibration import gradients_flowing
+from sg_distributed.sparsegrad.basis import Bases
+from sg_distributed.sparsegrad.gradient_tap import gradients_flowing
 from ..quant import quantization_of
-from ..reselect import SupportReselector
-from ..selection import Support
-from ..targets import find_target_linears
+from sg_distributed.sparsegrad.reselect import SupportReselector
+from sg_distributed.sparsegrad.selection import Support
+from sg_distributed.sparsegrad.targets import find_target_linears
 from .calibration import Calibrator, assign_basis_keys, support_checksum
 from .config import LLAMA_TARGETS, SparseGradConfig
 from .layer import SharedBasis, SparseGradLinear, compute_dtype_of

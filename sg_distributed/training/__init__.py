@@ -1,1 +1,2 @@
-"""Training-run plumbing shared by the launch scripts: argument checking (``arguments.py``)."""
+"""The training run: the engine behind one interface, checkpoints, the method switch, argument checks, graceful
+stops and the metrics log (used by ``launch/train_qa.py``)."""

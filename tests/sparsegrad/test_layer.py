@@ -5,7 +5,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sg_distributed.sparsegrad.layer import SparseGradLinear, fold_into_input_side, fold_into_output_side
-from sg_distributed.selection import Support, leading_block, select_support, top_k_in_block
+from sg_distributed.sparsegrad.selection import Support, leading_block, select_support, top_k_in_block
 
 
 from conftest import make_layer, orthogonal

@@ -1,0 +1,1 @@
+"""Process groups and the accounting of what crosses between ranks."""

@@ -1,0 +1,168 @@
+"""HOSVD bases from streamed Gram matrices.
+
+The HOSVD factor matrices of the stack {G_s} (s over layers of one type and calibration steps) are the
+eigenvectors of the mode Grams  sum_s G_s G_s^T  (output side, P) and  sum_s G_s^T G_s  (input side, Q).
+Accumulating those Grams needs O(m^2 + n^2) memory instead of the O(S*m*n) stack, and ranks combine
+them with one all-reduce.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sg_distributed.distributed.process_group import in_place_collective, is_distributed
+
+
+@dataclass
+class Bases:
+    """Orthogonal output-side P (m x m) and input-side R (n x n) with G~ = P^T G R."""
+
+    P: torch.Tensor
+    R: torch.Tensor
+
+    def rotate(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.P.T.to(grad.dtype) @ grad @ self.R.to(grad.dtype)
+
+    def rotate_factors(self, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """P^T (dY^T X) R computed as (dY P)^T (X R): T(m^2 + n^2 + mn) flops instead of m n (m + n)."""
+        return (dy @ self.P.to(dy.dtype)).T @ (x @ self.R.to(x.dtype))
+
+
+CHUNK = 1024  # rows per step of the in-place symmetrisation and columns per step of the pivot search
+
+
+def eigenbasis(gram: torch.Tensor, overwrite: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Eigenvectors of a symmetric PSD matrix as columns, by descending eigenvalue, with a canonical sign.
+
+    The sign rule (largest-magnitude entry of each vector positive) makes the result identical on every
+    rank and across runs, whatever sign LAPACK happens to return.
+
+    ``overwrite=True`` symmetrises a contiguous float64 ``gram`` in place: the caller gives it up (pass it
+    without keeping a reference and it is freed as soon as the solver is done with it). Working set: the
+    Gram + the solver's copy + the solver's own workspace (LAPACK syevd: 2 m^2 + 6 m + 1 doubles), then the
+    solver's output + the result (2 m^2); the other temporaries are CHUNK x m. Bit-identical to
+    ``overwrite=False``: every entry gets 0.5 * (g_ij + g_ji) by the same float64 operations (entries a chunk
+    already made symmetric give 0.5 * (s + s) = s exactly), and the flip and sign fix only move and negate
+    values. ``dtype``: the result's (float64 by default), rounded once from the float64 solution.
+    """
+    m = gram.shape[0]
+    if overwrite and gram.dtype == torch.float64 and gram.is_contiguous():
+        sym = gram
+        for start in range(0, m, CHUNK):  # rows and cols [start, stop) become symmetric
+            stop = min(start + CHUNK, m)
+            part = sym[start:stop].add(sym[:, start:stop].T).mul_(0.5)
+            sym[start:stop] = part
+            sym[:, start:stop] = part.T
+            del part
+    else:
+        sym = (0.5 * (gram + gram.T)).double()
+    del gram
+    _, vectors = torch.linalg.eigh(sym)  # column-major
+    del sym, _
+    pivots = torch.cat([vectors[:, s:s + CHUNK].abs().argmax(dim=0) for s in range(0, m, CHUNK)])
+    signs = torch.sign(vectors[pivots, torch.arange(m, device=vectors.device)])
+    signs[signs == 0] = 1
+    vectors.mul_(signs)
+    # descending eigenvalues: columns reversed, written row-major (collectives send raw storage)
+    result = torch.empty((m, m), dtype=torch.float64, device=vectors.device)
+    torch.index_select(vectors, 1, torch.arange(m - 1, -1, -1, device=vectors.device), out=result)
+    del vectors
+    return result if dtype in (None, torch.float64) else result.to(dtype)
+
+
+class GramAccumulator:
+    """Streams the two mode Grams of the gradients seen for each key (a layer type or a layer name).
+
+    Each contribution is computed in the gradient's own precision (at least float32: fast) and added
+    to accumulators of ``dtype`` (float64 by default), so the order in which ranks and micro-batches
+    are summed cannot change the result beyond float64 rounding.
+    """
+
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        self.dtype = dtype
+        self.out_gram: dict[str, torch.Tensor] = {}
+        self.in_gram: dict[str, torch.Tensor] = {}
+        self.count: dict[str, int] = {}
+
+    def _accumulate(self, key: str, out_part: torch.Tensor, in_part: torch.Tensor) -> None:
+        if key not in self.out_gram:
+            self.out_gram[key] = torch.zeros(out_part.shape, dtype=self.dtype, device=out_part.device)
+            self.in_gram[key] = torch.zeros(in_part.shape, dtype=self.dtype, device=in_part.device)
+            self.count[key] = 0
+        self.out_gram[key].add_(out_part)
+        self.in_gram[key].add_(in_part)
+        self.count[key] += 1
+
+    def add(self, key: str, grad: torch.Tensor) -> None:
+        g = grad.detach().to(compute_dtype(grad.dtype))
+        self._accumulate(key, g @ g.T, g.T @ g)
+
+    def add_factors(self, key: str, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """Add G = dY^T X given its factors (T x m, T x n); cheaper than ``add`` when T < min(m, n).
+
+        G G^T = dY^T (X X^T) dY and G^T G = X^T (dY dY^T) X cost T(m^2 + n^2) + 2T^2(m + n) flops
+        instead of mn(m + n).
+        """
+        T, m, n = dy.shape[0], dy.shape[1], x.shape[1]
+        dtype = compute_dtype(dy.dtype)
+        dy, x = dy.detach().to(dtype), x.detach().to(dtype)
+        if T >= min(m, n):
+            self.add(key, dy.T @ x)
+            return
+        self._accumulate(key, dy.T @ ((x @ x.T) @ dy), x.T @ ((dy @ dy.T) @ x))
+
+    def all_reduce(self) -> None:
+        """Sum the Grams over all ranks (no-op without an initialised process group)."""
+        if not is_distributed():
+            return
+        for key in sorted(self.out_gram):  # same order on every rank
+            in_place_collective(self.out_gram[key], dist.all_reduce)
+            in_place_collective(self.in_gram[key], dist.all_reduce)
+
+    def bases(self, input_convention: str = "textbook", dtype: torch.dtype | dict[str, torch.dtype] | None = None,
+              release: bool = False) -> dict[str, Bases]:
+        """P, R for every key. ``reference`` uses R = Q^T, the authors' convention.
+
+        ``dtype`` (one for all keys, or per key; float64 by default): the bases' precision, each rounded once
+        from its float64 solution as soon as it is solved. ``release=True`` consumes the accumulator: each
+        Gram is symmetrised in place and dropped once its eigenbasis is solved, so the Grams not yet solved,
+        the bases solved so far and one solve's working set are all that is alive (same bits as without).
+
+        In a process group rank 0 solves the eigenproblems and broadcasts the bases (on the Grams'
+        device, so NCCL can carry them): every rank gets rank 0's bits, even where ranks' LAPACK /
+        cuSOLVER builds would round differently (mixed GPU kinds), and the others skip the solve.
+        """
+        distributed = is_distributed()
+        result = {}
+        for key in sorted(self.out_gram):  # same order on every rank
+            out_dtype = (dtype.get(key) if isinstance(dtype, dict) else dtype) or torch.float64
+            sides = []
+            for grams in (self.out_gram, self.in_gram):
+                shape, device = grams[key].shape, grams[key].device
+                if not distributed or dist.get_rank() == 0:  # pop: eigenbasis holds the only reference
+                    basis = eigenbasis(grams.pop(key) if release else grams[key], overwrite=release, dtype=out_dtype)
+                else:
+                    if release:
+                        del grams[key]
+                    basis = torch.empty(shape, dtype=out_dtype, device=device)
+                if distributed:
+                    in_place_collective(basis, lambda t: dist.broadcast(t, src=0))
+                sides.append(basis)
+            P, Q = sides
+            del sides
+            R = Q if input_convention == "textbook" else Q.T.contiguous()
+            result[key] = Bases(P=P, R=R)
+        if release:
+            self.count.clear()
+        return result
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of one contribution: the input's, but never below float32 (bf16 products lose too much)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def identity_bases(m: int, n: int, dtype=torch.float32, device=None) -> Bases:
+    return Bases(P=torch.eye(m, dtype=dtype, device=device), R=torch.eye(n, dtype=dtype, device=device))

@@ -1,0 +1,1 @@
+"""Command-line tools: export, presets, memory estimate."""
