@@ -69,7 +69,7 @@ class QAPair:
 # ----------------------------------------------------------------------------------------- loading
 
 
-def _answer_to_text(answer, numeric: bool) -> str | None:
+def answer_to_text(answer, numeric: bool) -> str | None:
     """Scalar answer -> text, or None for answers that are skipped (lists, dicts, empty)."""
     if isinstance(answer, str):
         return answer.strip() or None
@@ -94,7 +94,7 @@ def _walk(nodes, group: str, path: Path, where: str, numeric: bool, out: list[QA
         for field in ("question", "answer"):
             if field not in node:
                 raise ValueError(f"{path}: {here} is missing field {field!r}")
-        text = _answer_to_text(node["answer"], numeric)
+        text = answer_to_text(node["answer"], numeric)
         question = node["question"].strip() if isinstance(node["question"], str) else ""
         if text is not None and question:
             out.append(QAPair(question, text, group))

@@ -229,14 +229,8 @@ def _text(value, where: str, column: str) -> str | None:
     """A cell as stripped text (numbers and booleans as FanOutQA writes them), None when empty."""
     if value is None:
         return None
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, str):
-        return value.strip() or None
+    if isinstance(value, (str, bool, int, float)):
+        return qa.answer_to_text(value, numeric=True)
     raise ValueError(f"{where}: column {column!r} holds {type(value).__name__} {_short(value)}, expected text")
 
 
