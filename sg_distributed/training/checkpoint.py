@@ -58,7 +58,7 @@ from sg_distributed.distributed.process_group import is_distributed
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_STATE = "trainable_state.pt"  # = trainable_state.FILENAME
-FORMAT = "sg_distributed.training.checkpoint/1"
+FORMAT = "sg_distributed.checkpoint/1"  # a file-format name, kept when the module moved
 
 # Exit codes of launch/train_qa.py (see README "Faults and bad input").
 EXIT_ERROR = 1  # bad input / configuration / refused resume: fix the input, do not retry as is

@@ -5,7 +5,7 @@ their values and Adam moments are small enough to gather whole on rank 0 at ever
 lets ``--resume`` continue on a different number of ranks under every engine, DeepSpeed included, whose
 own checkpoint holds per-rank ZeRO partitions. Contents (``torch.load(..., weights_only=False)``)::
 
-    format           "sg_distributed.training.trainable_state/1"
+    format           "sg_distributed.trainable_state/1"
     backend          the writer's backend (deepspeed_zero2, fsdp2, ddp, single, ...), world_size
     params           {name: fp32 tensor}: every trainable parameter by its name in the engine's module
                      (DeepSpeed: the fp32 master, not the bf16/fp16 module copy)
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 FILENAME = "trainable_state.pt"
-FORMAT = "sg_distributed.training.trainable_state/1"
+FORMAT = "sg_distributed.trainable_state/1"
 
 # Where DeepSpeed's optimizers keep their flat fp32 partitions (one per param group / ZeRO-3 sub-group), each
 # a parameter of the wrapped torch optimizer with its own state (``step``, moments): ZeRO-1/2, ZeRO-3, BF16_Optimizer
