@@ -34,22 +34,22 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
-from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
-from sg_distributed.training.metrics_log import MetricsLog  # noqa: E402
-from sg_distributed.training.signals import GracefulStop  # noqa: E402
-from sg_distributed.training.arguments import (ArgumentParser, at_least, check_paths, fraction,  # noqa: E402
-                                               non_negative_float, non_negative_int, open_fraction, positive_float,
-                                               positive_int, probability_below_one)
-from sg_distributed.training import checkpoint as ckpt  # noqa: E402
-from sg_distributed.distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.data.qa import TokenizedCollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
 from sg_distributed.data.sources import load_examples, tokenize_examples  # noqa: E402
-from sg_distributed.graddrop import GradDropConfig  # noqa: E402
-from sg_distributed.training.methods import METHODS, prepare, sparsegrad_config  # noqa: E402
+from sg_distributed.distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.distributed.process_group import (  # noqa: E402
     all_reduce_mean, assert_same_on_all_ranks, barrier, destroy_process_group, in_place_collective,
     init_process_group)
+from sg_distributed.graddrop import GradDropConfig  # noqa: E402
+from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
+from sg_distributed.training import checkpoint as ckpt  # noqa: E402
+from sg_distributed.training.arguments import (  # noqa: E402
+    ArgumentParser, at_least, check_paths, fraction, non_negative_float, non_negative_int, open_fraction,
+    positive_float, positive_int, probability_below_one)
 from sg_distributed.training.engine import Engine, global_batch_indices, rank_micro_batches  # noqa: E402
+from sg_distributed.training.methods import METHODS, prepare, sparsegrad_config  # noqa: E402
+from sg_distributed.training.metrics_log import MetricsLog  # noqa: E402
+from sg_distributed.training.signals import GracefulStop  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
