@@ -28,15 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradCallback, SparseGradConfig  # noqa: E402
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET  # noqa: E402
-from sg_distributed.data.qa import load_qa_pairs, split_by_group  # noqa: E402
+from sg_distributed.data.qa import prompt_messages  # noqa: E402
+from sg_distributed.data.sources import load_pairs  # noqa: E402
 from sg_distributed.distributed.process_group import destroy_process_group  # noqa: E402
 from sg_distributed.training.arguments import (  # noqa: E402
-    ArgumentParser, check_paths, at_least, fraction, non_negative_float, non_negative_int, positive_float, positive_int)
+    ArgumentParser, add_data_arguments, at_least, check_data_arguments, check_paths, fraction, non_negative_float,
+    non_negative_int, positive_float, positive_int)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    add_data_arguments(p)
     p.add_argument("--deepspeed", help="DeepSpeed JSON (\"auto\" values are filled by the Trainer)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", -1)))
     p.add_argument("--output_dir", default="outputs/sft_trl")
@@ -52,15 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--logging_steps", type=positive_int, default=5)
     p.add_argument("--seed", type=non_negative_int, default=0)
     args = p.parse_args(argv)
-    check_paths(p, args, files=("deepspeed", "data"), dirs=("model",))
+    check_paths(p, args, files=("deepspeed",), dirs=("model",))
+    check_data_arguments(p, args)
     return args
 
 
 def conversations(pairs) -> list[dict]:
-    """TRL's conversational prompt/completion rows: the chat template is applied and only the completion is
-    supervised."""
-    return [{"prompt": [{"role": "user", "content": p.question}],
-             "completion": [{"role": "assistant", "content": p.answer}]} for p in pairs]
+    """TRL's conversational prompt/completion rows: the prompt is the pair's system turn, history and user turn
+    (context + question), the chat template is applied and only the completion is supervised."""
+    return [{"prompt": prompt_messages(p), "completion": [{"role": "assistant", "content": p.answer}]} for p in pairs]
 
 
 def main(argv=None) -> dict:
@@ -81,7 +84,10 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # before the DeepSpeed config
-    train_pairs, heldout = split_by_group(load_qa_pairs(), heldout_fraction=0.2, seed=0)
+    try:
+        train_pairs, heldout = load_pairs(args)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"error: cannot use the training data: {err}")
     heldout = heldout[: args.eval_size] if args.eval_size else heldout
 
     on_cpu = not torch.cuda.is_available()

@@ -21,7 +21,6 @@ import re
 import signal
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -34,8 +33,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
-from sg_distributed.data.qa import TokenizedCollator, evaluate_qa, load_qa_pairs, split_by_group  # noqa: E402
-from sg_distributed.data.sources import load_examples, tokenize_examples  # noqa: E402
+from sg_distributed.data.qa import TokenizedCollator, evaluate_qa  # noqa: E402
+from sg_distributed.data.sources import load_pairs, tokenize_examples  # noqa: E402
 from sg_distributed.distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.distributed.process_group import (  # noqa: E402
     all_reduce_mean, assert_same_on_all_ranks, barrier, destroy_process_group, in_place_collective,
@@ -44,8 +43,8 @@ from sg_distributed.graddrop import GradDropConfig  # noqa: E402
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
 from sg_distributed.training import checkpoint as ckpt  # noqa: E402
 from sg_distributed.training.arguments import (  # noqa: E402
-    ArgumentParser, at_least, check_paths, fraction, non_negative_float, non_negative_int, open_fraction,
-    positive_float, positive_int, probability_below_one)
+    ArgumentParser, add_data_arguments, at_least, check_data_arguments, check_paths, fraction, non_negative_float,
+    non_negative_int, positive_float, positive_int, probability_below_one)
 from sg_distributed.training.engine import Engine, global_batch_indices, rank_micro_batches  # noqa: E402
 from sg_distributed.training.methods import METHODS, prepare, sparsegrad_config  # noqa: E402
 from sg_distributed.training.metrics_log import MetricsLog  # noqa: E402
@@ -63,21 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
                    help="set by the deepspeed launcher")
     p.add_argument("--model", help="HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    data = p.add_mutually_exclusive_group()
-    data.add_argument("--data", help="FanOutQA-format JSON (default: the fanoutqa package's dev set)")
-    data.add_argument("--dataset", help="any QA / chat data through datasets: a .json/.jsonl/.csv/.parquet file, a "
-                      "save_to_disk folder, a folder of data files or a hub name (online); see --question_column ...")
-    p.add_argument("--question_column", help="--dataset: the question column (default: question, prompt or "
-                   "instruction, whichever exists); without one, a 'messages' column of chat turns is used")
-    p.add_argument("--answer_column", help="--dataset: the answer column (default: answer, completion or output)")
-    p.add_argument("--context_column", help="--dataset: a column put before the question (e.g. Alpaca's input)")
-    p.add_argument("--messages_column", default="messages", help="--dataset: the chat column (the last assistant "
-                   "turn is the answer; earlier turns are the prompt)")
-    p.add_argument("--system_prompt", help="a system turn for every example (chat rows with their own keep it)")
-    p.add_argument("--group_column", help="--dataset: rows with the same value stay on one side of the held-out split")
-    p.add_argument("--eval_split", help="--dataset: the held-out split's name (default: --eval_fraction of train)")
-    p.add_argument("--eval_fraction", type=open_fraction, default=0.2,
-                   help="share of the training rows (or groups) held out when there is no --eval_split")
+    add_data_arguments(p)
     p.add_argument("--steps", type=positive_int, default=40, help="optimizer steps")
     p.add_argument("--micro_batch_size", type=positive_int, default=4)
     p.add_argument("--grad_accum", type=positive_int, default=1)
@@ -135,11 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     quant.add_argument("--load_in_8bit", action="store_true", help="frozen bitsandbytes int8 base weights")
     quant.add_argument("--load_in_4bit", action="store_true", help="frozen bitsandbytes nf4 base weights")
     args = p.parse_args(argv)
-    check_paths(p, args, files=("ds_config", "data"), dirs=("model", "init_adapter"))
-    dataset_only = [f"--{name}" for name in ("question_column", "answer_column", "context_column", "group_column",
-                                             "eval_split") if getattr(args, name) is not None]
-    if dataset_only and args.dataset is None:
-        p.error(f"argument {dataset_only[0]}: applies to --dataset, which is not given")
+    check_paths(p, args, files=("ds_config",), dirs=("model", "init_adapter"))
+    check_data_arguments(p, args)
     if args.resume not in (None, "auto"):
         check_paths(p, args, dirs=("resume",))
     return args
@@ -312,19 +294,9 @@ def load_data(args) -> tuple[list, list, str]:
     question, or any --dataset through sg_distributed.data.sources. The key is the FanOutQA file's digest
     ("default" for the embedded one) or a digest of the loaded examples."""
     try:
-        if args.dataset is None:
-            train, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=args.eval_fraction, seed=0)
-            if args.system_prompt:
-                train, heldout = ([replace(p, system=args.system_prompt) for p in side] for side in (train, heldout))
-            key = ckpt.file_digest(args.data) if args.data else "default"
-            if args.system_prompt or args.eval_fraction != 0.2:
-                key = examples_digest(train, heldout)
-            return train, heldout, key
-        train, heldout = load_examples(args.dataset, question_column=args.question_column,
-                                       answer_column=args.answer_column, context_column=args.context_column,
-                                       messages_column=args.messages_column, system_prompt=args.system_prompt,
-                                       group_column=args.group_column, eval_split=args.eval_split,
-                                       eval_fraction=args.eval_fraction, seed=0)
+        train, heldout = load_pairs(args)
+        if args.dataset is None and not args.system_prompt and args.eval_fraction == 0.2:  # as before --dataset
+            return train, heldout, ckpt.file_digest(args.data) if args.data else "default"
         return train, heldout, examples_digest(train, heldout)
     except (ValueError, OSError, UnicodeDecodeError) as err:
         raise SystemExit(f"error: cannot use the training data: {err}")

@@ -418,3 +418,18 @@ def tokenize_examples(examples: Sequence[QAPair], tokenizer, max_length: int = 6
         kwargs = {"cache_file_name": str(Path(cache_dir) / f"qa-tokens-{key}.arrow"), "new_fingerprint": key}
     return dataset.map(_encode_row, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
                        remove_columns=list(_EXAMPLE_COLUMNS), desc="tokenize", **kwargs)
+
+
+def load_pairs(args) -> tuple[list[QAPair], list[QAPair]]:
+    """(train, held-out) pairs chosen by the launch scripts' data flags (``training.arguments.add_data_arguments``):
+    FanOutQA (embedded, or ``args.data``) split by top-level question, or ``args.dataset`` through
+    ``load_examples``; ``--system_prompt`` applies to either."""
+    if args.dataset is None:
+        train, heldout = split_by_group(load_qa_pairs(args.data), heldout_fraction=args.eval_fraction, seed=0)
+        if args.system_prompt:
+            train, heldout = ([replace(p, system=args.system_prompt) for p in side] for side in (train, heldout))
+        return train, heldout
+    return load_examples(args.dataset, question_column=args.question_column, answer_column=args.answer_column,
+                         context_column=args.context_column, messages_column=args.messages_column,
+                         system_prompt=args.system_prompt, group_column=args.group_column,
+                         eval_split=args.eval_split, eval_fraction=args.eval_fraction, seed=0)

@@ -63,3 +63,34 @@ def check_paths(parser: argparse.ArgumentParser, args: argparse.Namespace, *, fi
             parser.error(f"argument {flag}: {value} is not a directory")
         if not want_dir and not path.is_file():
             parser.error(f"argument {flag}: {value} is not a file")
+
+
+DATASET_ONLY = ("question_column", "answer_column", "context_column", "group_column", "eval_split")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data flags the launch scripts share: FanOutQA (embedded, or ``--data``) or any ``--dataset``
+    (``sg_distributed.data.sources.load_pairs`` reads them)."""
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--data", help="FanOutQA-format JSON (default: the fanoutqa package's dev set)")
+    data.add_argument("--dataset", help="any QA / chat data through datasets: a .json/.jsonl/.csv/.parquet file, a "
+                      "save_to_disk folder, a folder of data files or a hub name (online); see --question_column ...")
+    parser.add_argument("--question_column", help="--dataset: the question column (default: question, prompt or "
+                        "instruction, whichever exists); without one, a 'messages' column of chat turns is used")
+    parser.add_argument("--answer_column", help="--dataset: the answer column (default: answer, completion or output)")
+    parser.add_argument("--context_column", help="--dataset: a column put before the question (e.g. Alpaca's input)")
+    parser.add_argument("--messages_column", default="messages", help="--dataset: the chat column (the last "
+                        "assistant turn is the answer; earlier turns are the prompt)")
+    parser.add_argument("--system_prompt", help="a system turn for every example (chat rows with their own keep it)")
+    parser.add_argument("--group_column", help="--dataset: rows with the same value stay on one side of the held-out "
+                        "split")
+    parser.add_argument("--eval_split", help="--dataset: the held-out split's name (default: --eval_fraction of train)")
+    parser.add_argument("--eval_fraction", type=open_fraction, default=0.2,
+                        help="share of the training rows (or groups) held out when there is no --eval_split")
+
+
+def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    check_paths(parser, args, files=("data",))
+    given = [f"--{name}" for name in DATASET_ONLY if getattr(args, name) is not None]
+    if given and args.dataset is None:
+        parser.error(f"argument {given[0]}: applies to --dataset, which is not given")

@@ -58,6 +58,21 @@ def test_sft_trainer_calibrates_trains_k_vectors_and_saves_a_peft_adapter(sft_tr
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, atol=1e-5, rtol=0)
 
 
+def test_conversations_carry_the_system_prompt_history_and_context(sft_trl):
+    """--dataset rows reach TRL with everything but the answer in the prompt: system turn, earlier turns, and
+    the context before the question in the user turn; the answer alone is the completion."""
+    from sg_distributed.data.qa import QAPair
+
+    pair = QAPair("How tall?", "61.6", "g", context="Jaguar I-Pace.", system="Be brief.",
+                  history=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    assert sft_trl.conversations([pair]) == [{
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                   {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Jaguar I-Pace.\n\nHow tall?"}],
+        "completion": [{"role": "assistant", "content": "61.6"}]}]
+    plain = QAPair("How tall?", "61.6", "g")  # FanOutQA: the prompt TRL saw before --dataset existed
+    assert sft_trl.conversations([plain])[0]["prompt"] == [{"role": "user", "content": "How tall?"}]
+
+
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", [2, 3])
 def test_sft_trainer_two_ranks_deepspeed(tiny_model_dir, tmp_path, stage):
