@@ -173,12 +173,22 @@ def test_sigterm_saves_a_checkpoint_and_resume_auto_is_bit_identical(train_qa, t
 # ------------------------------------------------------------------------------------------ DeepSpeed ZeRO-2
 
 
+SIGKILL_BACKENDS = {  # backend: (flags, what its checkpoint holds besides the adapter)
+    "zero2": (["--ds_config", "ds_configs/zero2.json"], "engine/state"),
+    "zero3": (["--ds_config", "ds_configs/zero3.json"], "engine/state"),
+    "fsdp2": (["--fsdp"], "dcp"),
+}
+
+
 @pytest.mark.multiprocess
-def test_zero2_two_ranks_sigkill_then_resume_auto_is_bit_identical(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("backend", list(SIGKILL_BACKENDS))
+def test_two_ranks_sigkill_then_resume_auto_is_bit_identical(tiny_model_dir, tmp_path, backend):
+    flags, engine_state = SIGKILL_BACKENDS[backend]
+
     def cmd(out):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                 "--master_port", str(free_port()), "launch/train_qa.py", "--model", str(tiny_model_dir), *COMMON,
-                "--ds_config", "ds_configs/zero2.json", "--output_dir", str(out)]
+                *flags, "--output_dir", str(out)]
 
     full, part = tmp_path / "full", tmp_path / "part"
     uninterrupted = subprocess.Popen(cmd(full), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -205,7 +215,7 @@ def test_zero2_two_ranks_sigkill_then_resume_auto_is_bit_identical(tiny_model_di
     out, _ = uninterrupted.communicate(timeout=240)
     assert uninterrupted.returncode == 0, out[-3000:]
     assert_identical(adapter(full), adapter(part))
-    assert (part / "checkpoints" / "step_8" / "engine" / "state").is_dir()
+    assert (part / "checkpoints" / "step_8" / engine_state).is_dir()
 
 
 # ------------------------------------------------------- another world size: trainable_state.pt (2 ranks -> 1 rank)
