@@ -17,8 +17,6 @@ import hashlib
 import json
 import math
 import os
-import re
-import signal
 import sys
 import time
 from pathlib import Path
@@ -46,6 +44,7 @@ from sg_distributed.training.arguments import (  # noqa: E402
     ArgumentParser, add_data_arguments, at_least, check_data_arguments, check_paths, fraction, non_negative_float,
     non_negative_int, positive_float, positive_int, probability_below_one)
 from sg_distributed.training.engine import Engine, global_batch_indices, rank_micro_batches  # noqa: E402
+from sg_distributed.training.faults import Faults  # noqa: E402
 from sg_distributed.training.methods import METHODS, prepare, sparsegrad_config  # noqa: E402
 from sg_distributed.training.metrics_log import MetricsLog  # noqa: E402
 from sg_distributed.training.signals import GracefulStop  # noqa: E402
@@ -267,28 +266,6 @@ class Stop(SystemExit):
         return self.message
 
 
-def fault_injection() -> dict[str, set]:
-    """SG_FAULT_INJECT (tests): comma-separated ``nan_loss_at_step_N``, ``kill_rankR_at_step_N``,
-    ``hang_at_step_N`` (every rank sleeps, to be killed from outside), ``crash_in_save_at_step_N``,
-    ``sigterm_at_step_N`` (each rank sends itself SIGTERM) (N: 0-based step index; for saves, the checkpoint's
-    step)."""
-    faults: dict[str, set] = {"nan": set(), "kill": set(), "crash_in_save": set(), "hang": set(), "sigterm": set()}
-    for token in filter(None, os.environ.get("SG_FAULT_INJECT", "").split(",")):
-        if m := re.fullmatch(r"nan_loss_at_step_(\d+)", token.strip()):
-            faults["nan"].add(int(m[1]))
-        elif m := re.fullmatch(r"kill_rank(\d+)_at_step_(\d+)", token.strip()):
-            faults["kill"].add((int(m[1]), int(m[2])))
-        elif m := re.fullmatch(r"hang_at_step_(\d+)", token.strip()):
-            faults["hang"].add(int(m[1]))
-        elif m := re.fullmatch(r"crash_in_save_at_step_(\d+)", token.strip()):
-            faults["crash_in_save"].add(int(m[1]))
-        elif m := re.fullmatch(r"sigterm_at_step_(\d+)", token.strip()):
-            faults["sigterm"].add(int(m[1]))
-        else:
-            raise SystemExit(f"error: SG_FAULT_INJECT: unknown fault {token!r}")
-    return faults
-
-
 def load_data(args) -> tuple[list, list, str]:
     """(train pairs, held-out pairs, the data's resume key): FanOutQA (embedded, or --data) split by top-level
     question, or any --dataset through sg_distributed.data.sources. The key is the FanOutQA file's digest
@@ -326,7 +303,7 @@ def fingerprint(args, info, model_path: str, global_batch: int, data_key: str) -
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    faults = fault_injection()
+    faults = Faults()  # SG_FAULT_INJECT (tests)
     torch.manual_seed(args.seed)
     from sg_distributed.integrations.accelerate import AccelerateConfigError, apply_accelerate_env
 
@@ -571,8 +548,7 @@ def main(argv=None) -> dict:
                 "reselect": reselector.state_dict() if reselector is not None else None})
 
         def crash(tmp: Path) -> None:  # SG_FAULT_INJECT=crash_in_save_at_step_N: die with a half-written step_N.tmp
-            if step in faults["crash_in_save"]:
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.during_save(step)
 
         extra = {"backend": backend, "world_size": info.world_size,
                  "fingerprint": fingerprint(args, info, args.model, global_batch, data_key),
@@ -617,15 +593,7 @@ def main(argv=None) -> dict:
     try:
         with counter, graceful:
             for step in bar:
-                if step in faults["sigterm"]:  # SG_FAULT_INJECT=sigterm_at_step_N: as Slurm before a time limit
-                    os.kill(os.getpid(), signal.SIGTERM)
-                if (info.rank, step) in faults["kill"]:  # SG_FAULT_INJECT=kill_rankR_at_step_N
-                    print(f"fault injection: rank {info.rank} dies at step {step}", flush=True)
-                    os.kill(os.getpid(), signal.SIGKILL)
-                if step in faults["hang"]:
-                    print(f"fault injection: rank {info.rank} hangs at step {step}", flush=True)
-                    time.sleep(120)  # long enough to be killed from outside; an orphan still ends
-                    raise SystemExit(f"fault injection: rank {info.rank} was not killed during its hang")
+                faults.at_step_start(step, info.rank)
                 if step == 1:
                     counter.reset()  # the first step carries one-off set-up traffic
                 # A step's non-finite check is decided after its last forward, before that micro-batch's backward
@@ -636,9 +604,7 @@ def main(argv=None) -> dict:
                 nonfinite, loss_sum, bad = [], None, []
                 for i, batch in enumerate(batches):
                     with counter.label("forward"):
-                        loss = engine.forward(batch)
-                    if step in faults["nan"]:
-                        loss = loss * float("nan")
+                        loss = faults.loss(step, engine.forward(batch))
                     value = loss.detach().float()
                     nonfinite.append(~torch.isfinite(value))
                     loss_sum = value / len(batches) if loss_sum is None else loss_sum + value / len(batches)
