@@ -31,12 +31,11 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sg_distributed import SparseGradConfig  # noqa: E402
-from sg_distributed.data.qa import TokenizedCollator, evaluate_qa  # noqa: E402
+from sg_distributed.data.qa import TokenizedCollator  # noqa: E402
 from sg_distributed.data.sources import load_pairs, tokenize_examples  # noqa: E402
 from sg_distributed.distributed.comm import CommCounter  # noqa: E402
 from sg_distributed.distributed.process_group import (  # noqa: E402
-    all_reduce_mean, assert_same_on_all_ranks, barrier, destroy_process_group, in_place_collective,
-    init_process_group)
+    assert_same_on_all_ranks, barrier, destroy_process_group, in_place_collective, init_process_group)
 from sg_distributed.graddrop import GradDropConfig  # noqa: E402
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK  # noqa: E402
 from sg_distributed.training import checkpoint as ckpt  # noqa: E402
@@ -44,6 +43,7 @@ from sg_distributed.training.arguments import (  # noqa: E402
     ArgumentParser, add_data_arguments, at_least, check_data_arguments, check_paths, fraction, non_negative_float,
     non_negative_int, positive_float, positive_int, probability_below_one)
 from sg_distributed.training.engine import Engine, global_batch_indices, rank_micro_batches  # noqa: E402
+from sg_distributed.training.evaluation import evaluate_held_out, summary  # noqa: E402
 from sg_distributed.training.faults import Faults  # noqa: E402
 from sg_distributed.training.methods import METHODS, prepare, sparsegrad_config  # noqa: E402
 from sg_distributed.training.metrics_log import MetricsLog  # noqa: E402
@@ -214,36 +214,6 @@ def quantized_weights_digest(model) -> str | None:
     return digest.hexdigest() if found else None
 
 
-def evaluate(model, tokenizer, pairs, info, args, label: str, zero3: bool = False) -> dict:
-    """Each rank scores an equal share of the held-out pairs; metrics are averaged over all of them.
-
-    Under ZeRO-3 every forward is a collective, so shares are equal and generation is synced.
-    """
-    mine = pairs[info.rank::info.world_size]
-    metrics = evaluate_qa(model, tokenizer, mine, batch_size=16, max_length=args.max_length,
-                          show_progress=info.is_main, return_predictions=True, synced_gpus=zero3)
-    merged = all_reduce_mean({k: metrics[k] for k in ("answer_loss", "answer_token_accuracy", "exact_match", "f1")},
-                             len(mine))
-    if info.is_main:
-        for pair, prediction in list(zip(mine, metrics["predictions"]))[:3]:
-            print(f"  Q: {pair.question} | gold: {pair.answer} | model: {prediction!r}", flush=True)
-        print(f"[{label}] held-out answer loss {merged['answer_loss']:.4f} | answer-token accuracy "
-              f"{merged['answer_token_accuracy']:.3f} (teacher-forced) | exact match {merged['exact_match']:.3f} | "
-              f"F1 {merged['f1']:.3f} (greedy answers vs the gold string) | n={merged['num_examples']}", flush=True)
-    return merged
-
-
-def summary(results: dict, steps: int) -> str:
-    """What moved, held-out, first; and what exact match / F1 mean for a short run on a small model."""
-    before, after = results.get("before"), results["after"]
-    moved = lambda key, fmt: (f"{before[key]:{fmt}} -> " if before else "") + f"{after[key]:{fmt}}"
-    return (f"held-out: answer loss {moved('answer_loss', '.3f')}, answer-token accuracy "
-            f"{moved('answer_token_accuracy', '.3f')}; exact match {moved('exact_match', '.3f')}, F1 {moved('f1', '.3f')}\n"
-            f"(loss and token accuracy are teacher-forced on the gold answer: they move first. Exact match and F1 "
-            f"compare the model's own greedy answer with the gold string; after {steps} steps on a small model "
-            f"they stay near 0, because the answer format is learned before the facts.)")
-
-
 def gathered(params, zero3: bool):
     """Full parameters inside the block (ZeRO-3 partitions them); a no-op otherwise."""
     if not zero3:
@@ -398,7 +368,7 @@ def main(argv=None) -> dict:
                "data": data_info,
                "quantized_base_digest_before": quantized_weights_digest(model)}
     if not args.no_eval_before and resume_dir is None:
-        results["before"] = evaluate(model, tokenizer, heldout, info, args, "before")
+        results["before"] = evaluate_held_out(model, tokenizer, heldout, info, args.max_length, "before")
 
     config = SparseGradConfig(density=args.density, k=args.k, max_rows=args.max_rows or None,
                               max_cols=args.max_cols or None, budget_axes=args.budget_axes,
@@ -680,7 +650,8 @@ def main(argv=None) -> dict:
             print(f"bytes per step on rank 0 (steps 2..{args.steps}):\n" + counter.table(args.steps - 1, by="label"),
                   flush=True)
     results["train_loss_first_last"] = [losses[0], sum(losses[-5:]) / len(losses[-5:])] if losses else None
-    results["after"] = evaluate(prepared.model, tokenizer, heldout, info, args, "after", zero3=zero3 or args.fsdp)
+    results["after"] = evaluate_held_out(prepared.model, tokenizer, heldout, info, args.max_length, "after",
+                                         zero3=zero3 or args.fsdp)
     with gathered([p for p in model.parameters() if not p.dtype.is_floating_point], zero3):
         results["quantized_base_digest_after"] = quantized_weights_digest(model)
 

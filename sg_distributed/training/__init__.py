@@ -1,2 +1,2 @@
 """The training run: the engine behind one interface, checkpoints, the method switch, argument checks, graceful
-stops and the metrics log (used by ``launch/train_qa.py``)."""
+stops, fault injection for tests, held-out evaluation and the metrics log (used by ``launch/train_qa.py``)."""

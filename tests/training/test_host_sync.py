@@ -64,7 +64,7 @@ class HostReadCounter(TorchFunctionMode):
 def host_reads_in_training_loop(train_qa, monkeypatch, argv) -> tuple[HostReadCounter, dict]:
     """Run ``main(argv)``; return the host reads between the loop's first forward and the 'after' evaluation."""
     counter = HostReadCounter()
-    forward, evaluate = train_qa.Engine.forward, train_qa.evaluate
+    forward, evaluate = train_qa.Engine.forward, train_qa.evaluate_held_out
 
     def counting_forward(self, batch):
         counter.active = True  # the loop's first forward opens the window (calibration does not use the Engine)
@@ -75,7 +75,7 @@ def host_reads_in_training_loop(train_qa, monkeypatch, argv) -> tuple[HostReadCo
         return evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train_qa.Engine, "forward", counting_forward)
-    monkeypatch.setattr(train_qa, "evaluate", closing_evaluate)
+    monkeypatch.setattr(train_qa, "evaluate_held_out", closing_evaluate)
     with counter:
         results = train_qa.main(argv)
     return counter, results
