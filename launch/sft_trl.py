@@ -78,9 +78,7 @@ def main(argv=None) -> dict:
     if args.model is None:
         from sg_distributed.data.assets import smollm2_dir
 
-        args.model = str(smollm2_dir())
-    if not Path(args.model).exists():
-        raise SystemExit(f"error: model directory {args.model} does not exist")
+        args.model = str(smollm2_dir())  # a given --model was checked by parse_args
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)  # before the DeepSpeed config

@@ -169,16 +169,10 @@ def enable_gradient_checkpointing(model, mode: str) -> None:
     model.enable_input_require_grads()
 
 
-def load_model_and_tokenizer(path: str | None, load_in_8bit: bool = False, load_in_4bit: bool = False,
+def load_model_and_tokenizer(path: str, load_in_8bit: bool = False, load_in_4bit: bool = False,
                              dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    if path is None:
-        from sg_distributed.data.assets import smollm2_dir
-
-        path = smollm2_dir()
-    if not Path(path).exists():
-        raise SystemExit(f"error: model directory {path} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -293,9 +287,7 @@ def main(argv=None) -> dict:
     if args.model is None:
         from sg_distributed.data.assets import smollm2_dir
 
-        args.model = str(smollm2_dir())
-    if not Path(args.model).exists():
-        raise SystemExit(f"error: model directory {args.model} does not exist")
+        args.model = str(smollm2_dir())  # a given --model was checked by parse_args
     if args.init_adapter and args.method not in ckpt.SPARSEGRAD_METHODS:
         raise SystemExit(f"error: --init_adapter is for the SparseGrad methods {ckpt.SPARSEGRAD_METHODS}")
     train_pairs, heldout, data_key = load_data(args)

@@ -20,7 +20,7 @@ from torch import nn
 
 from sg_distributed.sparsegrad.config import SparseGradConfig
 from sg_distributed.graddrop import GradDropConfig, apply_graddrop
-from sg_distributed.sparsegrad.wrapper import SparseGradModel
+from sg_distributed.sparsegrad.wrapper import get_sparsegrad_model
 from sg_distributed.sparsegrad.optim import clear_masks
 from sg_distributed.sparsegrad.targets import find_target_linears
 
@@ -77,8 +77,7 @@ def prepared_sparsegrad(method: str, wrapped, weight_decay: float = 0.0) -> Prep
     info: dict[str, Any] = {"config": config.to_dict()}
     if config.support_mode == "fixed":
         def make(lr):  # the k-vectors and any modules_to_save; the re-selector resets moments in this optimizer
-            params = [p for p in wrapped.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            optimizer = torch.optim.AdamW(wrapped.trainable_parameters(), lr=lr, weight_decay=weight_decay)
             if config.reselect_every:
                 info["reselector"] = wrapped.make_reselector(optimizer)
             return optimizer
@@ -112,14 +111,8 @@ def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration
             config = SparseGradConfig.from_dict({**config.to_dict(), **overrides})
         if calibration_batches is None:
             raise ValueError(f"method {method!r} needs calibration batches")
-        if config.support_mode == "fixed":  # the peft method
-            from peft import get_peft_model
-
-            wrapped = get_peft_model(model, config)
-            wrapped.calibrate(calibration_batches, loss_fn=loss_fn, show_progress=show_progress)
-        else:  # the paper-exact modes: the research wrapper
-            wrapped = SparseGradModel(model, config).calibrate(calibration_batches, loss_fn=loss_fn,
-                                                               show_progress=show_progress)
+        wrapped = get_sparsegrad_model(model, config)  # peft for fixed support, else the research wrapper
+        wrapped.calibrate(calibration_batches, loss_fn=loss_fn, show_progress=show_progress)
         return prepared_sparsegrad(method, wrapped, weight_decay)
 
     if method == "lora":
