@@ -169,15 +169,20 @@ class SparseGradModel(nn.Module):
         ``raise``: FloatingPointError naming the first layer with a NaN/inf gradient. ``skip``: zero all
         grads, count the step in ``skipped_steps`` and return False (the caller skips the update).
         """
-        for name, p in self.base_model.named_parameters():
-            if p.requires_grad and p.grad is not None and not torch.isfinite(p.grad).all():
-                if policy == "raise":
-                    raise FloatingPointError(f"non-finite gradient in {name}")
-                self.skipped_steps += 1
-                for q in self.trainable_parameters():
-                    q.grad = None
-                return False
-        return True
+        named = [(name, p.grad) for name, p in self.base_model.named_parameters()
+                 if p.requires_grad and p.grad is not None]
+        if not named:
+            return True
+        # one flag per gradient, computed on the device, and a single host read (not one sync per parameter)
+        finite = torch.stack([torch.isfinite(grad).all() for _, grad in named]).tolist()
+        if all(finite):
+            return True
+        if policy == "raise":
+            raise FloatingPointError(f"non-finite gradient in {named[finite.index(False)][0]}")
+        self.skipped_steps += 1
+        for q in self.trainable_parameters():
+            q.grad = None
+        return False
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.parameter_counts()

@@ -153,6 +153,15 @@ def test_nonfinite_gradients_raise_or_skip(tiny_llama):
         model.grads_are_finite("raise")
     assert model.grads_are_finite("skip") is False and model.skipped_steps == 1
     assert layer.rotated_weight.grad is None
+    # one bad gradient among finite ones is found and named (the check reads every flag at once)
+    layers = list(model.converted_layers().items())
+    for _, other in layers:
+        other.rotated_weight.grad = torch.zeros_like(other.rotated_weight)
+    assert len(layers) > 1 and model.grads_are_finite("raise") is True
+    name, last = layers[-1]
+    last.rotated_weight.grad[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match=f"{name}.rotated_weight"):
+        model.grads_are_finite("raise")
 
 
 @pytest.mark.parametrize("kwargs,message", [
