@@ -1,6 +1,7 @@
 """Reading frozen base weights that may be bitsandbytes 8-bit or 4-bit."""
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
@@ -76,3 +77,14 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
             return weight.data.float()
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
     return weight.data
+
+
+def quantized_weights_digest(model) -> str | None:
+    """SHA-256 of every bitsandbytes weight: proves the frozen int8/nf4 base is untouched by training."""
+    digest, found = hashlib.sha256(), False
+    for name, module in model.named_modules():
+        if is_quantized(module):
+            found = True
+            digest.update(name.removesuffix(".base_layer").encode())  # SparseGradLinear wraps the base as `.base_layer`
+            digest.update(module.weight.data.cpu().numpy().tobytes())
+    return digest.hexdigest() if found else None

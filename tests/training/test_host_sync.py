@@ -1,4 +1,4 @@
-"""launch/train_qa.py's training loop reads the device at most once per optimizer step.
+"""The training loop (training/loop.py, run by launch/train_qa.py) reads the device at most once per optimizer step.
 
 On a GPU every ``.item()``, ``.tolist()``, ``bool(t)``, ``float(t)``, ``int(t)``, ``.cpu()``, ``.numpy()`` of a device
 tensor (and boolean-mask indexing, whose output size needs the mask's count) makes the CPU wait for the GPU. The
@@ -24,7 +24,7 @@ HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, tor
 
 # Python-level wrappers of Tensor methods (``f"{t}"``, ``len(t)``...): the read is their caller's
 WRAPPERS = ("/torch/_tensor.py", "/torch/overrides.py", "/torch/utils/_python_dispatch.py")
-OWN = ("launch/train_qa.py", "sg_distributed/training/engine.py")  # the training loop and its Engine
+OWN = ("sg_distributed/training/loop.py", "sg_distributed/training/engine.py")  # the training loop and its Engine
 
 
 class HostReadCounter(TorchFunctionMode):
@@ -64,7 +64,10 @@ class HostReadCounter(TorchFunctionMode):
 def host_reads_in_training_loop(train_qa, monkeypatch, argv) -> tuple[HostReadCounter, dict]:
     """Run ``main(argv)``; return the host reads between the loop's first forward and the 'after' evaluation."""
     counter = HostReadCounter()
-    forward, evaluate = train_qa.Engine.forward, train_qa.evaluate_held_out
+    from sg_distributed.training import loop
+    from sg_distributed.training.engine import Engine
+
+    forward, evaluate = Engine.forward, loop.evaluate_held_out
 
     def counting_forward(self, batch):
         counter.active = True  # the loop's first forward opens the window (calibration does not use the Engine)
@@ -74,8 +77,8 @@ def host_reads_in_training_loop(train_qa, monkeypatch, argv) -> tuple[HostReadCo
         counter.active = False  # the held-out evaluation after the loop closes it
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train_qa.Engine, "forward", counting_forward)
-    monkeypatch.setattr(train_qa, "evaluate_held_out", closing_evaluate)
+    monkeypatch.setattr(Engine, "forward", counting_forward)
+    monkeypatch.setattr(loop, "evaluate_held_out", closing_evaluate)
     with counter:
         results = train_qa.main(argv)
     return counter, results
