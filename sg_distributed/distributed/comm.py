@@ -43,6 +43,29 @@ the backward runs on the thread that entered the counter). It costs a Python rou
 DDP's reducer calls C++ collectives directly, invisible to ``layer="python"``: register
 ``model.register_comm_hook(None, counter.ddp_hook())`` (an all-reduce-mean hook that counts its bucket).
 
+Why not CommDebugMode or DeepSpeed's comms logger
+=================================================
+Measured on 2 gloo ranks (torch 2.13, DeepSpeed 0.19.8; tests/comm_crosscheck_worker.py), these library
+counters cannot replace the hooks above; they serve as independent cross-checks (tests/distributed/test_comm.py):
+
+* ``torch.distributed.tensor.debug.CommDebugMode`` keeps **op counts only** (``get_comm_counts()``: op ->
+  int, no sizes), so the bytes would still need a dispatch mode of our own (``layer="dispatch"``). It
+  **raises** (IndexError in its module tracker) as soon as one context spans two forwards of a module, i.e.
+  any multi-step count (its tracker adds one forward hook per call). Like any dispatch mode it only sees
+  the thread that entered it, and its op set has no ``barrier``, ``send`` or ``recv_``. Where it is used one
+  step at a time it agrees with CommCounter's op counts on every engine (c10d eager, DDP, FSDP2, ZeRO-2,
+  ZeRO-3), and it sees two things CommCounter misses: **functional collectives** (``_c10d_functional``:
+  DTensor's ``full_tensor``/redistribute, and the one scalar all-reduce of ``clip_grad_norm_`` over FSDP2
+  DTensor gradients, i.e. ``Engine.step`` with ``max_grad_norm`` and sharded k-vectors) and, like
+  ``layer="dispatch"``, DDP's C++ broadcasts when it rebuilds its buckets at the second backward (2 calls,
+  24 B on the tiny test model; ``ddp_hook`` counts the gradient all-reduces only).
+* DeepSpeed's comms logger (``"comms_logger": {"enabled": true, "prof_all": true}``) logs the count and
+  size of the ``tensor`` argument of each ``deepspeed.comm`` call: for ZeRO-2 and ZeRO-3 these equal
+  CommCounter's calls and payload bytes exactly (broadcast: logged on every rank, payload on the source
+  only). But it sees nothing outside ``deepspeed.comm`` (FSDP2, DDP, our own ``torch.distributed`` calls)
+  nor, by its source, ``deepspeed.comm.all_gather_coalesced`` (not a ``timed_op``); it has no wire
+  bytes and no labels, is process-global, and synchronizes the accelerator after every collective.
+
 Collective-device check
 =======================
 NCCL takes CUDA tensors only: a CPU tensor handed to a collective kills a multi-GPU job, and code that

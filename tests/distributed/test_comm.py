@@ -226,3 +226,83 @@ def test_zero2_bytes_full_vs_sparsegrad(tmp_path):
         # the promise: <= 2 % of dense traffic at 1 % density (scalar all-reduces are the slack)
         assert reduce_bytes(sg) / reduce_bytes(full) <= 0.02 + 1e-3
         assert sg["total"]["wire"] / full["total"]["wire"] <= 0.02 + 1e-3
+
+
+# ------------------------------------------------------------------ cross-checks against independent counters
+#
+# tests/comm_crosscheck_worker.py counts one step of a tiny MLP (16-32-4, fp32: N = 676 values, 2704 B) per engine
+# with CommCounter, torch's CommDebugMode (op counts only) and, under DeepSpeed, DeepSpeed's comms logger (op
+# counts and message sizes), all at once, on 2 gloo ranks. Why CommCounter does not sit on either of them: see
+# "Why not CommDebugMode or DeepSpeed's comms logger" in sg_distributed/distributed/comm.py.
+
+MLP_BYTES = (16 * 32 + 32 + 32 * 4 + 4) * 4
+CDM_OPS = {"c10d.allreduce_": "all_reduce", "c10d._allgather_base_": "all_gather_into_tensor",
+           "c10d._reduce_scatter_base_": "reduce_scatter_tensor", "c10d.broadcast_": "broadcast",
+           "c10d.allgather_": "all_gather"}
+
+
+@pytest.fixture(scope="module")
+def crosscheck(tmp_path_factory):
+    out = tmp_path_factory.mktemp("crosscheck") / "counts.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(REPO / "tests" / "comm_crosscheck_worker.py"), "--out", str(out),
+           "--engines", "eager,ddp,fsdp2,zero2,zero3"]
+    proc = run_ranks(cmd, cwd=REPO, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())["ranks"]
+
+
+def _calls(by_op: dict) -> dict:
+    return {op: s["calls"] for op, s in by_op.items() if s["calls"]}
+
+
+@pytest.mark.multiprocess
+def test_commcounter_and_commdebugmode_agree_on_op_counts(crosscheck):
+    # What each counter sees that the other does not, per engine (measured, torch 2.13):
+    only_counter = {"eager": {"barrier": 1, "send": 1, "recv": 1}}  # CommDebugMode's op set has no barrier/send/recv_
+    only_cdm = {"ddp": {"broadcast": 2},  # DDP rebuilds its buckets at the 2nd backward: C++ broadcasts
+                "fsdp2": {"c10d_functional.all_reduce": 1}}  # clip_grad_norm_ of DTensor grads: functional all-reduce
+    for rank, res in enumerate(crosscheck):
+        for engine, counts in res.items():
+            cdm = {CDM_OPS.get(op, op): n for op, n in counts["commdebugmode"].items()}
+            counter = _calls(counts["python"])
+            for op, n in _calls(counts.get("ddp_hook", {})).items():  # DDP's reducer is counted by Engine's hook
+                counter[op] = counter.get(op, 0) + n
+            diff_counter = {op: n - cdm.get(op, 0) for op, n in counter.items() if n != cdm.get(op, 0)}
+            diff_cdm = {op: n - counter.get(op, 0) for op, n in cdm.items() if n != counter.get(op, 0)}
+            expected_counter = dict(only_counter.get(engine, {}))
+            if engine == "eager":
+                expected_counter.pop("recv" if rank == 0 else "send")
+            assert diff_counter == expected_counter, (rank, engine, counter, cdm)
+            assert diff_cdm == only_cdm.get(engine, {}), (rank, engine, counter, cdm)
+            # the dispatch layer sees every c10d operator CommDebugMode sees, DDP's C++ calls included
+            c10d = {op: n for op, n in cdm.items() if not op.startswith("c10d_functional.")}
+            assert {op: n for op, n in _calls(counts["dispatch"]).items() if op in c10d} == c10d, (rank, engine)
+    # and the bytes are the analytic ones: every gradient reduced once, FSDP2 gathers each shard fwd + bwd
+    for res in crosscheck:
+        assert res["ddp"]["ddp_hook"]["all_reduce"]["payload"] == MLP_BYTES
+        assert res["ddp"]["ddp_hook"]["all_reduce"]["wire"] == dense_allreduce_bytes(MLP_BYTES // 4, 2, 4)
+        assert res["fsdp2"]["python"]["reduce_scatter_tensor"]["payload"] == MLP_BYTES
+        assert res["fsdp2"]["python"]["all_gather_into_tensor"]["payload"] == 2 * MLP_BYTES // 2
+        assert res["zero2"]["python"]["all_gather_into_tensor"]["payload"] == MLP_BYTES // 2
+        assert res["zero3"]["python"]["reduce_scatter_tensor"]["payload"] == MLP_BYTES
+
+
+@pytest.mark.multiprocess
+def test_commcounter_bytes_equal_deepspeeds_comms_logger(crosscheck):
+    p = len(crosscheck)
+    for rank, res in enumerate(crosscheck):
+        for engine in ("zero2", "zero3"):
+            logged, counted = res[engine]["ds_comms_logger"], res[engine]["python"]
+            assert set(logged) == set(counted), (rank, engine, logged, counted)
+            for op, sizes in logged.items():
+                calls = sum(sizes.values())
+                nbytes = sum(int(size) * n for size, n in sizes.items())  # the ``tensor`` argument of each call
+                if op == "broadcast":  # DeepSpeed logs the tensor on every rank; payload counts it on the source only
+                    payload, wire = (nbytes, float(nbytes)) if rank == 0 else (0, 0.0)
+                else:  # ring bytes from the logged sizes (all-gather: the logged tensor is one shard of p)
+                    payload, wire = nbytes, wire_bytes(op, nbytes * (p if op.startswith("all_gather") else 1), p)
+                assert (counted[op]["calls"], counted[op]["payload"]) == (calls, payload), (rank, engine, op)
+                assert counted[op]["wire"] == pytest.approx(wire), (rank, engine, op)
+    assert crosscheck[0]["zero2"]["ds_comms_logger"]["all_reduce"][str(MLP_BYTES)] == 1  # the gradients, once
