@@ -1,6 +1,8 @@
 """--report_to (training/reporting.py) and MetricsLog's sinks: TensorBoard events read back with TensorBoard's own
-reader, wandb offline when installed, the errors a user sees."""
+reader, wandb offline when installed, the errors a user sees, and launch/train_qa_trainer.py run as typed."""
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import pytest
 from sg_distributed.training.arguments import ArgumentParser, add_reporting_arguments
 from sg_distributed.training.metrics_log import MetricsLog
 from sg_distributed.training.reporting import open_sinks, resolve_report_to
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def events(log_dir):
@@ -155,3 +159,44 @@ def test_wandb_offline_gets_the_config_and_each_record(tmp_path, monkeypatch):
     log.close()
     assert wandb.run is None  # finished
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # written to <output_dir>, no network
+
+
+def test_sft_trl_passes_report_to_into_its_sft_config(tiny_model_dir, tmp_path, monkeypatch):
+    import trl
+
+    from conftest import load_launch_script
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def config(**kwargs):
+        seen.append(kwargs["report_to"])
+        raise Stop
+
+    monkeypatch.setattr(trl, "SFTConfig", config)
+    sft_trl = load_launch_script("sft_trl")
+    for argv in ([], ["--report_to", "tensorboard"]):
+        with pytest.raises(Stop):
+            sft_trl.main(["--model", str(tiny_model_dir), "--output_dir", str(tmp_path), "--eval_size", "2", *argv])
+    assert seen == ["none", ["tensorboard"]]
+
+
+def test_train_qa_trainer_report_to_tensorboard_end_to_end(tiny_model_dir, tmp_path):
+    """The command a user types: the Trainer's own TensorBoardCallback writes <output_dir>/runs/<time>_<host>."""
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "WORLD_SIZE"))}
+    env |= {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "launch/train_qa_trainer.py", "--model", str(tiny_model_dir), "--report_to", "tensorboard",
+           "--max_steps", "3", "--logging_steps", "1", "--eval_size", "2", "--no_eval_before", "--calibration_steps",
+           "1", "--micro_batch_size", "2", "--max_length", "32", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (run_dir,) = (out / "runs").iterdir()
+    logged = [(e["step"], e["loss"]) for e in json.loads((out / "metrics.json").read_text())["log_history"]]
+    assert len(logged) == 3
+    run = events(run_dir)
+    steps, losses = zip(*scalars(run, "train/loss"))
+    assert list(steps) == [step for step, _ in logged] and losses == pytest.approx([loss for _, loss in logged], rel=1e-6)
+    assert "eval/loss" in run.Tags()["scalars"]  # the closing trainer.evaluate()
