@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from sg_distributed.integrations.deepspeed import with_persistent_k_vectors
-    from sg_distributed.integrations.trainer import configure_cpu_deepspeed_state
+    from sg_distributed.integrations.trainer import configure_cpu_deepspeed_state, tensorboard_in_output_dir
 
     if args.model is None:
         from sg_distributed.data.assets import smollm2_dir
@@ -111,6 +111,7 @@ def main(argv=None) -> dict:
     trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(conversations(train_pairs)),
                          eval_dataset=Dataset.from_list(conversations(heldout)), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[SparseGradCallback()])
+    tensorboard_in_output_dir(trainer)  # the evaluation before training would open ./runs otherwise
     results: dict = {"world_size": sft_args.world_size, "deepspeed": args.deepspeed}
     if not use_deepspeed:  # before calibration the adapter is off: the base model's loss (the k-vectors start at 0)
         with trainer.model.disable_adapter():

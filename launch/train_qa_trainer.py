@@ -76,7 +76,8 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from sg_distributed.integrations.deepspeed import with_persistent_k_vectors
-    from sg_distributed.integrations.trainer import calibrate_from_dataloader, configure_cpu_deepspeed_state
+    from sg_distributed.integrations.trainer import (calibrate_from_dataloader, configure_cpu_deepspeed_state,
+                                                     tensorboard_in_output_dir)
 
     if args.model is None:
         from sg_distributed.data.assets import smollm2_dir
@@ -116,6 +117,7 @@ def main(argv=None) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=train_pairs, eval_dataset=heldout,
                       data_collator=QACollator(tokenizer, max_length=args.max_length), processing_class=tokenizer,
                       callbacks=[SparseGradCallback(calibration_steps=args.calibration_steps)])
+    tensorboard_in_output_dir(trainer)  # the evaluation before training would open ./runs otherwise
     results: dict = {"world_size": training_args.world_size, "deepspeed": args.deepspeed}
     trainable, total = model.get_nb_trainable_parameters()
     results["trainable_params"], results["total_params"] = trainable, total

@@ -161,42 +161,43 @@ def test_wandb_offline_gets_the_config_and_each_record(tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # written to <output_dir>, no network
 
 
-def test_sft_trl_passes_report_to_into_its_sft_config(tiny_model_dir, tmp_path, monkeypatch):
-    import trl
-
+def test_sft_trl_report_to_tensorboard_writes_the_sft_trainers_losses(tiny_model_dir, tmp_path, monkeypatch):
     from conftest import load_launch_script
 
-    seen = []
-
-    class Stop(Exception):
-        pass
-
-    def config(**kwargs):
-        seen.append(kwargs["report_to"])
-        raise Stop
-
-    monkeypatch.setattr(trl, "SFTConfig", config)
+    monkeypatch.chdir(tmp_path)  # where the evaluation before training would otherwise open ./runs
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     sft_trl = load_launch_script("sft_trl")
-    for argv in ([], ["--report_to", "tensorboard"]):
-        with pytest.raises(Stop):
-            sft_trl.main(["--model", str(tiny_model_dir), "--output_dir", str(tmp_path), "--eval_size", "2", *argv])
-    assert seen == ["none", ["tensorboard"]]
+    assert sft_trl.parse_args([]).report_to == ["none"]
+    out = tmp_path / "run"
+    results = sft_trl.main(["--model", str(tiny_model_dir), "--output_dir", str(out), "--report_to", "tensorboard",
+                            "--max_steps", "2", "--logging_steps", "1", "--eval_size", "2", "--calibration_steps", "1",
+                            "--micro_batch_size", "2", "--max_length", "64"])
+    assert not (tmp_path / "runs").exists()
+    (run_dir,) = (out / "runs").iterdir()
+    steps, losses = zip(*scalars(events(run_dir), "train/loss"))
+    assert steps == (1, 2) and losses == pytest.approx([e["loss"] for e in results["log_history"]], rel=1e-6)
 
 
 def test_train_qa_trainer_report_to_tensorboard_end_to_end(tiny_model_dir, tmp_path):
-    """The command a user types: the Trainer's own TensorBoardCallback writes <output_dir>/runs/<time>_<host>."""
+    """The command a user types, with its default held-out eval before training: every event, the train losses
+    included, in <output_dir>/runs/<time>_<host>, none in ./runs of the working directory."""
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "WORLD_SIZE"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "WORLD_SIZE",
+                                                                      "TENSORBOARD_LOGGING_DIR"))}
     env |= {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "launch/train_qa_trainer.py", "--model", str(tiny_model_dir), "--report_to", "tensorboard",
-           "--max_steps", "3", "--logging_steps", "1", "--eval_size", "2", "--no_eval_before", "--calibration_steps",
-           "1", "--micro_batch_size", "2", "--max_length", "32", "--output_dir", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, str(ROOT / "launch" / "train_qa_trainer.py"), "--model", str(tiny_model_dir),
+           "--report_to", "tensorboard", "--max_steps", "3", "--logging_steps", "1", "--eval_size", "2",
+           "--calibration_steps", "1", "--micro_batch_size", "2", "--max_length", "32", "--output_dir", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert not (tmp_path / "runs").exists()  # the working directory
     (run_dir,) = (out / "runs").iterdir()
-    logged = [(e["step"], e["loss"]) for e in json.loads((out / "metrics.json").read_text())["log_history"]]
+    metrics = json.loads((out / "metrics.json").read_text())
+    logged = [(e["step"], e["loss"]) for e in metrics["log_history"]]
     assert len(logged) == 3
     run = events(run_dir)
     steps, losses = zip(*scalars(run, "train/loss"))
     assert list(steps) == [step for step, _ in logged] and losses == pytest.approx([loss for _, loss in logged], rel=1e-6)
-    assert "eval/loss" in run.Tags()["scalars"]  # the closing trainer.evaluate()
+    (before, after) = scalars(run, "eval/loss")  # the evaluations before and after training
+    assert before == (0, pytest.approx(metrics["before"]["eval_loss"], rel=1e-6))
+    assert after == (3, pytest.approx(metrics["after"]["eval_loss"], rel=1e-6))
