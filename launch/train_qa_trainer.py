@@ -33,8 +33,9 @@ from sg_distributed.data.qa import QACollator  # noqa: E402
 from sg_distributed.data.sources import load_pairs  # noqa: E402
 from sg_distributed.distributed.process_group import destroy_process_group  # noqa: E402
 from sg_distributed.training.arguments import (  # noqa: E402
-    ArgumentParser, add_data_arguments, at_least, check_data_arguments, check_paths, fraction, non_negative_float,
-    non_negative_int, positive_float, positive_int)
+    ArgumentParser, add_data_arguments, add_reporting_arguments, at_least, check_data_arguments, check_paths,
+    fraction, non_negative_float, non_negative_int, positive_float, positive_int)
+from sg_distributed.training.reporting import resolve_report_to  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval_size", type=non_negative_int, default=64, help="held-out pairs (0 = all)")
     p.add_argument("--save_steps", type=positive_int, default=None, help="default: max_steps (one checkpoint)")
     p.add_argument("--logging_steps", type=positive_int, default=5)
+    add_reporting_arguments(p)  # the Trainer's own callbacks report (TensorBoard in <output_dir>/runs/<time>)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--no_eval_before", action="store_true", help="skip eval before training (always under DeepSpeed)")
     p.add_argument("--seed", type=non_negative_int, default=0)
@@ -74,7 +76,8 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     from sg_distributed.integrations.deepspeed import with_persistent_k_vectors
-    from sg_distributed.integrations.trainer import calibrate_from_dataloader, configure_cpu_deepspeed_state
+    from sg_distributed.integrations.trainer import (calibrate_from_dataloader, configure_cpu_deepspeed_state,
+                                                     tensorboard_in_output_dir)
 
     if args.model is None:
         from sg_distributed.data.assets import smollm2_dir
@@ -105,7 +108,7 @@ def main(argv=None) -> dict:
         per_device_eval_batch_size=16, gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=args.max_grad_norm,
         logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps or args.max_steps,
-        report_to="none", seed=args.seed, data_seed=args.seed,
+        report_to=resolve_report_to(args.report_to) or "none", seed=args.seed, data_seed=args.seed,
         deepspeed=with_persistent_k_vectors(args.deepspeed, model) if args.deepspeed else None,  # ZeRO-3: k whole
         bf16=args.precision == "bf16", fp16=args.precision == "fp16", use_cpu=on_cpu and not use_deepspeed,
         ddp_backend="gloo" if on_cpu and distributed else None,  # "gloo" in one process: accelerate fails
@@ -114,6 +117,7 @@ def main(argv=None) -> dict:
     trainer = Trainer(model=model, args=training_args, train_dataset=train_pairs, eval_dataset=heldout,
                       data_collator=QACollator(tokenizer, max_length=args.max_length), processing_class=tokenizer,
                       callbacks=[SparseGradCallback(calibration_steps=args.calibration_steps)])
+    tensorboard_in_output_dir(trainer)  # the evaluation before training would open ./runs otherwise
     results: dict = {"world_size": training_args.world_size, "deepspeed": args.deepspeed}
     trainable, total = model.get_nb_trainable_parameters()
     results["trainable_params"], results["total_params"] = trainable, total

@@ -23,7 +23,8 @@ from typing import Callable
 from torch import nn
 from transformers import TrainerCallback
 
-__all__ = ["SparseGradCallback", "find_sparsegrad_tuner", "calibrate_from_dataloader", "configure_cpu_deepspeed_state"]
+__all__ = ["SparseGradCallback", "find_sparsegrad_tuner", "calibrate_from_dataloader", "configure_cpu_deepspeed_state",
+           "tensorboard_in_output_dir"]
 
 
 def configure_cpu_deepspeed_state() -> dict:
@@ -47,6 +48,22 @@ def configure_cpu_deepspeed_state() -> dict:
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     PartialState(backend="gloo")
     return {"use_configured_state": True}
+
+
+def tensorboard_in_output_dir(trainer) -> None:
+    """Point the Trainer's TensorBoardCallback (``report_to`` tensorboard) at ``<output_dir>/runs/<time>_<host>``
+    now, before any ``trainer.evaluate()``.
+
+    The callback names that directory only at ``on_train_begin`` (transformers 5.23): an evaluation before
+    ``train()`` opens its writer with no directory, i.e. torch's default ``./runs`` in the working directory,
+    and the training events follow it there. A ``TENSORBOARD_LOGGING_DIR`` the user set is kept.
+    """
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = os.path.join(trainer.args.output_dir, default_logdir())
 
 
 def find_sparsegrad_tuner(model: nn.Module | None):

@@ -94,3 +94,26 @@ def check_data_arguments(parser: argparse.ArgumentParser, args: argparse.Namespa
     given = [f"--{name}" for name in DATASET_ONLY if getattr(args, name) is not None]
     if given and args.dataset is None:
         parser.error(f"argument {given[0]}: applies to --dataset, which is not given")
+
+
+class _ReportTo(argparse.Action):
+    """Checks the whole list at parse time (names, 'none'/'all' alone, the package installed), so a typo or a
+    missing package stops the run before any model loads; stores the names as given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from sg_distributed.training.reporting import resolve_report_to
+
+        try:
+            resolve_report_to(values)
+        except (ValueError, ImportError) as err:
+            raise argparse.ArgumentError(self, str(err)) from None
+        setattr(namespace, self.dest, values)
+
+
+def add_reporting_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--report_to`` as in the HF Trainer (``training/reporting.py`` ``resolve_report_to`` turns it into the
+    integrations to open)."""
+    parser.add_argument("--report_to", nargs="+", default=["none"], action=_ReportTo, metavar="NAME",
+                        help="where metrics go besides the output directory's files: none (default), tensorboard "
+                        "(<output_dir>/runs), wandb (when installed; WANDB_PROJECT, WANDB_MODE=offline), or all "
+                        "(those installed)")
