@@ -3,6 +3,7 @@
 
     python launch/sft_trl.py                                                             # one process
     torchrun --nproc_per_node 2 launch/sft_trl.py --deepspeed ds_configs/zero2.json      # 2 ranks, ZeRO-2
+    python launch/sft_trl.py --save_steps 10 --resume_from_checkpoint auto               # resume the newest checkpoint
 
 Defaults: the embedded SmolLM2-135M-Instruct and the FanOutQA single-hop pairs (split by top-level question)
 as conversational prompt/completion rows, so TRL applies the chat template and trains on the answer tokens
@@ -32,8 +33,9 @@ from sg_distributed.data.qa import prompt_messages  # noqa: E402
 from sg_distributed.data.sources import load_pairs  # noqa: E402
 from sg_distributed.distributed.process_group import destroy_process_group  # noqa: E402
 from sg_distributed.training.arguments import (  # noqa: E402
-    ArgumentParser, add_data_arguments, add_reporting_arguments, at_least, check_data_arguments, check_paths,
-    fraction, non_negative_float, non_negative_int, positive_float, positive_int)
+    ArgumentParser, add_data_arguments, add_reporting_arguments, add_resume_arguments, at_least,
+    check_data_arguments, check_paths, check_resume_argument, fraction, non_negative_float, non_negative_int,
+    positive_float, positive_int)
 from sg_distributed.training.reporting import resolve_report_to  # noqa: E402
 
 
@@ -53,12 +55,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calibration_steps", type=positive_int, default=8, help="train-dataloader batches per rank")
     p.add_argument("--max_length", type=at_least(2), default=128)
     p.add_argument("--eval_size", type=non_negative_int, default=64, help="held-out pairs (0 = all)")
+    p.add_argument("--save_steps", type=positive_int, default=None, help="default: max_steps (one checkpoint)")
     p.add_argument("--logging_steps", type=positive_int, default=5)
     add_reporting_arguments(p)  # the Trainer's own callbacks report (TensorBoard in <output_dir>/runs/<time>)
     p.add_argument("--seed", type=non_negative_int, default=0)
+    add_resume_arguments(p)
     args = p.parse_args(argv)
     check_paths(p, args, files=("deepspeed",), dirs=("model",))
     check_data_arguments(p, args)
+    check_resume_argument(p, args)
     return args
 
 
@@ -75,7 +80,8 @@ def main(argv=None) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from sg_distributed.integrations.deepspeed import with_persistent_k_vectors
-    from sg_distributed.integrations.trainer import configure_cpu_deepspeed_state, tensorboard_in_output_dir
+    from sg_distributed.integrations.trainer import (configure_cpu_deepspeed_state, restore_checkpoint_adapter,
+                                                     tensorboard_in_output_dir)
 
     if args.model is None:
         from sg_distributed.data.assets import smollm2_dir
@@ -101,7 +107,7 @@ def main(argv=None) -> dict:
     sft_args = SFTConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.micro_batch_size,
         per_device_eval_batch_size=16, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-        logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.max_steps,
+        logging_steps=args.logging_steps, save_strategy="steps", save_steps=args.save_steps or args.max_steps,
         report_to=resolve_report_to(args.report_to) or "none", seed=args.seed, data_seed=args.seed,
         deepspeed=deepspeed, max_length=args.max_length,
         use_cpu=on_cpu and not use_deepspeed, ddp_backend="gloo" if on_cpu and distributed else None,
@@ -112,11 +118,13 @@ def main(argv=None) -> dict:
                          eval_dataset=Dataset.from_list(conversations(heldout)), processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[SparseGradCallback()])
     tensorboard_in_output_dir(trainer)  # the evaluation before training would open ./runs otherwise
+    if args.resume_from_checkpoint:  # the bases and supports its k-vectors were trained on (DeepSpeed restores none)
+        restore_checkpoint_adapter(trainer.model, args.resume_from_checkpoint)
     results: dict = {"world_size": sft_args.world_size, "deepspeed": args.deepspeed}
     if not use_deepspeed:  # before calibration the adapter is off: the base model's loss (the k-vectors start at 0)
         with trainer.model.disable_adapter():
             results["before"] = trainer.evaluate()
-    train_output = trainer.train()
+    train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results["train_loss"] = train_output.training_loss
     results["log_history"] = [e for e in trainer.state.log_history if "loss" in e]
     results["after"] = trainer.evaluate()

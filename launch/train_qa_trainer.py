@@ -2,6 +2,7 @@
 """SparseGrad fine-tuning on FanOutQA pairs through the Hugging Face Trainer (peft model + SparseGradCallback).
 
     python launch/train_qa_trainer.py                                                    # one process
+    python launch/train_qa_trainer.py --resume_from_checkpoint auto                      # resume the newest checkpoint
     torchrun --nproc_per_node 2 launch/train_qa_trainer.py --deepspeed ds_configs/zero2.json
     ACCELERATE_USE_CPU=true accelerate launch --config_file launch/accelerate/cpu_ddp.yaml \\
         launch/train_qa_trainer.py                                                       # accelerate, CPU
@@ -33,8 +34,9 @@ from sg_distributed.data.qa import QACollator  # noqa: E402
 from sg_distributed.data.sources import load_pairs  # noqa: E402
 from sg_distributed.distributed.process_group import destroy_process_group  # noqa: E402
 from sg_distributed.training.arguments import (  # noqa: E402
-    ArgumentParser, add_data_arguments, add_reporting_arguments, at_least, check_data_arguments, check_paths,
-    fraction, non_negative_float, non_negative_int, positive_float, positive_int)
+    ArgumentParser, add_data_arguments, add_reporting_arguments, add_resume_arguments, at_least,
+    check_data_arguments, check_paths, check_resume_argument, fraction, non_negative_float, non_negative_int,
+    positive_float, positive_int)
 from sg_distributed.training.reporting import resolve_report_to  # noqa: E402
 
 
@@ -64,9 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--no_eval_before", action="store_true", help="skip eval before training (always under DeepSpeed)")
     p.add_argument("--seed", type=non_negative_int, default=0)
+    add_resume_arguments(p)
     args = p.parse_args(argv)
     check_paths(p, args, files=("deepspeed",), dirs=("model",))
     check_data_arguments(p, args)
+    check_resume_argument(p, args)
     return args
 
 
@@ -77,7 +81,7 @@ def main(argv=None) -> dict:
 
     from sg_distributed.integrations.deepspeed import with_persistent_k_vectors
     from sg_distributed.integrations.trainer import (calibrate_from_dataloader, configure_cpu_deepspeed_state,
-                                                     tensorboard_in_output_dir)
+                                                     restore_checkpoint_adapter, tensorboard_in_output_dir)
 
     if args.model is None:
         from sg_distributed.data.assets import smollm2_dir
@@ -118,14 +122,20 @@ def main(argv=None) -> dict:
                       data_collator=QACollator(tokenizer, max_length=args.max_length), processing_class=tokenizer,
                       callbacks=[SparseGradCallback(calibration_steps=args.calibration_steps)])
     tensorboard_in_output_dir(trainer)  # the evaluation before training would open ./runs otherwise
+    if args.resume_from_checkpoint:  # the bases and supports its k-vectors were trained on (DeepSpeed restores none)
+        restore_checkpoint_adapter(model, args.resume_from_checkpoint)
     results: dict = {"world_size": training_args.world_size, "deepspeed": args.deepspeed}
     trainable, total = model.get_nb_trainable_parameters()
     results["trainable_params"], results["total_params"] = trainable, total
-    if not args.no_eval_before and not use_deepspeed:  # HF: eval before train needs ZeRO-3 under DeepSpeed
+    if not args.no_eval_before and not use_deepspeed and args.resume_from_checkpoint:
+        with model.disable_adapter():  # the base model's loss, which a fresh run's zero k-vectors give
+            results["before"] = trainer.evaluate()
+    elif not args.no_eval_before and not use_deepspeed:  # HF: eval before train needs ZeRO-3 under DeepSpeed
         # eval needs the adapter calibrated: do it now, on the same batches the callback would take
         calibrate_from_dataloader(model.base_model, trainer.get_train_dataloader(), args.calibration_steps)
         results["before"] = trainer.evaluate()
-    train_output = trainer.train()  # SparseGradCallback calibrates at on_train_begin unless done above
+    # SparseGradCallback calibrates at on_train_begin unless done above (or restored from the checkpoint)
+    train_output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     results["support_checksum"] = model.support_checksum()
     results["train_loss"] = train_output.training_loss
     results["log_history"] = [e for e in trainer.state.log_history if "loss" in e]

@@ -14,6 +14,12 @@ adapter (``adapter_config.json`` + ``adapter_model.safetensors``, k-vectors, sup
 
 An adapter that is already calibrated (``PeftModel.from_pretrained(..., is_trainable=True)``, or a model on
 which ``calibrate(batches)`` was called) is left as it is.
+
+Resuming (``trainer.train(resume_from_checkpoint=checkpoint)``): call ``restore_checkpoint_adapter(trainer.model,
+checkpoint)`` first. Without DeepSpeed the Trainer loads the checkpoint's adapter itself (peft ``load_adapter``);
+under DeepSpeed it loads only the engine checkpoint, which restores the k-vectors and their optimizer state but
+not the bases (no module state) the k-vectors were trained in, so the callback would calibrate afresh. It refuses
+to: a resumed run whose adapter is not calibrated is an error.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 __all__ = ["SparseGradCallback", "find_sparsegrad_tuner", "calibrate_from_dataloader", "configure_cpu_deepspeed_state",
-           "tensorboard_in_output_dir"]
+           "restore_checkpoint_adapter", "tensorboard_in_output_dir"]
 
 
 def configure_cpu_deepspeed_state() -> dict:
@@ -94,6 +100,23 @@ def calibrate_from_dataloader(tuner, dataloader, steps: int | None = None, loss_
     assert_same_on_all_ranks(tuner.support_checksum(), "SparseGrad bases/supports")
 
 
+def restore_checkpoint_adapter(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Install the SparseGrad adapter of a Trainer ``checkpoint-N`` (bases, supports, k-vectors) into ``model``,
+    the PeftModel the Trainer trains, trainable; call it before ``trainer.train(resume_from_checkpoint=...)``.
+
+    The resumed k-vectors must sit on the bases and supports they were trained on. Under DeepSpeed the Trainer
+    loads only the engine checkpoint (k-vectors, support buffers and optimizer state, no bases), and a fresh
+    calibration reproduces the saved supports only if its data, step count and world size are all the same
+    (and never after support re-selection). Without DeepSpeed the Trainer loads the same adapter again: harmless.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel) or find_sparsegrad_tuner(model) is None:
+        raise TypeError(f"restore_checkpoint_adapter: expected a PeftModel with a SparseGrad adapter, got "
+                        f"{type(model).__name__}")
+    model.load_adapter(str(checkpoint), adapter_name=model.active_adapter, is_trainable=True)
+
+
 def _optimized_parameters(optimizer) -> list:
     """The model parameters an optimizer updates, through accelerate's and DeepSpeed's wrappers (ZeRO keeps the
     originals in ``bit16_groups`` (stage 1/2) or ``fp16_groups`` (stage 3); its param_groups hold flat partitions)."""
@@ -145,6 +168,12 @@ class SparseGradCallback(TrainerCallback):
                 raise RuntimeError(f"the optimizer does not hold the SparseGrad k-vectors of {values[:3]} (built before "
                                    f"get_peft_model, or from another model?)")
         if not tuner.calibrated:
+            if state is not None and state.global_step > 0:  # resumed: under DeepSpeed (see restore_checkpoint_adapter)
+                raise RuntimeError(
+                    f"SparseGradCallback: resuming at step {state.global_step} with an uncalibrated adapter; the "
+                    f"restored k-vectors need the bases and supports they were trained on, which a new calibration "
+                    f"need not reproduce: call restore_checkpoint_adapter(trainer.model, checkpoint) before "
+                    f"trainer.train(resume_from_checkpoint=checkpoint)")
             calibrate_from_dataloader(tuner, train_dataloader, self.calibration_steps, self.calibration_loss_fn)
         if tuner.peft_config[tuner.active_adapters[0]].reselect_every:  # drop-and-grow on the Trainer's step count
             self.reselector = tuner.make_reselector(_client_optimizer(optimizer))

@@ -117,3 +117,37 @@ def add_reporting_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where metrics go besides the output directory's files: none (default), tensorboard "
                         "(<output_dir>/runs), wandb (when installed; WANDB_PROJECT, WANDB_MODE=offline), or all "
                         "(those installed)")
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--resume_from_checkpoint`` of the Trainer / TRL examples (``check_resume_argument`` resolves it)."""
+    parser.add_argument("--resume_from_checkpoint", metavar="DIR|auto",
+                        help="resume a Trainer run from a checkpoint-N directory (adapter, optimizer, LR schedule, "
+                             "RNG and data position); \"auto\": the newest checkpoint-N in --output_dir, or a fresh "
+                             "start when there is none")
+
+
+def check_resume_argument(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Resolve ``args.resume_from_checkpoint`` to a checkpoint directory or None: ``auto`` takes the newest
+    ``checkpoint-N`` in ``args.output_dir`` (None, with a message, when there is none); a given directory must
+    be a Trainer checkpoint holding the SparseGrad adapter its k-vectors were trained with."""
+    value = args.resume_from_checkpoint
+    if value is None:
+        return
+    if value == "auto":
+        import os
+
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if found is None and int(os.environ.get("RANK", "0")) == 0:
+            print(f"--resume_from_checkpoint auto: no checkpoint-N in {args.output_dir}; starting fresh", flush=True)
+        args.resume_from_checkpoint = found
+        if found is None:
+            return
+    check_paths(parser, args, dirs=("resume_from_checkpoint",))
+    missing = [name for name in ("trainer_state.json", "adapter_config.json")
+               if not (Path(args.resume_from_checkpoint) / name).is_file()]
+    if missing:
+        parser.error(f"argument --resume_from_checkpoint: {args.resume_from_checkpoint} has no {missing[0]} "
+                     f"(expected a Trainer checkpoint-N directory of a SparseGrad run)")
