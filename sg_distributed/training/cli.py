@@ -14,7 +14,7 @@ import torch
 from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOCK
 from sg_distributed.training import checkpoint as ckpt
 from sg_distributed.training.arguments import (
-    ArgumentParser, add_data_arguments, at_least, check_data_arguments, check_paths, fraction, non_negative_float,
+    ArgumentParser, add_data_arguments, add_reporting_arguments, at_least, check_data_arguments, check_paths, fraction, non_negative_float,
     non_negative_int, positive_float, positive_int, probability_below_one)
 from sg_distributed.training.methods import METHODS
 
@@ -83,6 +83,7 @@ def build_parser(prog: str | None = None) -> ArgumentParser:
     p.add_argument("--no_eval_before", action="store_true")
     p.add_argument("--log_every", type=non_negative_int, default=1,
                    help="append the loss to <output_dir>/metrics.jsonl every N optimizer steps (0 = off)")
+    add_reporting_arguments(p)  # metrics.jsonl lines also to TensorBoard (<output_dir>/runs) / wandb
     p.add_argument("--save_every", type=non_negative_int, default=0, help="checkpoint every N optimizer steps (0 = never)")
     p.add_argument("--resume", help="'auto': newest complete checkpoint in --checkpoint_dir (none: start fresh); "
                    "or a step_N directory / checkpoint root")

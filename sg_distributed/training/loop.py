@@ -528,15 +528,26 @@ class TrainingLoop:
         t0 = time.perf_counter()
         bar = tqdm(range(start, args.steps), desc=f"train {args.method}", disable=not info.is_main,
                    initial=start, total=args.steps)
-        metrics_log = MetricsLog(Path(args.output_dir) / "metrics.jsonl", args.log_every, enabled=info.is_main,
-                                 start_step=start)
+        run_config = {k: v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+                      for k, v in vars(args).items()}
+        self.metrics_log = MetricsLog(Path(args.output_dir) / "metrics.jsonl", args.log_every, enabled=info.is_main,
+                                      start_step=start, report_to=args.report_to, run_config=run_config)
+        with self.metrics_log:
+            if start == 0 and "before" in self.results:
+                self.metrics_log.log_eval(0, self.results["before"])
+            self._train(start, bar)
+            self.results["train_s"] = time.perf_counter() - t0
+            return self._finish()
+
+    def _train(self, start: int, bar) -> None:
+        args, info = self.args, self.info
         try:
             with self.counter, self.graceful:
                 for step in bar:
                     loss = self.train_step(step)
                     if loss is not None:
                         bar.set_postfix(loss=f"{loss:.3f}")
-                        metrics_log.log(step + 1, loss, self.lr, len(self.skipped))
+                        self.metrics_log.log(step + 1, loss, self.lr, len(self.skipped))
                     saved = self.save(step + 1) if args.save_every and (step + 1) % args.save_every == 0 else None
                     if self._stop_requested:
                         path = saved or self.save(step + 1)
@@ -551,8 +562,6 @@ class TrainingLoop:
                            f"to continue from the last checkpoint. Cause: {type(err).__name__}: {str(err)[:300]}",
                            ckpt.EXIT_COLLECTIVE) from err
             raise
-        self.results["train_s"] = time.perf_counter() - t0
-        return self._finish()
 
     def _finish(self) -> dict:
         """Byte counts, held-out evaluation, the adapter and metrics.json after the last step."""
@@ -571,7 +580,7 @@ class TrainingLoop:
                           + self.counter.table(args.steps - 1, by="label"))
         losses = self.losses
         results["train_loss_first_last"] = [losses[0], sum(losses[-5:]) / len(losses[-5:])] if losses else None
-        self.evaluate("after")
+        self.metrics_log.log_eval(args.steps, self.evaluate("after"))
         base_params = [p for p in self.base_model.parameters() if not p.dtype.is_floating_point]
         with gathered(base_params, self.zero3):
             results["quantized_base_digest_after"] = quantized_weights_digest(self.base_model)

@@ -48,3 +48,24 @@ def test_options_are_the_command_lines():
         options(micro_batch_size=0)
     with pytest.raises(TypeError, match="unknown option.*stepz.*known: .*steps"):
         options(stepz=3)
+
+
+def test_report_to_tensorboard_mirrors_metrics_jsonl(tiny_model_dir, tmp_path):
+    """--report_to tensorboard: each metrics.jsonl line is a train/ scalar in <output_dir>/runs, the held-out
+    evaluations before and after are eval/ scalars at steps 0 and --steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fast = {**FAST, "no_eval_before": False}
+    results = TrainingLoop(options(model=str(tiny_model_dir), steps=3, output_dir=str(tmp_path),
+                                   report_to=["tensorboard"], **fast)).run()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in lines if r.get("split") != "eval"]
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    logged = events.Scalars("train/loss")  # float32 in the event file
+    assert [e.step for e in logged] == [s for s, _ in train] == [1, 2, 3]
+    assert [e.value for e in logged] == pytest.approx([loss for _, loss in train], rel=1e-6)
+    answer_loss = events.Scalars("eval/answer_loss")
+    assert [e.step for e in answer_loss] == [0, 3]
+    assert [e.value for e in answer_loss] == pytest.approx(
+        [results["before"]["answer_loss"], results["after"]["answer_loss"]], rel=1e-6)
