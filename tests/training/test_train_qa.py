@@ -13,7 +13,9 @@ def test_single_process_run_trains_and_saves(train_qa, tiny_model_dir, tmp_path,
     assert results["after"]["num_examples"] == 4
     assert results["after"]["answer_loss"] < results["before"]["answer_loss"] - 0.02
     assert json.loads((out / "metrics.json").read_text())["method"] == method
-    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in lines if r.get("split") != "eval"]
+    assert [r["step"] for r in lines if r.get("split") == "eval"] == [0, 12]  # held-out before and after
     assert [r["step"] for r in logged] == list(range(1, 13))  # --log_every 1 (default)
     assert logged[0]["loss"] == results["train_loss_first_last"][0]
     assert all(r["loss_interval"] == r["loss"] and r["lr"] == 3e-2 for r in logged)
