@@ -197,6 +197,7 @@ class GradDropController:
         self._targets: dict[str, _Target] = {}
         self._handles: list[Any] = []
         self._resolve(model)
+        self._by_id = {id(t.param): t for t in self._targets.values()}
         for t in self._targets.values():
             self._handles.append(t.param.register_hook(self._make_hook(t)))
 
@@ -311,6 +312,24 @@ class GradDropController:
             total += t.shape.numel()
         return int(kept) / total
 
+    def keep_flags(self, param: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
+        """Keep flags of ``param``'s gradient for the current counter in the mask's compact shape (they
+        broadcast to the parameter's logical shape), drawn on ``device`` exactly as the hook draws them;
+        ``None`` when every entry is kept (``param`` is not a target, or ``drop_prob`` is 0). Looked up by
+        parameter identity: what a gradient exchange that sees only the engine's parameters needs."""
+        target = self._by_id.get(id(param))
+        if target is None or self.config.drop_prob == 0.0:
+            return None
+        return ~self._drop_flags(target, self.mask_counter, torch.device(device))
+
+    def keep_flags_by_name(self, name: str, device: torch.device | str) -> torch.Tensor | None:
+        """:meth:`keep_flags` looked up by parameter name (engines that replace the parameter objects,
+        such as FSDP2, keep the names); ``None`` for a name that is not a target."""
+        target = self._targets.get(name)
+        if target is None or self.config.drop_prob == 0.0:
+            return None
+        return ~self._drop_flags(target, self.mask_counter, torch.device(device))
+
     def _make_hook(self, t: _Target):
         cfg = self.config
         scale = cfg.scale
@@ -364,12 +383,14 @@ class GradualUnfreezing:
         self._step = 0
         self._handles: list[Any] = []
         self._numel = [0] * len(self.blocks)
+        self._block_of: dict[int, int] = {}  # id(parameter) -> block index
         seen: set[int] = set()
         for i, block in enumerate(self.blocks):
             for p in block.parameters():
                 if not p.requires_grad or id(p) in seen:
                     continue
                 seen.add(id(p))
+                self._block_of[id(p)] = i
                 self._numel[i] += _logical_shape(p).numel()
                 self._handles.append(p.register_hook(self._make_hook(i)))
 
@@ -386,6 +407,11 @@ class GradualUnfreezing:
 
     def active_blocks(self) -> list[int]:
         return list(range(len(self.blocks) - self.num_active, len(self.blocks)))
+
+    def param_is_active(self, param: torch.Tensor) -> bool | None:
+        """Whether ``param``'s block receives gradients this step; ``None`` for a parameter outside the blocks."""
+        index = self._block_of.get(id(param))
+        return None if index is None else self.is_active(index)
 
     def kept_fraction(self) -> float:
         """Fraction of block parameters that receive gradients at the current step."""

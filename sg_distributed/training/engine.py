@@ -34,14 +34,16 @@ class Engine:
     """A model + optimizer behind DeepSpeed, FSDP2, DDP or nothing.
 
     Precision: the model arrives in its weight dtype (fp32 / bf16 / fp16); ``autocast`` (bf16 or fp16)
-    runs the forward under ``torch.autocast`` over those weights. fp16 outside DeepSpeed (fp16 weights or
+    runs the forward under ``torch.autocast`` over those weights. ``kept_exchange`` (a
+    ``graddrop.exchange.KeptEntries``) makes DDP and DeepSpeed ZeRO-2 reduce only the gradient entries it keeps. fp16 outside DeepSpeed (fp16 weights or
     fp16 autocast) scales the loss with ``torch.amp.GradScaler``, which skips steps whose gradients
     overflow; DeepSpeed brings its own loss scaler (``fp16`` block of its config).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
                  ds_config: dict | None = None, max_grad_norm: float | None = None, comm_counter=None,
-                 fsdp: bool | dict = False, autocast: torch.dtype | None = None, loss_scaling: bool = False):
+                 fsdp: bool | dict = False, autocast: torch.dtype | None = None, loss_scaling: bool = False,
+                 kept_exchange=None):
         self.module, self.optimizer, self.accumulation = model, optimizer, accumulation
         self.max_grad_norm = max_grad_norm
         self.deepspeed = ds_config is not None
@@ -56,11 +58,21 @@ class Engine:
         elif self.deepspeed:
             from sg_distributed.integrations.deepspeed import initialize_engine
 
-            self.wrapped = initialize_engine(model, optimizer, ds_config)
+            if kept_exchange is not None:  # GradDrop: ZeRO-2 reduces only the kept gradient entries
+                from sg_distributed.integrations.kept_exchange import install_on_deepspeed, kept_exchange_ds_config
+
+                self.wrapped = initialize_engine(model, optimizer, kept_exchange_ds_config(ds_config))
+                install_on_deepspeed(self.wrapped, kept_exchange)
+            else:
+                self.wrapped = initialize_engine(model, optimizer, ds_config)
         elif is_distributed():
             # Bases and supports are identical on every rank after calibration: no buffer broadcasts.
             self.wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-            if comm_counter is not None:  # DDP's reducer calls C++ collectives: count them in its hook
+            if kept_exchange is not None:  # GradDrop: all-reduce only the kept entries (a Python
+                from sg_distributed.integrations.kept_exchange import ddp_comm_hook  # all_reduce: counted)
+
+                self.wrapped.register_comm_hook(None, ddp_comm_hook(kept_exchange))
+            elif comm_counter is not None:  # DDP's reducer calls C++ collectives: count them in its hook
                 self.wrapped.register_comm_hook(None, comm_counter.ddp_hook())
         else:
             self.wrapped = model

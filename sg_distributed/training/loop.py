@@ -93,6 +93,9 @@ def fingerprint(args, world_size: int, global_batch: int, data_key: str) -> dict
             "max_cols": args.max_cols, "input_convention": args.input_convention, "block_stride": args.block_stride,
             **({"budget_axes": args.budget_axes} if args.budget_axes != "own" else {}),  # older checkpoints: own
             **({"budget_block": args.budget_block} if args.budget_block != "scored" else {}),  # ... and scored blocks
+            **({"graddrop": [args.graddrop_granularity, args.graddrop_resample, args.graddrop_rescale]}
+               if (args.graddrop_granularity, args.graddrop_resample, args.graddrop_rescale) != ("element", "step", False)
+               else {}),  # older checkpoints: the defaults
             "calibration_steps": args.calibration_steps, "drop_prob": args.drop_prob, "lora_rank": args.lora_rank,
             "reselect_every": args.reselect_every, "reselect_fraction": args.reselect_fraction,
             "lr": args.lr if args.lr is not None else DEFAULT_LR[args.method], "seed": args.seed,
@@ -280,7 +283,10 @@ class TrainingLoop:
                            if args.method in ckpt.SPARSEGRAD_METHODS else None)
             config.calibration_steps = len(calibration) if calibration else config.calibration_steps
             prepared = prepare(args.method, self.base_model, config, calibration_batches=calibration,
-                               graddrop=GradDropConfig(drop_prob=args.drop_prob, seed=args.seed),
+                               graddrop=GradDropConfig(drop_prob=args.drop_prob, seed=args.seed,
+                                                       granularity=args.graddrop_granularity,
+                                                       resample=args.graddrop_resample,
+                                                       rescale=args.graddrop_rescale),
                                lora_rank=args.lora_rank, show_progress=self.info.is_main)
         results["calibration_s"] = time.perf_counter() - t0
         self.prepared, self.model = prepared, prepared.model
@@ -326,18 +332,37 @@ class TrainingLoop:
                              "algorithm, data-parallel exchange) or --method sparsegrad (fixed support) under "
                              "DeepSpeed")
         self.counter = CommCounter()
+        kept = self._kept_exchange(resolved)
         bf16 = "bf16" in (args.precision, args.autocast)
         fsdp = {"shard_sparse_values": args.fsdp_shard_sparse_values, "param_dtype": torch.bfloat16 if bf16 else None}
         self.engine = Engine(self.model, self.prepared.make_optimizer(self.lr), args.grad_accum, resolved,
                              max_grad_norm=args.max_grad_norm, comm_counter=self.counter,
                              fsdp=fsdp if args.fsdp else False,
                              autocast=DTYPES[args.autocast] if args.autocast else None,
-                             loss_scaling="fp16" in (args.precision, args.autocast))
+                             loss_scaling="fp16" in (args.precision, args.autocast), kept_exchange=kept)
         self.backend = ckpt.backend_name(self.engine)
         info = self.prepared.info
         self.sparse_optimizer = info.get("sparse", {}).get("optimizer")  # SparseStateAdam (dynamic mode)
         self.controller = info.get("controller")  # GradDrop masks
         self.reselector = info.get("reselector")  # drop-and-grow schedule and growth scores
+
+    def _kept_exchange(self, resolved: dict | None):
+        """GradDrop's kept-only exchange where the engine has it (DDP, ZeRO-2), per ``--graddrop_exchange``."""
+        args = self.args
+        controller = self.prepared.info.get("controller")
+        if controller is None or args.graddrop_exchange == "dense" or self.info.world_size == 1:
+            return None
+        stage = (resolved or {}).get("zero_optimization", {}).get("stage") if resolved else None
+        if resolved is not None and stage != 2:
+            if args.graddrop_exchange == "kept":
+                raise SystemExit(f"error: --graddrop_exchange kept runs under DDP or DeepSpeed ZeRO stage 2; this "
+                                 f"DeepSpeed config has stage {stage} (use --graddrop_exchange dense or auto)")
+            self._log(f"GradDrop exchange: dense (ZeRO stage {stage} reduces its own flat partitions)")
+            return None
+        from sg_distributed.graddrop.exchange import KeptEntries
+
+        self._log("GradDrop exchange: kept entries only" + (" (ZeRO-2 with reduce_scatter false)" if resolved else ""))
+        return KeptEntries(controller)
 
     def full_params(self) -> contextlib.ExitStack:
         """Trainable parameters whole on every rank (a collective under ZeRO-3 / sharded FSDP2)."""
@@ -458,6 +483,8 @@ class TrainingLoop:
             engine.wrapped.train()
         if step == 1:
             counter.reset()  # the first step carries one-off set-up traffic
+        if self.controller is not None:  # GradDrop --graddrop_resample epoch: the data's epoch of this step
+            self.controller.set_epoch(step // (len(self.train_pairs) // self.global_batch))
         # A step's non-finite check is decided after its last forward, before that micro-batch's backward
         # (and, under DeepSpeed, before the engine.step() that applies the update): one collective and
         # one host read per optimizer step. Earlier micro-batches of the step have already run backward.
