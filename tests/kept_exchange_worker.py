@@ -41,6 +41,9 @@ CASES = {
     "zero2_row_p0.5_small_buckets": ("zero2", "row", 0.5, True, False, torch.float32, 3000),
     "zero2_layer_p0.5": ("zero2", "layer", 0.5, False, False, torch.float32, None),
     "zero2_element_p0.9_bf16": ("zero2", "element", 0.9, False, False, torch.bfloat16, None),
+    "fsdp2_element_p0.9": ("fsdp2", "element", 0.9, False, False, torch.float32, None),
+    "fsdp2_row_p0.9_rescale": ("fsdp2", "row", 0.9, True, False, torch.float32, None),
+    "fsdp2_layer_p0.5": ("fsdp2", "layer", 0.5, False, False, torch.float32, None),
 }
 
 
@@ -127,8 +130,49 @@ def zero2_run(case, kept_mode):
     return grads, backward.payload if backward else 0, backward.calls if backward else 0
 
 
+def fsdp2_run(case, kept_mode):
+    """FSDP2: GradDrop masks inside the custom reduce-scatter; dense mode reduce-scatters the masked rows.
+    Also returns the payload the padded compact rows should have: per block, ranks x max over ranks of the
+    kept entries in that rank's dim-0 shards of the block's targets (from the controller's masks)."""
+    from sg_distributed.integrations.fsdp import apply_fsdp2
+    from sg_distributed.integrations.kept_exchange import install_on_fsdp2
+
+    _, granularity, p, rescale, unfreeze, dtype, bucket = case
+    model, controller, _ = build(granularity, p, rescale, unfreeze, dtype)
+    masks = {n: controller.mask_for(n) for n in controller.targets}
+    apply_fsdp2(model)
+    install_on_fsdp2(model, KeptEntries(controller), compact=kept_mode)
+    counter = CommCounter()
+    with counter:
+        with counter.label("backward"):
+            model(**batch(rank)).loss.backward()
+    by_op = counter.snapshot().by_op()
+    grads = {n: q.grad.full_tensor().double() for n, q in trainable(model)}
+    expected = 0
+    for block in range(2):
+        per_rank = [sum(int(m.chunk(world)[r].sum()) for n, m in masks.items() if f"layers.{block}." in n)
+                    for r in range(world)]
+        expected += world * max(per_rank) * (2 if dtype == torch.bfloat16 else 4)
+    rs = by_op.get("reduce_scatter_tensor")
+    return grads, rs.payload if rs else 0, rs.calls if rs else 0, expected
+
+
 results = {}
 for name, case in CASES.items():
+    if case[0] == "fsdp2":
+        dense, dense_bytes, dense_calls, _ = fsdp2_run(case, kept_mode=False)
+        kept, kept_bytes, kept_calls, padded = fsdp2_run(case, kept_mode=True)
+        ref, K, N = reference(*case[1:5])
+        results[name] = {
+            "max_kept_vs_dense": max(float((kept[n] - dense[n]).abs().max()) for n in dense),
+            "max_kept_vs_reference": max(float((kept[n] - ref[n]).abs().max()) for n in ref),
+            "max_reference": max(float(ref[n].abs().max()) for n in ref),
+            "dropped_nonzero": sum(int(((ref[n] == 0) & (kept[n] != 0)).sum()) for n in ref),
+            "dense_bytes": dense_bytes, "kept_bytes": kept_bytes, "dense_calls": dense_calls,
+            "kept_calls": kept_calls, "padded_bytes": padded, "K": K, "N": N, "bytes_per_value": 4,
+            "dtype": str(case[5]),
+        }
+        continue
     run = ddp_run if case[0] == "ddp" else zero2_run
     dense, dense_bytes, dense_calls = run(case, kept_mode=False)
     kept, kept_bytes, kept_calls = run(case, kept_mode=True)

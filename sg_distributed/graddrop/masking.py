@@ -23,9 +23,9 @@ Distributed twist. A mask is a pure function of ``(seed, mask_counter, key)`` wh
 parameter name (element granularity) or its module's name (row/layer granularity): the generator seed
 comes from a keyed BLAKE2b hash, never Python's salted ``hash()``. Every rank of a data-parallel job
 therefore draws the same mask with no communication, every micro-batch of one step draws the same mask,
-and a custom communication hook only needs to send the kept entries (``controller.mask_for(name,
-device=grad.device)`` gives them; ``kept_fraction()`` is the traffic ratio). With stock DDP/ZeRO the dense
-(zero-filled) gradient is still reduced: the saving needs such a hook.
+and a gradient exchange only needs to send the kept entries: ``sg_distributed.graddrop.exchange`` packs them
+(DDP comm hook, DeepSpeed ZeRO-2 and FSDP2 glue in ``integrations.kept_exchange``; ``kept_fraction()`` is
+the traffic ratio). Without it, DDP and ZeRO reduce the dense, zero-filled gradient.
 
 How masks are drawn. Inside the gradient hook, on ``grad.device``, in the mask's compact shape (the
 parameter's shape for ``element``, one value per row or per layer otherwise): a
@@ -60,9 +60,9 @@ Caveats.
   distributed) mask sequence.
 * Under ZeRO-3 the parameter's logical shape is read from ``param.ds_shape``; the hook checks that the
   gradient it receives has that shape (DeepSpeed hands tensor hooks the full gradient) and raises
-  otherwise, naming the parameter. Under FSDP2 the hooks sit on the parameters as they are when
-  :func:`apply_graddrop` is called; whether they see the unsharded gradient after ``fully_shard`` has
-  not been verified here (``train_qa.py`` refuses GradDrop under ``--fsdp``).
+  otherwise, naming the parameter. Under FSDP2 the hooks never fire: ``fully_shard`` replaces the
+  parameter objects they sit on (measured: the reduced gradients were not masked).
+  ``integrations.kept_exchange.install_on_fsdp2`` removes them and masks inside FSDP2's reduce-scatter.
 """
 
 from __future__ import annotations

@@ -16,6 +16,16 @@
   need the same packing per slice: :func:`kept_exchange_ds_config` sets it to false instead (for ZeRO-2
   the dense cost of both is one all-reduce's worth of bytes). ZeRO-3 reduces partitioned flat buffers in
   its own reduce-scatter and is not covered (kept dense).
+* **FSDP2**: ``fully_shard`` replaces every parameter object, so GradDrop's tensor hooks never fire there
+  (checked: the reduced gradients were not masked). :func:`install_on_fsdp2` therefore applies GradDrop
+  where FSDP2 reduces: a custom reduce-scatter (``FSDPModule.set_custom_reduce_scatter``) per parameter
+  group, which masks (and rescales) each rank's accumulated unsharded gradients and reduce-scatters only
+  the kept entries. FSDP2's input is ``world`` rows, row ``r`` holding every parameter's padded dim-0
+  shard ``r``; each row's kept entries are packed into a row of ``K = max_r K_r`` values (rows differ by
+  a few binomial standard deviations; every rank computes every row's count, so the padding is agreed
+  without talking), reduce-scattered, and unpacked into this rank's shard. ``compact=False`` masks and
+  reduce-scatters the zero-filled rows instead (the dense exchange, for comparison). FSDP2 skips the
+  reduce-scatter on one rank (it copies), so GradDrop under FSDP2 needs two or more ranks.
 """
 from __future__ import annotations
 
@@ -27,7 +37,7 @@ import torch.distributed as dist
 
 from sg_distributed.graddrop.exchange import KeptEntries, pack, unpack_
 
-__all__ = ["ddp_comm_hook", "install_on_deepspeed", "kept_exchange_ds_config"]
+__all__ = ["ddp_comm_hook", "install_on_deepspeed", "install_on_fsdp2", "kept_exchange_ds_config"]
 
 
 def ddp_comm_hook(kept: KeptEntries, process_group: dist.ProcessGroup | None = None):
@@ -104,3 +114,86 @@ def install_on_deepspeed(engine: Any, kept: KeptEntries) -> None:
         return full
 
     zero.gradient_reduction_w_predivide = kept_reduction
+
+
+class _MaskingReduceScatter:
+    """FSDP2 custom reduce-scatter of one parameter group that applies GradDrop (see the module docstring)."""
+
+    def __init__(self, kept: KeptEntries, param_group: Any, compact: bool):
+        self.kept, self.param_group, self.compact = kept, param_group, compact
+        self.scale = kept.graddrop.config.scale
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def _row_keep(self, world: int, device: torch.device) -> torch.Tensor:
+        """Keep flags laid out as FSDP2's reduce-scatter input viewed as (world, shard numel)."""
+        rows = []
+        for fsdp_param in self.param_group.fsdp_params:
+            if not fsdp_param.sharded_param.requires_grad:  # frozen: never has a gradient to reduce
+                continue
+            if fsdp_param.fsdp_placement.dim != 0:
+                raise ValueError(f"GradDrop under FSDP2 needs dim-0 sharding; {fsdp_param._param_fqn} is sharded "
+                                 f"as {fsdp_param.fsdp_placement}")
+            shape = fsdp_param._orig_size
+            flags = self.kept.graddrop.keep_flags_by_name(fsdp_param._param_fqn, device)
+            keep = (torch.ones(shape, dtype=torch.bool, device=device) if flags is None
+                    else flags.expand(shape).contiguous())
+            padded_rows = fsdp_param.padded_sharded_param_size[0] * world
+            if padded_rows > shape[0]:  # FSDP2 pads dim 0 to a multiple of world: padding is never kept
+                pad = torch.zeros((padded_rows - shape[0], *shape[1:]), dtype=torch.bool, device=device)
+                keep = torch.cat([keep, pad])
+            rows.append(keep.reshape(world, -1))
+        return torch.cat(rows, dim=1)
+
+    def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
+                 op: Any, async_op: bool = False):
+        world, rank = group.size(), group.rank()
+        keep = self._row_keep(world, input_tensor.device)
+        rows = input_tensor.view(world, -1)
+        if keep.shape != rows.shape:
+            raise RuntimeError(f"kept exchange: FSDP2 reduce-scatters {tuple(rows.shape)} (ranks x shard) but its "
+                               f"trainable parameters lay out {tuple(keep.shape)}; a parameter without a gradient "
+                               "this step, or another FSDP2 layout (use --graddrop_exchange dense without --fsdp)")
+        if self.scale != 1.0:
+            rows.mul_(self.scale)
+        if not self.compact:  # the dense exchange: mask, then FSDP2's own reduce-scatter of zero-filled rows
+            rows.masked_fill_(~keep, 0)
+            return dist.reduce_scatter_tensor(output_tensor, input_tensor, op=op, group=group, async_op=async_op)
+        counts = keep.sum(dim=1).tolist()  # one host read: every rank's row length, hence the padding
+        width = max(counts)
+        if width == 0:  # every entry of every shard is dropped: all ranks know it, nothing to send
+            output_tensor.zero_()
+            return None
+        packed = torch.zeros((world, width), dtype=rows.dtype, device=rows.device)
+        for r in range(world):
+            packed[r, :counts[r]] = rows[r].masked_select(keep[r])
+        reduced = torch.empty(width, dtype=rows.dtype, device=rows.device)
+        dist.reduce_scatter_tensor(reduced, packed.view(-1), op=op, group=group)
+        unpack_(output_tensor, keep[rank], reduced[:counts[rank]])
+        return None
+
+
+def install_on_fsdp2(model: Any, kept: KeptEntries, compact: bool = True) -> int:
+    """Apply GradDrop inside FSDP2's gradient reduce-scatter of every ``FSDPModule`` in ``model`` (see the
+    module docstring); ``compact=False`` keeps the dense exchange of the masked gradients. Returns the
+    number of parameter groups hooked."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if kept.graddrop is None or kept.unfreezing is not None:
+        raise ValueError("install_on_fsdp2 applies GradDrop masks only (gradual unfreezing's tensor hooks do not "
+                         "survive fully_shard either; it is not supported under FSDP2)")
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        raise ValueError("GradDrop under FSDP2 needs two or more ranks: on one rank FSDP2 copies the gradients "
+                         "instead of reduce-scattering them, and the reduce-scatter is where GradDrop masks")
+    kept.graddrop.remove()  # its hooks sit on the parameter objects fully_shard replaced: the comm masks instead
+    hooked = 0
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        groups = module._get_fsdp_state()._fsdp_param_groups
+        trainable = [g for g in groups if any(fp.sharded_param.requires_grad for fp in g.fsdp_params)]
+        if trainable:  # one group per module unless a shard_placement_fn splits meshes (refused by the setter)
+            module.set_custom_reduce_scatter(_MaskingReduceScatter(kept, trainable[0], compact))
+            hooked += 1
+    return hooked

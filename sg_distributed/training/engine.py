@@ -35,7 +35,8 @@ class Engine:
 
     Precision: the model arrives in its weight dtype (fp32 / bf16 / fp16); ``autocast`` (bf16 or fp16)
     runs the forward under ``torch.autocast`` over those weights. ``kept_exchange`` (a
-    ``graddrop.exchange.KeptEntries``) makes DDP and DeepSpeed ZeRO-2 reduce only the gradient entries it keeps. fp16 outside DeepSpeed (fp16 weights or
+    ``graddrop.exchange.KeptEntries``) makes DDP and DeepSpeed ZeRO-2 reduce only the gradient entries it keeps;
+    under FSDP2 it is also where GradDrop masks (``kept_compact=False``: the masked gradients travel dense). fp16 outside DeepSpeed (fp16 weights or
     fp16 autocast) scales the loss with ``torch.amp.GradScaler``, which skips steps whose gradients
     overflow; DeepSpeed brings its own loss scaler (``fp16`` block of its config).
     """
@@ -43,7 +44,7 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
                  ds_config: dict | None = None, max_grad_norm: float | None = None, comm_counter=None,
                  fsdp: bool | dict = False, autocast: torch.dtype | None = None, loss_scaling: bool = False,
-                 kept_exchange=None):
+                 kept_exchange=None, kept_compact: bool = True):
         self.module, self.optimizer, self.accumulation = model, optimizer, accumulation
         self.max_grad_norm = max_grad_norm
         self.deepspeed = ds_config is not None
@@ -55,6 +56,10 @@ class Engine:
             from sg_distributed.integrations.fsdp import apply_fsdp2
 
             self.wrapped = apply_fsdp2(model, optimizer=optimizer, **(fsdp if isinstance(fsdp, dict) else {}))
+            if kept_exchange is not None:  # GradDrop masks inside FSDP2's reduce-scatter (its hooks do not survive)
+                from sg_distributed.integrations.kept_exchange import install_on_fsdp2
+
+                install_on_fsdp2(self.wrapped, kept_exchange, compact=kept_compact)
         elif self.deepspeed:
             from sg_distributed.integrations.deepspeed import initialize_engine
 

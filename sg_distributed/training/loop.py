@@ -318,10 +318,13 @@ class TrainingLoop:
                                     model=self.model)  # ZeRO-3: k-vectors persistent (no per-layer gathers)
             self._log("resolved DeepSpeed config: " + json.dumps(resolved, sort_keys=True))
         self.zero3 = bool(resolved) and resolved.get("zero_optimization", {}).get("stage") == 3
-        if args.fsdp and (self.ds_config is not None or args.method not in ("sparsegrad", "lora", "full")):
-            raise SystemExit("error: --fsdp runs --method sparsegrad, lora or full without --ds_config (the other "
-                             "methods keep per-step state on parameter objects or gradient hooks, which FSDP2 "
+        if args.fsdp and (self.ds_config is not None or args.method not in ("sparsegrad", "lora", "full", "graddrop")):
+            raise SystemExit("error: --fsdp runs --method sparsegrad, lora, full or graddrop without --ds_config (the "
+                             "other methods keep per-step state on parameter objects or gradient hooks, which FSDP2 "
                              "replaces)")
+        if args.fsdp and args.method == "graddrop" and self.info.world_size < 2:
+            raise SystemExit("error: --method graddrop --fsdp needs 2 or more ranks: GradDrop masks inside FSDP2's "
+                             "reduce-scatter, which FSDP2 skips on one rank (run one rank without --fsdp)")
         if args.reselect_every and args.fsdp_shard_sparse_values:
             raise SystemExit("error: --reselect_every with --fsdp_shard_sparse_values: the k-vectors would be "
                              "DTensor shards (not supported yet); keep them replicated (the --fsdp default) or use "
@@ -339,7 +342,8 @@ class TrainingLoop:
                              max_grad_norm=args.max_grad_norm, comm_counter=self.counter,
                              fsdp=fsdp if args.fsdp else False,
                              autocast=DTYPES[args.autocast] if args.autocast else None,
-                             loss_scaling="fp16" in (args.precision, args.autocast), kept_exchange=kept)
+                             loss_scaling="fp16" in (args.precision, args.autocast), kept_exchange=kept,
+                             kept_compact=args.graddrop_exchange != "dense")
         self.backend = ckpt.backend_name(self.engine)
         info = self.prepared.info
         self.sparse_optimizer = info.get("sparse", {}).get("optimizer")  # SparseStateAdam (dynamic mode)
@@ -350,7 +354,15 @@ class TrainingLoop:
         """GradDrop's kept-only exchange where the engine has it (DDP, ZeRO-2), per ``--graddrop_exchange``."""
         args = self.args
         controller = self.prepared.info.get("controller")
-        if controller is None or args.graddrop_exchange == "dense" or self.info.world_size == 1:
+        if controller is None or self.info.world_size == 1:
+            return None
+        from sg_distributed.graddrop.exchange import KeptEntries
+
+        if args.fsdp:  # FSDP2 replaces the hooked parameters: GradDrop masks in its reduce-scatter, either way
+            self._log(f"GradDrop exchange: {'dense' if args.graddrop_exchange == 'dense' else 'kept entries only'} "
+                      "(masked in FSDP2's reduce-scatter)")
+            return KeptEntries(controller)
+        if args.graddrop_exchange == "dense":
             return None
         stage = (resolved or {}).get("zero_optimization", {}).get("stage") if resolved else None
         if resolved is not None and stage != 2:
@@ -359,8 +371,6 @@ class TrainingLoop:
                                  f"DeepSpeed config has stage {stage} (use --graddrop_exchange dense or auto)")
             self._log(f"GradDrop exchange: dense (ZeRO stage {stage} reduces its own flat partitions)")
             return None
-        from sg_distributed.graddrop.exchange import KeptEntries
-
         self._log("GradDrop exchange: kept entries only" + (" (ZeRO-2 with reduce_scatter false)" if resolved else ""))
         return KeptEntries(controller)
 
@@ -601,7 +611,8 @@ class TrainingLoop:
         if args.steps > 1:
             per_step = self.counter.per_step(args.steps - 1)
             results["comm_bytes_per_step"] = {"payload": per_step.total().payload, "wire": per_step.total().wire,
-                                              "by_label": {k: v.payload for k, v in per_step.by_label().items()}}
+                                              "by_label": {k: v.payload for k, v in per_step.by_label().items()},
+                                              "by_op": {k: v.payload for k, v in per_step.by_op().items()}}
             if info.world_size > 1:
                 self._log(f"bytes per step on rank 0 (steps 2..{args.steps}):\n"
                           + self.counter.table(args.steps - 1, by="label"))

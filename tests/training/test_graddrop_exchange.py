@@ -72,3 +72,27 @@ def test_zero2_kept_exchange_matches_one_rank(tiny_model_dir, tmp_path):
         torch.testing.assert_close(params_z[key], params1[key], atol=1e-5, rtol=0, msg=key)
     sent = json.loads((zero2 / "metrics.json").read_text())["comm_bytes_per_step"]["by_label"]
     assert 0 < sent["backward"] <= 0.12 * 4 * TARGET_ENTRIES, sent
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_graddrop_masks_in_the_reduce_scatter_and_equals_one_rank(tiny_model_dir, tmp_path):
+    """--fsdp: GradDrop (allowed now) masks inside FSDP2's reduce-scatter; kept and dense exchanges both end
+    bit-identical to one process without FSDP2 (weights and losses), the kept one reduce-scattering fewer bytes."""
+    one = tmp_path / "one"
+    launch(tiny_model_dir, 1, one, "--grad_accum", "2")
+    params1, losses1 = trained(one)
+    sent = {}
+    for mode in ("kept", "dense"):
+        out = tmp_path / mode
+        stdout = launch(tiny_model_dir, 2, out, "--fsdp", "--graddrop_exchange", mode)
+        assert f"GradDrop exchange: {'kept entries only' if mode == 'kept' else 'dense'} (masked in FSDP2" in stdout
+        params, losses = trained(out)
+        assert losses == losses1 and all(torch.equal(params[k], params1[k]) for k in params1), mode
+        sent[mode] = json.loads((out / "metrics.json").read_text())["comm_bytes_per_step"]["by_op"]
+    assert sent["dense"]["reduce_scatter_tensor"] == 4 * TARGET_ENTRIES
+    assert 0 < sent["kept"]["reduce_scatter_tensor"] < 0.25 * sent["dense"]["reduce_scatter_tensor"], sent
+
+
+def test_fsdp2_graddrop_on_one_rank_is_refused(train_qa, tiny_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match="--method graddrop --fsdp needs 2 or more ranks"):
+        train_qa.main(["--model", str(tiny_model_dir), *GRADDROP, "--fsdp", "--output_dir", str(tmp_path / "x")])
