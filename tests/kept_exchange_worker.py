@@ -29,7 +29,7 @@ init_distributed("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 TARGETS = [f"model.layers.{i}.mlp.{n}" for i in range(2) for n in ("up_proj", "down_proj")]
 
-# name: (engine, granularity, drop_prob, rescale, unfreezing, dtype, bucket bytes)
+# name: (engine, granularity, drop_prob, rescale, unfreezing, dtype, bucket bytes or ZeRO communication dtype)
 CASES = {
     "ddp_element_p0.9": ("ddp", "element", 0.9, False, False, torch.float32, None),
     "ddp_row_p0.9_rescale": ("ddp", "row", 0.9, True, False, torch.float32, None),
@@ -41,6 +41,8 @@ CASES = {
     "zero2_row_p0.5_small_buckets": ("zero2", "row", 0.5, True, False, torch.float32, 3000),
     "zero2_layer_p0.5": ("zero2", "layer", 0.5, False, False, torch.float32, None),
     "zero2_element_p0.9_bf16": ("zero2", "element", 0.9, False, False, torch.bfloat16, None),
+    # bf16 gradients reduced in fp32 ("communication_data_type"): the override's dtype-cast branch
+    "zero2_element_p0.9_bf16_fp32_comm": ("zero2", "element", 0.9, False, False, torch.bfloat16, "fp32"),
     "fsdp2_element_p0.9": ("fsdp2", "element", 0.9, False, False, torch.float32, None),
     "fsdp2_row_p0.9_rescale": ("fsdp2", "row", 0.9, True, False, torch.float32, None),
     "fsdp2_layer_p0.5": ("fsdp2", "layer", 0.5, False, False, torch.float32, None),
@@ -107,8 +109,11 @@ def zero2_run(case, kept_mode):
     _, granularity, p, rescale, unfreeze, dtype, bucket = case
     model, controller, unfreezing = build(granularity, p, rescale, unfreeze, dtype)
     start = {n: q.detach().double().clone() for n, q in trainable(model)}
+    comm = bucket if isinstance(bucket, str) else None  # a dtype name in the bucket slot: communication_data_type
+    bucket = None if comm else bucket
     cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
            "bf16": {"enabled": dtype == torch.bfloat16}, "steps_per_print": 10**6,
+           **({"communication_data_type": comm} if comm else {}),
            "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
                                  "reduce_bucket_size": bucket or 5 * 10**8, "reduce_scatter": False}}
     optimizer = torch.optim.SGD([q for _, q in trainable(model)], lr=1.0)
@@ -177,7 +182,7 @@ for name, case in CASES.items():
     dense, dense_bytes, dense_calls = run(case, kept_mode=False)
     kept, kept_bytes, kept_calls = run(case, kept_mode=True)
     ref, K, N = reference(*case[1:5])
-    bytes_per = 2 if case[5] == torch.bfloat16 else 4
+    bytes_per = 2 if case[5] == torch.bfloat16 and case[6] != "fp32" else 4
     results[name] = {
         "max_kept_vs_dense": max(float((kept[n] - dense[n]).abs().max()) for n in dense),
         "max_kept_vs_reference": max(float((kept[n] - ref[n]).abs().max()) for n in ref),

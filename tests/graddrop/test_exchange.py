@@ -107,10 +107,10 @@ def test_two_ranks_kept_exchange_equals_the_dense_reduction_and_sends_k_values(t
     (fp32: 1e-5, bf16: 2e-2 of the largest entry; bf16 runs its forward and backward in bf16), are zero where
     dropped, and the counted payload is exactly K values (FSDP2: ranks x the longest rank's kept count, computed
     here from the masks; dense: N)."""
-    assert len(two_rank_results) == 13
+    assert len(two_rank_results) == 14
     for name, r in two_rank_results.items():
         assert r["max_kept_vs_dense"] == 0.0, (name, r)
-        tolerance = 2e-2 if r["dtype"] == "torch.bfloat16" else 1e-5
+        tolerance = 2e-2 if r["dtype"] == "torch.bfloat16" else 1e-5  # bf16 forward and backward vs float64
         assert r["max_kept_vs_reference"] <= tolerance * r["max_reference"], (name, r)
         assert r["dropped_nonzero"] == 0, (name, r)
         if name.startswith("fsdp2"):  # reduce-scatter rows padded to the longest rank's kept count
@@ -134,3 +134,21 @@ def test_two_ranks_kept_count_is_binomial_and_dropped_buckets_send_nothing(two_r
     for name in ("ddp_layer_p0.5_per_param_buckets", "ddp_unfreezing_per_param_buckets"):  # one bucket per weight
         r = two_rank_results[name]
         assert r["dense_calls"] == 4 and r["kept_calls"] == 2, (name, r)  # two whole weights dropped: no call
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("granularity", ["element", "row"])
+def test_cuda_flat_keep_is_the_hooks_cuda_mask_and_packs_on_device(granularity):
+    """On CUDA the flags are drawn with Philox on the device, like the hook's: flat_keep must equal the mask the
+    hook applies on that device, and pack/unpack must stay on it."""
+    model = make_tiny_llama().cuda()
+    controller = apply_graddrop(model, GradDropConfig(drop_prob=0.9, granularity=granularity, seed=5,
+                                                      target_modules=TARGETS))
+    names = [n for n, p in model.named_parameters() if n.endswith(("up_proj.weight", "down_proj.weight"))]
+    keep = KeptEntries(controller).flat_keep(_mlp_params(model), "cuda")
+    assert keep.is_cuda
+    assert torch.equal(keep, torch.cat([controller.mask_for(n, device="cuda").reshape(-1) for n in names]))
+    flat = torch.randn(keep.numel(), device="cuda")
+    out = unpack_(flat.clone(), keep, pack(flat, keep))
+    assert out.is_cuda and torch.equal(out, flat * keep)

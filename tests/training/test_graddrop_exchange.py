@@ -62,9 +62,10 @@ def test_zero2_kept_exchange_matches_one_rank(tiny_model_dir, tmp_path):
     """DeepSpeed ZeRO-2 with the bucket-reduction override (reduce_scatter switched off): the same training as one
     process within fp32 1e-5 (ZeRO's flat fp32 Adam), gradient bytes about 10 % of dense."""
     one = tmp_path / "one"
-    launch(tiny_model_dir, 1, one, "--grad_accum", "2")
+    launch(tiny_model_dir, 1, one, "--grad_accum", "2", "--graddrop_granularity", "element")
     zero2 = tmp_path / "zero2"
-    stdout = launch(tiny_model_dir, 2, zero2, "--ds_config", "ds_configs/zero2.json")
+    stdout = launch(tiny_model_dir, 2, zero2, "--ds_config", "ds_configs/zero2.json", "--graddrop_exchange", "kept",
+                    "--graddrop_granularity", "element")
     assert "GradDrop exchange: kept entries only (ZeRO-2 with reduce_scatter false)" in stdout
     (params_z, losses_z), (params1, losses1) = trained(zero2), trained(one)
     torch.testing.assert_close(torch.tensor(losses_z), torch.tensor(losses1), atol=1e-5, rtol=0)
