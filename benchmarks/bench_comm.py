@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Bytes between ranks, step time, peak memory and optimizer state per rank, every method, 2 ranks under
-DeepSpeed ZeRO (CPU / gloo): the 2-rank systems table.
+DeepSpeed ZeRO, DDP or FSDP2 (CPU / gloo): the 2-rank systems table.
 
     .venv/bin/python benchmarks/bench_comm.py                      # tiny Llama, ZeRO-2, ~30 s
     .venv/bin/python benchmarks/bench_comm.py --stage 3
+    # GradDrop's kept-only exchange against its dense exchange, on each engine it is built for:
+    .venv/bin/python benchmarks/bench_comm.py --engine ddp --methods full,graddrop,graddrop_kept_p0.5,graddrop_kept_p0.9,graddrop_kept_row_p0.5,graddrop_kept_row_p0.9
+    .venv/bin/python benchmarks/bench_comm.py --engine fsdp2 --methods full,graddrop,graddrop_kept_p0.9
     .venv/bin/python benchmarks/bench_comm.py --model smollm2 --steps 2   # embedded SmolLM2-135M
     .venv/bin/python benchmarks/bench_comm.py --compare-persistence --methods sparsegrad --density 0.05 --z3_live 0
 
@@ -23,6 +26,14 @@ of ``--steps`` steps are counted on every rank with ``sg_distributed.distributed
 partitions). Printed per method (rank 0; ranks agree to a few bytes): payload bytes per step by op,
 total payload, ring "wire" bytes per step (see sg_distributed/distributed/comm.py for both conventions), the ratio to
 full fine-tuning, and the analytic value next to the measurement.
+
+``graddrop`` (p = 0.5) reduces the dense, zero-filled gradient; ``graddrop_kept[_row]_p{0.5,0.9}`` reduce only
+the kept entries (``sg_distributed.graddrop.exchange``; element or whole-row masks): DDP through its comm hook,
+ZeRO-2 through the bucket-reduction override (``reduce_scatter`` off), FSDP2 through its custom reduce-scatter,
+where GradDrop also masks (so ``graddrop`` under FSDP2 masks there too and reduce-scatters the zero-filled rows).
+K, the kept values per step, is counted from the masks; "grad-reduce" is the payload of the reductions issued in
+the backward (the parameter all-gathers of ZeRO-3 / FSDP2 are left out). ``--engine ddp`` and ``fsdp2`` step a
+torch AdamW themselves; fsdp2 runs full and the graddrop rows only.
 
 Analytic column (p ranks, D trainable fp32 values): ZeRO-2 = gradient all-reduce ``2(p-1)/p*4D`` +
 all-gather of the updated partitions ``(p-1)/p*4D`` (scalar all-reduces for norms/overflow ignored);
@@ -60,9 +71,13 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ("full", "lora", "sparsegrad", "sparsegrad_b125", "sparsegrad_reselect", "graddrop",
            "sparsegrad_reference", "sparsegrad_dynamic", "sparsegrad_dynamic_sparse")
+# GradDrop's kept-only exchange (sg_distributed.graddrop.exchange): element or whole-row masks at p = 0.5 / 0.9
+GRADDROP_KEPT = ("graddrop_kept_p0.5", "graddrop_kept_p0.9", "graddrop_kept_row_p0.5", "graddrop_kept_row_p0.9")
+ENGINES = ("zero", "ddp", "fsdp2")
 NOTES = {"sparsegrad_b125": "row/column budget 0.125 (fewer rotated products per step)",
          "sparsegrad_reference": "dense exchange through ZeRO (per-step top-k on flat partitions: use dynamic)",
-         "graddrop": "dense exchange (masked entries still travel as zeros)",
+         "graddrop": "p = 0.5, dense exchange (masked entries travel as zeros)",
+         **{v: "kept-only exchange" for v in GRADDROP_KEPT},
          "sparsegrad_dynamic": "exact exchange: dense all-reduce of G~, then top-k (equals 1 rank)",
          "sparsegrad_dynamic_sparse": "sparse exchange: local top-k, all-gather (int64 idx, fp32 val), k-vector all-reduce"}
 
@@ -71,6 +86,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--engine", default="zero", choices=ENGINES,
+                    help="zero: DeepSpeed ZeRO (--stage); ddp: DistributedDataParallel; fsdp2: fully_shard (full and "
+                         "graddrop* only)")
     ap.add_argument("--stage", type=int, default=2, choices=[1, 2, 3])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--density", type=float, default=0.01)
@@ -149,9 +167,23 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
 
     from bench_methods import reset_peak, status_mib
 
+    from sg_distributed.graddrop import GradDropConfig
+
     model, vocab = build_model(args.model)
     rss_loaded = status_mib("VmRSS")
     variant = method
+    graddrop, kept_exchange = GradDropConfig(drop_prob=0.5), False
+    if method.startswith("graddrop_kept"):  # graddrop_kept[_row]_p<p>
+        kept_exchange = True
+        graddrop = GradDropConfig(drop_prob=float(method.rsplit("_p", 1)[1]),
+                                  granularity="row" if "_row_" in method else "element")
+        method = "graddrop"
+    if args.engine != "zero" and method in ("sparsegrad_reference", "sparsegrad_dynamic"):
+        raise SystemExit(f"--engine {args.engine}: {variant} runs under DeepSpeed ZeRO only (--engine zero)")
+    if args.engine == "fsdp2" and method not in ("full", "graddrop"):
+        raise SystemExit(f"--engine fsdp2 runs full, graddrop and {', '.join(GRADDROP_KEPT)}; not {variant}")
+    if kept_exchange and args.engine == "zero" and args.stage != 2:
+        raise SystemExit(f"{variant}: the kept-only exchange is built for ZeRO stage 2, not {args.stage}")
     exchange = "sparse" if method.endswith("_sparse") else "exact"
     method = method.removesuffix("_sparse").removesuffix("_reselect").removesuffix("_b125")
     share = 0.125 if variant == "sparsegrad_b125" else args.budget  # b125: the faster, smaller budget
@@ -164,7 +196,8 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     k_total = sum(config.entries_for(m.out_features, m.in_features, n) for n, m in targets.items())
     total_numel = sum(p.numel() for p in model.parameters())
     calib = batches(2, args.micro_batch_size, args.seq, vocab, seed=7)
-    prepared = prepare(method, model, config, calibration_batches=calib)
+    prepared = prepare(method, model, config, calibration_batches=calib, graddrop=graddrop)
+    controller = prepared.info.get("controller")
     trainable = prepared.trainable_parameters()
     optimizer = prepared.make_optimizer(1e-4)
     hidden = model.config.hidden_size
@@ -180,8 +213,25 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     # the library's rules ("auto" threshold: max(10 x hidden, largest k) of the converted model)
     cfg = resolve_auto(cfg, world_size=world, micro_batch_size=args.micro_batch_size, gradient_accumulation_steps=1,
                        max_grad_norm=None, hidden_size=hidden, model=prepared.model)
-    engine = initialize_engine(prepared.model, optimizer, cfg)
-    persistent = list(getattr(engine.optimizer, "persistent_parameters", []) or [])  # ZeRO-3 only
+    from sg_distributed.graddrop.exchange import KeptEntries
+    from sg_distributed.integrations import kept_exchange as kx
+
+    counting = CommCounter()  # DDP's reducer calls C++ collectives: the dense hook counts into the active counter
+    if args.engine == "zero":
+        engine = initialize_engine(prepared.model, optimizer, kx.kept_exchange_ds_config(cfg) if kept_exchange else cfg)
+        if kept_exchange:
+            kx.install_on_deepspeed(engine, KeptEntries(controller))
+    elif args.engine == "ddp":
+        engine = torch.nn.parallel.DistributedDataParallel(prepared.model, broadcast_buffers=False)
+        engine.register_comm_hook(None, kx.ddp_comm_hook(KeptEntries(controller)) if kept_exchange
+                                  else counting.ddp_hook())
+    else:
+        from sg_distributed.integrations.fsdp import apply_fsdp2
+
+        engine = apply_fsdp2(prepared.model, optimizer=optimizer)
+        if controller is not None:  # FSDP2 drops the gradient hooks: GradDrop masks in its reduce-scatter
+            kx.install_on_fsdp2(engine, KeptEntries(controller), compact=kept_exchange)
+    persistent = list(getattr(getattr(engine, "optimizer", None), "persistent_parameters", []) or [])  # ZeRO-3
     persist_info = {"persistence": args.persistence, "hidden": hidden, "largest_k": largest_sparse_k(prepared.model),
                     "threshold": cfg["zero_optimization"].get("stage3_param_persistence_threshold"),
                     "persistent_params": len(persistent),
@@ -198,26 +248,41 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
         with counter.label("forward"):
             loss = engine(**data[i * world + rank]).loss
         with counter.label("backward"):
-            engine.backward(loss)
+            engine.backward(loss) if args.engine == "zero" else loss.backward()
         with counter.label("step"):
-            engine.step()
-            prepared.after_step()  # SparseStateAdam's exchange, re-selection's score all-reduce
+            if args.engine == "zero":
+                engine.step()
+            else:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            prepared.after_step()  # SparseStateAdam's exchange, re-selection's score all-reduce, GradDrop's counter
 
     with CommCounter() as warm:  # warm-up (lazy buffers, first gathers), not reported
         one_step(0, warm)
     t0 = time.perf_counter()
-    with CommCounter() as counter:
+    counter = counting
+    with counter:
         for i in range(1, args.steps + 1):
             one_step(i, counter)
     seconds = (time.perf_counter() - t0) / args.steps
+    kept_values = None
+    if controller is not None:  # kept entries of the counted steps, from the masks (CPU draws, as on these ranks)
+        last = controller.state_dict()
+        kept_values = 0
+        for step in range(last["step"] - args.steps, last["step"]):
+            controller.load_state_dict({**last, "step": step})
+            kept_values += sum(int(controller.mask_for(n).sum()) for n in controller.targets)
+        controller.load_state_dict(last)
+        kept_values /= args.steps
     peak = status_mib("VmHWM")
     states = [optimizer] + [prepared.info.get("sparse", {}).get("optimizer")]  # SparseStateAdam (dynamic)
     opt_bytes = sum(t.numel() * t.element_size() for o in states if o is not None for st in o.state.values()
-                    for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+                    for t in (getattr(v, "_local_tensor", v) for v in st.values())  # FSDP2: this rank's shard
+                    if torch.is_tensor(t) and t.dim() > 0)
     snap = counter.per_step(args.steps)
     d = snap.to_dict()
     d["by_label_op"] = {f"{lab}/{op}": vars(s) for (lab, op), s in snap.stats.items()}
-    d.update(method=variant, peak_over_loaded_mib=peak - rss_loaded, peak_rss_mib=peak, opt_state_bytes=opt_bytes,
+    d.update(method=variant, kept_values=kept_values, kept_exchange=kept_exchange, peak_over_loaded_mib=peak - rss_loaded, peak_rss_mib=peak, opt_state_bytes=opt_bytes,
              trainable_numel=int(sum(getattr(p, "ds_numel", p.numel()) for p in trainable)),
              dense_numel=dense_numel, k_total=k_total, model_numel=total_numel, step_s=seconds,
              world=world, info={k: v for k, v in prepared.info.items() if k == "lora_rank"}, **persist_info)
@@ -237,7 +302,7 @@ def worker(args) -> None:
     dist.all_gather_object(gathered, results)
     if rank == 0:
         with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump({"stage": args.stage, "model": args.model, "steps": args.steps, "density": args.density,
+            json.dump({"engine": args.engine, "stage": args.stage, "model": args.model, "steps": args.steps, "density": args.density,
                        "ranks": gathered}, fh, indent=2)
     dist.barrier()
     dist.destroy_process_group()
@@ -246,11 +311,27 @@ def worker(args) -> None:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def analytic(res: dict, stage: int) -> tuple[float, float | None]:
-    """(ring wire bytes/step of the gradient + trainable-parameter exchange, planned sparse exchange or None)."""
+def engine_name(data: dict) -> str:
+    engine = data.get("engine", "zero")
+    return f"ZeRO-{data['stage']}" if engine == "zero" else {"ddp": "DDP", "fsdp2": "FSDP2"}[engine]
+
+
+def analytic(res: dict, stage: int, engine: str = "zero") -> tuple[float, float | None]:
+    """(ring wire bytes/step of the gradient + trainable-parameter exchange, planned sparse exchange or None).
+
+    GradDrop's kept-only exchange reduces K kept values (``kept_values``, counted from the masks) instead of D:
+    DDP / ZeRO-2 all-reduce ``2(p-1)/p*4K`` (ZeRO-2 adds its dense all-gather of updated partitions), FSDP2
+    reduce-scatter ``(p-1)/p*4K`` (measured a little above: each rank's row is padded to the longest)."""
     from sg_distributed.distributed.comm import dense_allreduce_bytes, sparse_allgather_bytes
 
     p, D = res["world"], res["trainable_numel"]
+    reduced = res["kept_values"] if res.get("kept_exchange") else D
+    if engine == "ddp":
+        return dense_allreduce_bytes(reduced, p, 4), None
+    if engine == "fsdp2":
+        return (p - 1) / p * 4 * reduced, None
+    if res.get("kept_exchange"):  # ZeRO-2
+        return dense_allreduce_bytes(reduced, p, 4) + (p - 1) / p * 4 * D, None
     if stage == 3:
         grad = (p - 1) / p * 4 * D
     else:
@@ -265,30 +346,38 @@ def analytic(res: dict, stage: int) -> tuple[float, float | None]:
     return grad, planned
 
 
+REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor")
+
+
 def bw_payload(r: dict) -> float:
-    """Payload of the collectives issued during engine.backward (the gradient reduction)."""
-    return sum(s["payload"] for k, s in r["by_label_op"].items() if k.startswith("backward/"))
+    """Payload of the reductions issued during the backward (the gradient reduction; the parameter all-gathers
+    that ZeRO-3 and FSDP2 also issue there are not gradient traffic)."""
+    return sum(s["payload"] for k, s in r["by_label_op"].items()
+               if k.startswith("backward/") and k.split("/", 1)[1] in REDUCTIONS)
 
 
 def report(data: dict) -> str:
     from sg_distributed.distributed.comm import fmt_bytes
 
-    stage = data["stage"]
+    stage, engine = data["stage"], data.get("engine", "zero")
     r0 = data["ranks"][0]
     full = next((r for r in r0 if r["method"] == "full"), None)
+    dense_graddrop = next((r for r in r0 if r["method"] == "graddrop"), full)
     ops = sorted({op for r in r0 for op in r["by_op"]})
     head = ["method", "trainable", *[f"{op} payload" for op in ops], "grad-reduce payload (backward)",
             "total payload", "total wire (ring)", "wire vs full", "grad-reduce vs full",
-            "analytic wire (grad+param exchange)", "note"]
-    lines = [f"ZeRO-{stage}, {r0[0]['world']} ranks, model={data['model']} ({r0[0]['model_numel']:,} params; "
+            "grad-reduce vs dense graddrop", "analytic wire (grad+param exchange)", "note"]
+    lines = [f"{engine_name(data)}, {r0[0]['world']} ranks, model={data['model']} ({r0[0]['model_numel']:,} params; "
              f"targets {r0[0]['dense_numel']:,} values, sum k = {r0[0]['k_total']:,} at density {data['density']}), "
              f"bytes per optimizer step per rank (mean of {data['steps']} steps, rank 0)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in r0:
         bw = bw_payload(r)
         full_bw = bw_payload(full) if full else None
-        grad, planned = analytic(r, stage)
+        grad, planned = analytic(r, stage, engine)
         note = NOTES.get(r["method"], "")
+        if r.get("kept_exchange"):
+            note += f"; K = {r['kept_values']:,.0f} kept values per step ({r['kept_values'] / r['trainable_numel']:.4f} of D)"
         if planned is not None:
             note += f"; sparse exchange (planned) {fmt_bytes(planned)}"
         if r["info"].get("lora_rank"):
@@ -297,7 +386,9 @@ def report(data: dict) -> str:
         cells += [fmt_bytes(r["by_op"].get(op, {}).get("payload", 0)) for op in ops]
         cells += [fmt_bytes(bw), fmt_bytes(r["total"]["payload"]), fmt_bytes(r["total"]["wire"]),
                   f"{r['total']['wire'] / full['total']['wire']:.4f}" if full else "-",
-                  f"{bw / full_bw:.4f}" if full_bw else "-", fmt_bytes(grad), note]
+                  f"{bw / full_bw:.4f}" if full_bw else "-",
+                  f"{bw / bw_payload(dense_graddrop):.4f}" if dense_graddrop and bw_payload(dense_graddrop) else "-",
+                  fmt_bytes(grad), note]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", systems_table(data)]
     agree = all(abs(bw_payload(a) - bw_payload(b)) <= 64 and abs(a["total"]["wire"] - b["total"]["wire"]) <= 1024
@@ -344,7 +435,7 @@ def systems_table(data: dict) -> str:
     def ratio(value, ref):
         return f"{value / ref:.2f}" if ref else "-"
 
-    lines = [f"Systems, {r0[0]['world']} ranks, ZeRO-{data['stage']}, medians of {data.get('rounds', 1)} round(s):",
+    lines = [f"Systems, {r0[0]['world']} ranks, {engine_name(data)}, medians of {data.get('rounds', 1)} round(s):",
              "", "| method | step s | x LoRA | x full | training peak over loaded MiB (worst rank) | x LoRA | x full | "
              "optimizer state per rank MiB | x full |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     lora, full = by.get("lora"), by.get("full")
@@ -403,7 +494,8 @@ def main() -> None:
     if args.compare_persistence and args.stage != 3:
         sys.exit("--compare-persistence needs a ZeRO-3 config")
     tag = "_persistence" if args.compare_persistence else ""
-    out = args.out or str(ROOT / "outputs" / f"bench_comm_{args.model}_zero{args.stage}{tag}.json")
+    where = f"zero{args.stage}" if args.engine == "zero" else args.engine
+    out = args.out or str(ROOT / "outputs" / f"bench_comm_{args.model}_{where}{tag}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -428,7 +520,7 @@ def main() -> None:
             os.unlink(tmp)
     merged = {j: merge_rounds(runs) for j, runs in per_job.items()}
     first = merged[jobs[0]]
-    data = {**{k: first[k] for k in ("stage", "model", "steps", "density")}, "rounds": args.rounds,
+    data = {**{k: first[k] for k in ("engine", "stage", "model", "steps", "density")}, "rounds": args.rounds,
             "ranks": [[merged[j]["ranks"][rank][0] for j in jobs] for rank in range(len(first["ranks"]))]}
     with open(out, "w", encoding="utf-8") as fh:
         json.dump(data, fh, indent=2)

@@ -82,6 +82,10 @@ converted matrices; every trainable tensor is what the library trains, see READM
   all, trained or not) + the scalar. ``sparsegrad_dynamic``
   adds its exchange of the rotated gradients: ``exact`` = dense all-reduce ``2(p-1)/p x b x N_targets``;
   ``sparse`` = all-gather of (int64 index, value) pairs ``(p-1) x k x (8 + b)`` + k-vector all-reduce.
+  ``graddrop`` with its kept-only exchange (``--graddrop_exchange kept``, default; ZeRO-2 only, ZeRO-3 stays
+  dense): the gradient all-reduce carries the expected kept entries, ``2(p-1)/p x b x (1 - p_drop) x D``
+  (element masks: K ~ Binomial(D, 1 - p_drop); row masks: the same expectation in whole rows); the
+  all-gather of updated partitions stays dense (Adam's momentum still moves dropped entries).
   The ZeRO-2 figures equal what ``CommCounter`` measures (tests/tools/test_estimate.py); ZeRO-3's parameter
   gathers depend on prefetching/persistence and are an estimate.
 """
@@ -218,7 +222,8 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
              max_cols: float | None = DEFAULT_BUDGET, micro_batch_size: int = 1, seq: int = 512, exchange: str = "exact",
              lora_rank: int | None = None, include_norms: bool = True,
              reduce_bucket_size: int | None = None, reselect_every: int = 0,
-             persistence_threshold: int | None = None, budget_block: str = DEFAULT_BUDGET_BLOCK) -> dict[str, Any]:
+             persistence_threshold: int | None = None, budget_block: str = DEFAULT_BUDGET_BLOCK,
+             drop_prob: float = 0.5, graddrop_exchange: str = "kept") -> dict[str, Any]:
     """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
     from torch import nn
 
@@ -233,6 +238,10 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
         raise ValueError(f"zero must be 2 or 3, got {zero!r}")
     if p < 1:
         raise ValueError(f"the number of ranks must be >= 1, got {p}")
+    if not 0.0 <= drop_prob < 1.0:
+        raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
+    if graddrop_exchange not in ("kept", "dense"):
+        raise ValueError(f"graddrop_exchange must be 'kept' or 'dense', got {graddrop_exchange!r}")
     b = DTYPE_BYTES[dtype]
     cfg = SparseGradConfig(density=density, k=k, block_stride=block_stride, target_modules=target_modules,
                            max_rows=max_rows, max_cols=max_cols, budget_block=budget_block)
@@ -308,7 +317,11 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     ring_ar = lambda n_bytes: 2 * (p - 1) / p * n_bytes
     ring_ag = lambda n_bytes: (p - 1) / p * n_bytes
     comm: dict[str, float] = {}
-    if zero == 2:
+    kept_only = method == "graddrop" and graddrop_exchange == "kept" and zero == 2  # not built for ZeRO-3
+    if kept_only:  # only the expected (1 - p) D kept entries travel; Adam still moves dropped ones: dense all-gather
+        comm[f"grad all-reduce (kept entries, (1-p) D, p = {drop_prob:g})"] = ring_ar(b * (1 - drop_prob) * D)
+        comm["all-gather updated partitions"] = ring_ag(b * Dp)
+    elif zero == 2:
         comm["grad all-reduce"] = ring_ar(b * D)
         comm["all-gather updated partitions"] = ring_ag(b * Dp)
     else:
@@ -324,6 +337,9 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
         else:
             comm["sparse all-gather (int64, value)"] = (p - 1) * K * (8 + b)
             comm["k-vector all-reduce"] = ring_ar(b * K)
+    if method == "graddrop" and graddrop_exchange == "kept" and zero == 3:
+        extra_state_note = ((extra_state_note + " ") if extra_state_note else "") + (
+            "graddrop: ZeRO-3 reduces the dense gradient (the kept-only exchange is built for DDP, ZeRO-2, FSDP2).")
     total_mem = weights + buffers + grads + optimizer + activations
     return {"method": method, "p": p, "zero": zero, "dtype": dtype, "matrices": len(shapes), "N_targets": N_t,
             "k_total": K, "trainable": D, "trainable_padded": Dp, "lora_rank": rank_used, "model_params": n_params,
@@ -377,6 +393,9 @@ def main(argv=None) -> int:
     ap.add_argument("--exchange", choices=["exact", "sparse"], default="sparse", help="sparsegrad_dynamic's exchange")
     ap.add_argument("--lora_rank", type=int, default=None)
     ap.add_argument("--reselect_every", type=int, default=0, help="sparsegrad: support re-selection every N steps")
+    ap.add_argument("--drop_prob", type=float, default=0.5, help="graddrop: the drop probability p")
+    ap.add_argument("--graddrop_exchange", choices=["kept", "dense"], default="kept",
+                    help="graddrop: only the kept entries travel (ZeRO-2) or the dense, zero-filled gradient")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -392,7 +411,7 @@ def main(argv=None) -> int:
     p = args.nodes * args.gpus_per_node
     rows = [estimate(model, m, p=p, zero=args.zero, dtype=args.dtype, micro_batch_size=args.micro_batch_size,
                      seq=args.seq, exchange=args.exchange, lora_rank=args.lora_rank, reselect_every=args.reselect_every,
-                     **kw) for m in methods]
+                     drop_prob=args.drop_prob, graddrop_exchange=args.graddrop_exchange, **kw) for m in methods]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -47,7 +47,7 @@ def test_zero2_bytes_per_step_equal_commcounter(tmp_path):
     model = _tiny()
     for method in WORKER_METHODS:
         est = estimate(model, method, p=2, zero=2, dtype="fp32", density=DENSITY, max_rows=None, max_cols=None,
-                       exchange="exact")
+                       exchange="exact", graddrop_exchange="dense")  # the worker's GradDrop reduces dense
         got = measured[method]
         assert est["trainable"] == got["trainable_numel"], method
         assert est["comm_total"] == pytest.approx(got["total"]["wire"], abs=1e-6), (method, est["comm"], got["total"])
@@ -133,6 +133,24 @@ def test_presets_agree_with_presets_module():
     full = estimate(model, "full", p=8, zero=2, dtype="bf16", k=over["k"], block_stride=over["block_stride"],
                     target_modules=over["target_modules"])
     assert full["comm"]["grad all-reduce"] == pytest.approx(rep["wire"][0]["dense_allreduce"])
+
+
+def test_graddrop_kept_exchange_sends_one_minus_p_of_the_gradient_all_reduce():
+    """ZeRO-2: the kept-only exchange's all-reduce is (1 - p) of the dense one (the counted bytes of the 2-rank
+    runs equal this expectation within binomial noise: tests/graddrop/test_exchange.py, bench_comm.py); the
+    all-gather of updated partitions stays dense; ZeRO-3 stays dense (not built there) and says so."""
+    model, over = build_meta_model("llama-2-7b")
+    kw = dict(p=16, dtype="bf16", k=over["k"], block_stride=over["block_stride"], target_modules=over["target_modules"])
+    dense = estimate(model, "graddrop", zero=2, graddrop_exchange="dense", **kw)
+    kept = estimate(model, "graddrop", zero=2, drop_prob=0.9, **kw)
+    [(name, value)] = [(k, v) for k, v in kept["comm"].items() if k.startswith("grad all-reduce (kept")]
+    assert value == pytest.approx(0.1 * dense["comm"]["grad all-reduce"], rel=1e-12) and "p = 0.9" in name
+    assert kept["comm"]["all-gather updated partitions"] == dense["comm"]["all-gather updated partitions"]
+    zero3 = estimate(model, "graddrop", zero=3, drop_prob=0.9, **kw)
+    assert zero3["comm"] == estimate(model, "graddrop", zero=3, graddrop_exchange="dense", **kw)["comm"]
+    assert "ZeRO-3 reduces the dense gradient" in zero3["note"]
+    with pytest.raises(ValueError, match="drop_prob must be in"):
+        estimate(model, "graddrop", zero=2, drop_prob=1.0, **kw)
 
 
 def test_zero3_persistence_threshold_follows_resolve_auto():
