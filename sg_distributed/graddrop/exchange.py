@@ -14,10 +14,10 @@ Payload per reduction is ``K`` values instead of ``N``: for ``element`` granular
 (gradual unfreezing) contributes nothing. A reduction whose every entry is dropped is skipped: all ranks
 know it, so none waits.
 
-Cost on the device: the keep flags are redrawn from the seed where the reduction happens (the gradient
-hook already drew them once in the backward; keeping them would cost a byte per entry of every target
-for the whole step), one boolean mask the size of the buffer, and one host read per reduced buffer on
-CUDA (``masked_select`` must know its output size). The engine glue lives in
+Cost on the device: the reduction takes the flags the gradient hook drew for that parameter (held from
+the hook to the reduction, ``GradDropController.share_flags_with_exchange``; drawn again from the seed only
+where no hook ran, as under FSDP2), one boolean mask the size of the buffer, and one host read per reduced
+buffer on CUDA (``masked_select`` must know its output size). The engine glue lives in
 ``sg_distributed.integrations.kept_exchange`` (DDP comm hook, DeepSpeed ZeRO-2, FSDP2).
 """
 from __future__ import annotations
@@ -42,6 +42,8 @@ class KeptEntries:
         if graddrop is None and unfreezing is None:
             raise ValueError("KeptEntries needs a GradDropController, a GradualUnfreezing, or both")
         self.graddrop, self.unfreezing = graddrop, unfreezing
+        if graddrop is not None:
+            graddrop.share_flags_with_exchange()  # the hook's draw serves the reduction too
 
     def flags(self, param: torch.Tensor, device: torch.device | str, name: str | None = None
               ) -> torch.Tensor | None:

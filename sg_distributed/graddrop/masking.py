@@ -198,6 +198,8 @@ class GradDropController:
         self._handles: list[Any] = []
         self._resolve(model)
         self._by_id = {id(t.param): t for t in self._targets.values()}
+        # id(param) -> (counter, drop flags) the hook drew, until an exchange takes them (share_flags_with_exchange)
+        self._flags_for_exchange: dict[int, tuple[int, torch.Tensor]] | None = None
         for t in self._targets.values():
             self._handles.append(t.param.register_hook(self._make_hook(t)))
 
@@ -312,6 +314,15 @@ class GradDropController:
             total += t.shape.numel()
         return int(kept) / total
 
+    def share_flags_with_exchange(self) -> None:
+        """From now on the hook keeps the flags it draws until :meth:`keep_flags` takes them, so a gradient
+        exchange reads them instead of drawing them again (on CPU the draw dominates; measured in
+        bench_comm.py). Each parameter's flags are held from its backward hook to its reduction (about one
+        bucket's worth); a backward whose reduction never comes (DDP ``no_sync``) overwrites them, so at most
+        one byte per target entry (element granularity) is held."""
+        if self._flags_for_exchange is None:
+            self._flags_for_exchange = {}
+
     def keep_flags(self, param: torch.Tensor, device: torch.device | str) -> torch.Tensor | None:
         """Keep flags of ``param``'s gradient for the current counter in the mask's compact shape (they
         broadcast to the parameter's logical shape), drawn on ``device`` exactly as the hook draws them;
@@ -320,7 +331,11 @@ class GradDropController:
         target = self._by_id.get(id(param))
         if target is None or self.config.drop_prob == 0.0:
             return None
-        return ~self._drop_flags(target, self.mask_counter, torch.device(device))
+        device, counter = torch.device(device), self.mask_counter
+        shared = self._flags_for_exchange.pop(id(param), None) if self._flags_for_exchange is not None else None
+        if shared is not None and shared[0] == counter and shared[1].device == device:
+            return ~shared[1]
+        return ~self._drop_flags(target, counter, device)
 
     def keep_flags_by_name(self, name: str, device: torch.device | str) -> torch.Tensor | None:
         """:meth:`keep_flags` looked up by parameter name (engines that replace the parameter objects,
@@ -344,7 +359,10 @@ class GradDropController:
                 )
             if cfg.drop_prob == 0.0:  # nothing to drop and scale == 1: leave the gradient as it is
                 return None
-            drop = self._drop_flags(t, self.mask_counter, grad.device)  # read the counter at backward time
+            counter = self.mask_counter  # read at backward time
+            drop = self._drop_flags(t, counter, grad.device)
+            if self._flags_for_exchange is not None:  # the exchange reduces this gradient next: no second draw
+                self._flags_for_exchange[id(t.param)] = (counter, drop)
             out = grad.masked_fill(drop, 0)  # keeps grad's dtype (bf16/fp16 included)
             return out.mul_(scale) if scale != 1.0 else out
 

@@ -152,3 +152,30 @@ def test_cuda_flat_keep_is_the_hooks_cuda_mask_and_packs_on_device(granularity):
     flat = torch.randn(keep.numel(), device="cuda")
     out = unpack_(flat.clone(), keep, pack(flat, keep))
     assert out.is_cuda and torch.equal(out, flat * keep)
+
+
+def test_the_exchange_takes_the_hooks_flags_instead_of_drawing_again(monkeypatch):
+    """With an exchange attached, the hook holds the flags it drew until the reduction takes them: the
+    reduction draws nothing, gets the hook's mask, and leaves nothing held; a stale counter is redrawn."""
+    from sg_distributed.graddrop import masking
+
+    model = make_tiny_llama()
+    controller = apply_graddrop(model, GradDropConfig(drop_prob=0.7, seed=2, target_modules=TARGETS))
+    kept = KeptEntries(controller)
+    names = [n for n, p in model.named_parameters() if n.endswith(("up_proj.weight", "down_proj.weight"))]
+    ids = torch.randint(0, 128, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids, labels=ids).loss.backward()  # a second backward (no_sync-like) overwrites, never grows
+    assert len(controller._flags_for_exchange) == len(names)
+    draws = []
+    real = masking._draw_drop
+    monkeypatch.setattr(masking, "_draw_drop", lambda *a, **k: draws.append(a) or real(*a, **k))
+    keep = kept.flat_keep(_mlp_params(model), "cpu")
+    assert draws == [] and controller._flags_for_exchange == {}
+    assert torch.equal(keep, torch.cat([controller.mask_for(n).reshape(-1) for n in names]))
+    model(input_ids=ids, labels=ids).loss.backward()
+    controller.step()  # flags of the old counter are not used for the new one
+    draws.clear()
+    keep = kept.flat_keep(_mlp_params(model), "cpu")
+    assert len(draws) == len(names)
+    assert torch.equal(keep, torch.cat([controller.mask_for(n).reshape(-1) for n in names]))
