@@ -351,7 +351,8 @@ class TrainingLoop:
         self.reselector = info.get("reselector")  # drop-and-grow schedule and growth scores
 
     def _kept_exchange(self, resolved: dict | None):
-        """GradDrop's kept-only exchange where the engine has it (DDP, ZeRO-2), per ``--graddrop_exchange``."""
+        """GradDrop's kept-only exchange where the engine has it (DDP, ZeRO-2, FSDP2), per ``--graddrop_exchange``;
+        under FSDP2 also where GradDrop masks, whichever exchange."""
         args = self.args
         controller = self.prepared.info.get("controller")
         if controller is None or self.info.world_size == 1:
