@@ -5,6 +5,7 @@ DeepSpeed ZeRO, DDP or FSDP2 (CPU / gloo): the 2-rank systems table.
     .venv/bin/python benchmarks/bench_comm.py                      # tiny Llama, ZeRO-2, ~30 s
     .venv/bin/python benchmarks/bench_comm.py --stage 3
     # GradDrop's kept-only exchange against its dense exchange, on each engine it is built for:
+    .venv/bin/python benchmarks/bench_comm.py --methods full,graddrop,graddrop_kept_p0.5,graddrop_kept_p0.9,graddrop_kept_row_p0.5,graddrop_kept_row_p0.9
     .venv/bin/python benchmarks/bench_comm.py --engine ddp --methods full,graddrop,graddrop_kept_p0.5,graddrop_kept_p0.9,graddrop_kept_row_p0.5,graddrop_kept_row_p0.9
     .venv/bin/python benchmarks/bench_comm.py --engine fsdp2 --methods full,graddrop,graddrop_kept_p0.9
     .venv/bin/python benchmarks/bench_comm.py --model smollm2 --steps 2   # embedded SmolLM2-135M
@@ -33,7 +34,10 @@ ZeRO-2 through the bucket-reduction override (``reduce_scatter`` off), FSDP2 thr
 where GradDrop also masks (so ``graddrop`` under FSDP2 masks there too and reduce-scatters the zero-filled rows).
 K, the kept values per step, is counted from the masks; "grad-reduce" is the payload of the reductions issued in
 the backward (the parameter all-gathers of ZeRO-3 / FSDP2 are left out). ``--engine ddp`` and ``fsdp2`` step a
-torch AdamW themselves; fsdp2 runs full and the graddrop rows only.
+torch AdamW themselves; fsdp2 runs full and the graddrop rows only, ddp every method but sparsegrad_reference
+and sparsegrad_dynamic* (DeepSpeed-only pieces); the kept rows are refused under ZeRO-1/3 (built for ZeRO-2).
+Unknown or refused methods stop the bench before any launch. "grad-reduce vs dense graddrop" divides each
+backward payload by that of the ``graddrop`` row (or ``full`` when absent).
 
 Analytic column (p ranks, D trainable fp32 values): ZeRO-2 = gradient all-reduce ``2(p-1)/p*4D`` +
 all-gather of the updated partitions ``(p-1)/p*4D`` (scalar all-reduces for norms/overflow ignored);
@@ -80,6 +84,20 @@ NOTES = {"sparsegrad_b125": "row/column budget 0.125 (fewer rotated products per
          **{v: "kept-only exchange" for v in GRADDROP_KEPT},
          "sparsegrad_dynamic": "exact exchange: dense all-reduce of G~, then top-k (equals 1 rank)",
          "sparsegrad_dynamic_sparse": "sparse exchange: local top-k, all-gather (int64 idx, fp32 val), k-vector all-reduce"}
+
+
+def method_refusal(variant: str, engine: str, stage: int) -> str | None:
+    """Why ``variant`` cannot run on ``engine`` (ZeRO ``stage``), or None: checked before any launch."""
+    if variant not in METHODS + GRADDROP_KEPT:
+        return f"unknown method {variant!r}; valid: {', '.join(METHODS + GRADDROP_KEPT)}"
+    if engine != "zero" and variant.startswith(("sparsegrad_reference", "sparsegrad_dynamic")):
+        return f"--engine {engine}: {variant} needs DeepSpeed-only pieces; run it with --engine zero"
+    if engine == "fsdp2" and variant not in ("full", "graddrop") + GRADDROP_KEPT:
+        return f"--engine fsdp2 runs full, graddrop and {', '.join(GRADDROP_KEPT)}; not {variant}"
+    if variant in GRADDROP_KEPT and engine == "zero" and stage != 2:
+        return (f"{variant}: the kept-only exchange is built for ZeRO stage 2 (and --engine ddp / fsdp2), not "
+                f"stage {stage}; use graddrop (dense exchange) there")
+    return None
 
 
 def parse_args(argv=None):
@@ -169,6 +187,10 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
 
     from sg_distributed.graddrop import GradDropConfig
 
+    refusal = method_refusal(method, args.engine, args.stage)  # main() checks first; this guards direct torchrun
+    if refusal:
+        raise SystemExit(refusal)
+
     model, vocab = build_model(args.model)
     rss_loaded = status_mib("VmRSS")
     variant = method
@@ -178,12 +200,6 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
         graddrop = GradDropConfig(drop_prob=float(method.rsplit("_p", 1)[1]),
                                   granularity="row" if "_row_" in method else "element")
         method = "graddrop"
-    if args.engine != "zero" and method in ("sparsegrad_reference", "sparsegrad_dynamic"):
-        raise SystemExit(f"--engine {args.engine}: {variant} runs under DeepSpeed ZeRO only (--engine zero)")
-    if args.engine == "fsdp2" and method not in ("full", "graddrop"):
-        raise SystemExit(f"--engine fsdp2 runs full, graddrop and {', '.join(GRADDROP_KEPT)}; not {variant}")
-    if kept_exchange and args.engine == "zero" and args.stage != 2:
-        raise SystemExit(f"{variant}: the kept-only exchange is built for ZeRO stage 2, not {args.stage}")
     exchange = "sparse" if method.endswith("_sparse") else "exact"
     method = method.removesuffix("_sparse").removesuffix("_reselect").removesuffix("_b125")
     share = 0.125 if variant == "sparsegrad_b125" else args.budget  # b125: the faster, smaller budget
@@ -282,7 +298,8 @@ def run_method(method: str, args, rank: int, world: int) -> dict:
     snap = counter.per_step(args.steps)
     d = snap.to_dict()
     d["by_label_op"] = {f"{lab}/{op}": vars(s) for (lab, op), s in snap.stats.items()}
-    d.update(method=variant, kept_values=kept_values, kept_exchange=kept_exchange, peak_over_loaded_mib=peak - rss_loaded, peak_rss_mib=peak, opt_state_bytes=opt_bytes,
+    d.update(method=variant, kept_values=kept_values, kept_exchange=kept_exchange,
+             peak_over_loaded_mib=peak - rss_loaded, peak_rss_mib=peak, opt_state_bytes=opt_bytes,
              trainable_numel=int(sum(getattr(p, "ds_numel", p.numel()) for p in trainable)),
              dense_numel=dense_numel, k_total=k_total, model_numel=total_numel, step_s=seconds,
              world=world, info={k: v for k, v in prepared.info.items() if k == "lora_rank"}, **persist_info)
@@ -302,8 +319,8 @@ def worker(args) -> None:
     dist.all_gather_object(gathered, results)
     if rank == 0:
         with open(args.out, "w", encoding="utf-8") as fh:
-            json.dump({"engine": args.engine, "stage": args.stage, "model": args.model, "steps": args.steps, "density": args.density,
-                       "ranks": gathered}, fh, indent=2)
+            json.dump({"engine": args.engine, "stage": args.stage, "model": args.model, "steps": args.steps,
+                       "density": args.density, "ranks": gathered}, fh, indent=2)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -493,6 +510,9 @@ def main() -> None:
         args.stage = load_ds_config(args.ds_config).get("zero_optimization", {}).get("stage", 0)
     if args.compare_persistence and args.stage != 3:
         sys.exit("--compare-persistence needs a ZeRO-3 config")
+    refusals = [r for r in (method_refusal(m, args.engine, args.stage) for m in args.methods.split(",")) if r]
+    if refusals:  # before any launch: a refusal inside torchrun is buried in its traceback
+        sys.exit("bench_comm.py --methods: " + "; ".join(refusals))
     tag = "_persistence" if args.compare_persistence else ""
     where = f"zero{args.stage}" if args.engine == "zero" else args.engine
     out = args.out or str(ROOT / "outputs" / f"bench_comm_{args.model}_{where}{tag}.json")

@@ -82,10 +82,12 @@ converted matrices; every trainable tensor is what the library trains, see READM
   all, trained or not) + the scalar. ``sparsegrad_dynamic``
   adds its exchange of the rotated gradients: ``exact`` = dense all-reduce ``2(p-1)/p x b x N_targets``;
   ``sparse`` = all-gather of (int64 index, value) pairs ``(p-1) x k x (8 + b)`` + k-vector all-reduce.
-  ``graddrop`` with its kept-only exchange (``--graddrop_exchange kept``, default; ZeRO-2 only, ZeRO-3 stays
-  dense): the gradient all-reduce carries the expected kept entries, ``2(p-1)/p x b x (1 - p_drop) x D``
-  (element masks: K ~ Binomial(D, 1 - p_drop); row masks: the same expectation in whole rows); the
-  all-gather of updated partitions stays dense (Adam's momentum still moves dropped entries).
+  ``graddrop`` with its kept-only exchange (``--graddrop_exchange kept``, default, as train_qa's ``auto``:
+  ZeRO-2 only, ZeRO-3 stays dense where it is not built, and the note says so): the gradient all-reduce
+  carries the expected kept entries, ``2(p-1)/p x b x (1 - p_drop) x D`` (``--drop_prob`` p_drop;
+  ``--graddrop_granularity element``: K ~ Binomial(D, 1 - p_drop); ``row``: the same expectation in whole
+  rows, with a wider spread step to step); the all-gather of updated partitions stays dense
+  ``(p-1)/p x b x D`` (Adam's momentum still moves dropped entries, so every updated weight travels).
   The ZeRO-2 figures equal what ``CommCounter`` measures (tests/tools/test_estimate.py); ZeRO-3's parameter
   gathers depend on prefetching/persistence and are an estimate.
 """
@@ -103,6 +105,7 @@ from sg_distributed.sparsegrad.config import DEFAULT_BUDGET, DEFAULT_BUDGET_BLOC
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 EST_METHODS = ("sparsegrad", "lora", "full", "graddrop", "sparsegrad_dynamic")
+GRADDROP_GRANULARITIES = ("element", "row")  # the kept exchange's masks (layer masks: not estimated)
 
 # SmolLM2-135M-Instruct's config.json (HuggingFaceTB), typed in so no asset is needed.
 SMOLLM2_CONFIG = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -223,7 +226,8 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
              lora_rank: int | None = None, include_norms: bool = True,
              reduce_bucket_size: int | None = None, reselect_every: int = 0,
              persistence_threshold: int | None = None, budget_block: str = DEFAULT_BUDGET_BLOCK,
-             drop_prob: float = 0.5, graddrop_exchange: str = "kept") -> dict[str, Any]:
+             drop_prob: float = 0.5, graddrop_exchange: str = "kept",
+             graddrop_granularity: str = "element") -> dict[str, Any]:
     """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
     from torch import nn
 
@@ -242,6 +246,9 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
         raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob!r}")
     if graddrop_exchange not in ("kept", "dense"):
         raise ValueError(f"graddrop_exchange must be 'kept' or 'dense', got {graddrop_exchange!r}")
+    if graddrop_granularity not in GRADDROP_GRANULARITIES:
+        raise ValueError(f"graddrop_granularity must be one of {', '.join(GRADDROP_GRANULARITIES)}, "
+                         f"got {graddrop_granularity!r}")
     b = DTYPE_BYTES[dtype]
     cfg = SparseGradConfig(density=density, k=k, block_stride=block_stride, target_modules=target_modules,
                            max_rows=max_rows, max_cols=max_cols, budget_block=budget_block)
@@ -319,7 +326,8 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     comm: dict[str, float] = {}
     kept_only = method == "graddrop" and graddrop_exchange == "kept" and zero == 2  # not built for ZeRO-3
     if kept_only:  # only the expected (1 - p) D kept entries travel; Adam still moves dropped ones: dense all-gather
-        comm[f"grad all-reduce (kept entries, (1-p) D, p = {drop_prob:g})"] = ring_ar(b * (1 - drop_prob) * D)
+        kept_unit = "entries" if graddrop_granularity == "element" else "rows"  # same expectation, in whole rows
+        comm[f"grad all-reduce (kept {kept_unit}, (1-p) D, p = {drop_prob:g})"] = ring_ar(b * (1 - drop_prob) * D)
         comm["all-gather updated partitions"] = ring_ag(b * Dp)
     elif zero == 2:
         comm["grad all-reduce"] = ring_ar(b * D)
@@ -340,6 +348,10 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     if method == "graddrop" and graddrop_exchange == "kept" and zero == 3:
         extra_state_note = ((extra_state_note + " ") if extra_state_note else "") + (
             "graddrop: ZeRO-3 reduces the dense gradient (the kept-only exchange is built for DDP, ZeRO-2, FSDP2).")
+    elif kept_only:
+        extra_state_note = ((extra_state_note + " ") if extra_state_note else "") + (
+            f"graddrop: kept-only exchange ({graddrop_granularity} masks, p = {drop_prob:g}), the expected "
+            "(1-p) D kept values per step; ZeRO-3 would reduce the dense gradient (not built there).")
     total_mem = weights + buffers + grads + optimizer + activations
     return {"method": method, "p": p, "zero": zero, "dtype": dtype, "matrices": len(shapes), "N_targets": N_t,
             "k_total": K, "trainable": D, "trainable_padded": Dp, "lora_rank": rank_used, "model_params": n_params,
@@ -396,10 +408,14 @@ def main(argv=None) -> int:
     ap.add_argument("--drop_prob", type=float, default=0.5, help="graddrop: the drop probability p")
     ap.add_argument("--graddrop_exchange", choices=["kept", "dense"], default="kept",
                     help="graddrop: only the kept entries travel (ZeRO-2) or the dense, zero-filled gradient")
+    ap.add_argument("--graddrop_granularity", choices=GRADDROP_GRANULARITIES, default="element",
+                    help="graddrop: element or whole-row masks (same expected kept fraction 1 - p)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1:
         ap.error("--nodes and --gpus-per-node must be >= 1")
+    if not 0.0 <= args.drop_prob < 1.0:
+        ap.error(f"--drop_prob must be in [0, 1), got {args.drop_prob}")
     methods = EST_METHODS if args.method == "all" else [args.method]
     for m in methods:
         if m not in EST_METHODS:
@@ -411,7 +427,8 @@ def main(argv=None) -> int:
     p = args.nodes * args.gpus_per_node
     rows = [estimate(model, m, p=p, zero=args.zero, dtype=args.dtype, micro_batch_size=args.micro_batch_size,
                      seq=args.seq, exchange=args.exchange, lora_rank=args.lora_rank, reselect_every=args.reselect_every,
-                     drop_prob=args.drop_prob, graddrop_exchange=args.graddrop_exchange, **kw) for m in methods]
+                     drop_prob=args.drop_prob, graddrop_exchange=args.graddrop_exchange,
+                     graddrop_granularity=args.graddrop_granularity, **kw) for m in methods]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

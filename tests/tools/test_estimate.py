@@ -149,8 +149,28 @@ def test_graddrop_kept_exchange_sends_one_minus_p_of_the_gradient_all_reduce():
     zero3 = estimate(model, "graddrop", zero=3, drop_prob=0.9, **kw)
     assert zero3["comm"] == estimate(model, "graddrop", zero=3, graddrop_exchange="dense", **kw)["comm"]
     assert "ZeRO-3 reduces the dense gradient" in zero3["note"]
+    assert "kept-only exchange (element masks, p = 0.9)" in kept["note"]
+    # row masks keep the same expected (1 - p) of the entries, in whole rows
+    row = estimate(model, "graddrop", zero=2, drop_prob=0.9, graddrop_granularity="row", **kw)
+    assert row["comm"]["grad all-reduce (kept rows, (1-p) D, p = 0.9)"] == pytest.approx(value, rel=1e-12)
+    assert row["comm_total"] == pytest.approx(kept["comm_total"], rel=1e-12)
     with pytest.raises(ValueError, match="drop_prob must be in"):
         estimate(model, "graddrop", zero=2, drop_prob=1.0, **kw)
+    with pytest.raises(ValueError, match="graddrop_granularity must be one of element, row"):
+        estimate(model, "graddrop", zero=2, graddrop_granularity="layer", **kw)
+
+
+def test_cli_graddrop_options(capsys):
+    argv = ["--model", "smollm2", "--nodes", "1", "--gpus-per-node", "2", "--zero", "2", "--method", "graddrop",
+            "--drop_prob", "0.9", "--graddrop_granularity", "row"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "grad all-reduce (kept rows, (1-p) D, p = 0.9)" in out and "kept-only exchange (row masks" in out
+    assert main(argv[:-2] + ["--graddrop_exchange", "dense"]) == 0
+    assert "kept" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(argv[:-4] + ["--drop_prob", "1.0"])
+    assert "--drop_prob must be in [0, 1), got 1.0" in capsys.readouterr().err
 
 
 def test_zero3_persistence_threshold_follows_resolve_auto():
