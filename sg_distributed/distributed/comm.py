@@ -31,7 +31,8 @@ Where the calls are caught
 ``layer="python"`` (default) wraps the Python functions of ``torch.distributed.distributed_c10d`` and
 re-exports them under ``torch.distributed`` (``dist.all_reduce is distributed_c10d.all_reduce``), so it
 catches every call made through either module at call time, including DeepSpeed 0.19.8's ``TorchBackend``
-(``deepspeed.comm`` looks ``torch.distributed.<fn>`` up on every call) and FSDP2. DeepSpeed caches two
+(``deepspeed.comm`` looks ``torch.distributed.<fn>`` up on every call) and FSDP2, plus the functional
+collectives of ``torch.distributed._functional_collectives`` (DTensor's). DeepSpeed caches two
 functions at ``init_distributed`` (``cdb.all_gather_function`` = all_gather_into_tensor and
 ``cdb.reduce_scatter_function`` = reduce_scatter_tensor, the ZeRO-3 workhorses); those two attributes
 of the live backend are re-pointed too. The overhead is nil for non-collective ops.
@@ -54,11 +55,14 @@ counters cannot replace the hooks above; they serve as independent cross-checks 
   any multi-step count (its tracker adds one forward hook per call). Like any dispatch mode it only sees
   the thread that entered it, and its op set has no ``barrier``, ``send`` or ``recv_``. Where it is used one
   step at a time it agrees with CommCounter's op counts on every engine (c10d eager, DDP, FSDP2, ZeRO-2,
-  ZeRO-3), and it sees two things CommCounter misses: **functional collectives** (``_c10d_functional``:
-  DTensor's ``full_tensor``/redistribute, and the one scalar all-reduce of ``clip_grad_norm_`` over FSDP2
-  DTensor gradients, i.e. ``Engine.step`` with ``max_grad_norm`` and sharded k-vectors) and, like
-  ``layer="dispatch"``, DDP's C++ broadcasts when it rebuilds its buckets at the second backward (2 calls,
-  24 B on the tiny test model; ``ddp_hook`` counts the gradient all-reduces only).
+  ZeRO-3), the **functional collectives** included (``_c10d_functional``: DTensor's ``full_tensor`` /
+  redistribute, and the one scalar all-reduce of ``clip_grad_norm_`` over FSDP2 DTensor gradients, i.e.
+  ``Engine.step`` with ``max_grad_norm`` and sharded k-vectors), which CommCounter's python layer now
+  wraps too (``torch.distributed._functional_collectives``: ``all_reduce``, ``all_gather_single``,
+  ``reduce_scatter_single``, ``all_to_all_single``, counted under the eager op's name). It still sees one
+  thing CommCounter misses: like ``layer="dispatch"``, DDP's C++ broadcasts when it rebuilds its buckets
+  at the second backward (2 calls, 24 B on the tiny test model; ``ddp_hook`` counts the gradient
+  all-reduces only).
 * DeepSpeed's comms logger (``"comms_logger": {"enabled": true, "prof_all": true}``) logs the count and
   size of the ``tensor`` argument of each ``deepspeed.comm`` call: for ZeRO-2 and ZeRO-3 these equal
   CommCounter's calls and payload bytes exactly (broadcast: logged on every rank, payload on the source
@@ -423,7 +427,55 @@ def _make_wrapper(name: str, fn: Callable, composite: bool) -> Callable:
     return wrapper
 
 
+# torch's functional collectives (DTensor's redistribute / full_tensor, clip_grad_norm_ over DTensor gradients):
+# Python functions of torch.distributed._functional_collectives that go straight to the _c10d_functional ops,
+# never through the c10d functions above. Counted under the eager op they stand for.
+_FUNCOL_FUNCS = ("all_reduce", "all_gather_single", "reduce_scatter_single", "all_to_all_single")
+_FUNCOL_ORIGINALS: dict[str, Callable] = {}
+_FUNCOL_WRAPPERS: dict[str, Callable] = {}
+
+
+def _funcol_group(group: Any, tag: str = ""):
+    """The ProcessGroup behind a functional collective's ``group`` (a group, ranks, (mesh, dim), a name)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    try:
+        return dist.distributed_c10d._resolve_process_group(funcol._resolve_group_name(group, tag))
+    except Exception:
+        return None  # counted with the default group's size
+
+
+def _make_funcol_wrapper(name: str, fn: Callable) -> Callable:
+    sig = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not _ACTIVE or getattr(_TLS, "stack", None):  # inactive, or inside a counted call
+            return fn(*args, **kwargs)
+        try:
+            a = dict(sig.bind_partial(*args, **kwargs).arguments)
+            tensor, group = a.get("self"), _funcol_group(a.get("group"), a.get("tag", ""))
+            payload, wire = _cost(name, {"tensor": tensor, "input": tensor, "input_tensor": tensor, "group": group})
+        except Exception:  # never break a collective because of accounting
+            payload, wire = 0, 0.0
+        _record(_OP_NAME.get(name, name), payload, wire)
+        return fn(*args, **kwargs)
+
+    wrapper.__sg_comm_wrapper__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
 def _install_python_layer() -> None:
+    from torch.distributed import _functional_collectives as funcol
+
+    for name in _FUNCOL_FUNCS:
+        fn = getattr(funcol, name, None)
+        if fn is None or getattr(fn, "__sg_comm_wrapper__", False):
+            continue
+        if name not in _FUNCOL_WRAPPERS:
+            _FUNCOL_ORIGINALS[name] = fn
+            _FUNCOL_WRAPPERS[name] = _make_funcol_wrapper(name, fn)
+        setattr(funcol, name, _FUNCOL_WRAPPERS[name])
     c10d = dist.distributed_c10d
     for name in _LEAF_FUNCS + _COMPOSITE_FUNCS:
         fn = getattr(c10d, name, None)
@@ -456,6 +508,11 @@ def _patch_deepspeed_backend() -> None:
 
 
 def _uninstall_python_layer() -> None:
+    from torch.distributed import _functional_collectives as funcol
+
+    for name, orig in _FUNCOL_ORIGINALS.items():
+        if getattr(funcol, name, None) is _FUNCOL_WRAPPERS[name]:
+            setattr(funcol, name, orig)
     c10d = dist.distributed_c10d
     for name, orig in _ORIGINALS.items():
         if getattr(c10d, name, None) is _WRAPPERS[name]:
