@@ -328,22 +328,22 @@ class GradDropController:
         broadcast to the parameter's logical shape), drawn on ``device`` exactly as the hook draws them;
         ``None`` when every entry is kept (``param`` is not a target, or ``drop_prob`` is 0). Looked up by
         parameter identity: what a gradient exchange that sees only the engine's parameters needs."""
-        target = self._by_id.get(id(param))
-        if target is None or self.config.drop_prob == 0.0:
-            return None
-        device, counter = torch.device(device), self.mask_counter
-        shared = self._flags_for_exchange.pop(id(param), None) if self._flags_for_exchange is not None else None
-        if shared is not None and shared[0] == counter and shared[1].device == device:
-            return ~shared[1]
-        return ~self._drop_flags(target, counter, device)
+        return self._keep_flags(self._by_id.get(id(param)), device)
 
     def keep_flags_by_name(self, name: str, device: torch.device | str) -> torch.Tensor | None:
         """:meth:`keep_flags` looked up by parameter name (engines that replace the parameter objects,
         such as FSDP2, keep the names); ``None`` for a name that is not a target."""
-        target = self._targets.get(name)
+        return self._keep_flags(self._targets.get(name), device)
+
+    def _keep_flags(self, target: _Target | None, device: torch.device | str) -> torch.Tensor | None:
         if target is None or self.config.drop_prob == 0.0:
             return None
-        return ~self._drop_flags(target, self.mask_counter, torch.device(device))
+        device, counter = torch.device(device), self.mask_counter
+        shared = (self._flags_for_exchange.pop(id(target.param), None) if self._flags_for_exchange is not None
+                  else None)
+        if shared is not None and shared[0] == counter and shared[1].device == device:
+            return ~shared[1]  # what the hook drew for this counter: no second draw
+        return ~self._drop_flags(target, counter, device)
 
     def _make_hook(self, t: _Target):
         cfg = self.config

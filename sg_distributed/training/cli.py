@@ -81,7 +81,7 @@ def build_parser(prog: str | None = None) -> ArgumentParser:
                    help="GradDrop: a new mask every optimizer step or every epoch of the training data")
     p.add_argument("--graddrop_rescale", action="store_true", help="GradDrop: kept gradients times 1/(1-p)")
     p.add_argument("--graddrop_exchange", choices=["auto", "kept", "dense"], default="auto",
-                   help="GradDrop between ranks: kept = reduce only the kept entries (DDP, DeepSpeed ZeRO-2); "
+                   help="GradDrop between ranks: kept = reduce only the kept entries (DDP, DeepSpeed ZeRO-2, FSDP2); "
                         "dense = the engine's own reduction of the zero-filled gradient; auto = kept where built")
     p.add_argument("--lora_rank", type=positive_int, default=None, help="default: matched to SparseGrad's trainable count")
     p.add_argument("--eval_size", type=non_negative_int, default=64, help="held-out pairs evaluated (0 = all)")

@@ -13,12 +13,17 @@ from torch import nn
 from sg_distributed.distributed.process_group import DistInfo, is_distributed
 
 
-def global_batch_indices(n_items: int, step: int, global_batch: int, seed: int) -> list[int]:
-    """Items of global batch ``step``: consecutive slices of a seeded permutation, reshuffled each epoch."""
+def epoch_and_offset(n_items: int, step: int, global_batch: int) -> tuple[int, int]:
+    """(epoch, global batch within it) of optimizer step ``step``."""
     per_epoch = n_items // global_batch
     if per_epoch == 0:
         raise ValueError(f"global batch {global_batch} is larger than the {n_items} training examples")
-    epoch, offset = divmod(step, per_epoch)
+    return divmod(step, per_epoch)
+
+
+def global_batch_indices(n_items: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """Items of global batch ``step``: consecutive slices of a seeded permutation, reshuffled each epoch."""
+    epoch, offset = epoch_and_offset(n_items, step, global_batch)
     order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     return order[offset * global_batch:(offset + 1) * global_batch]
 
@@ -35,9 +40,9 @@ class Engine:
 
     Precision: the model arrives in its weight dtype (fp32 / bf16 / fp16); ``autocast`` (bf16 or fp16)
     runs the forward under ``torch.autocast`` over those weights. ``kept_exchange`` (a
-    ``graddrop.exchange.KeptEntries``) makes DDP and DeepSpeed ZeRO-2 reduce only the gradient entries it keeps;
-    under FSDP2 it is also where GradDrop masks (``kept_compact=False``: the masked gradients travel dense). fp16 outside DeepSpeed (fp16 weights or
-    fp16 autocast) scales the loss with ``torch.amp.GradScaler``, which skips steps whose gradients
+    ``graddrop.exchange.KeptEntries``) makes DDP and DeepSpeed ZeRO-2 reduce only the gradient entries it
+    keeps; under FSDP2 it is also where GradDrop masks (``kept_compact=False``: the masked gradients travel
+    dense). fp16 outside DeepSpeed (fp16 weights or fp16 autocast) scales the loss with ``torch.amp.GradScaler``, which skips steps whose gradients
     overflow; DeepSpeed brings its own loss scaler (``fp16`` block of its config).
     """
 

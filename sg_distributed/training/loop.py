@@ -38,7 +38,7 @@ from sg_distributed.graddrop import GradDropConfig
 from sg_distributed.quant import quantized_weights_digest
 from sg_distributed.sparsegrad.config import SparseGradConfig
 from sg_distributed.training import checkpoint as ckpt
-from sg_distributed.training.engine import Engine, global_batch_indices, rank_micro_batches
+from sg_distributed.training.engine import Engine, epoch_and_offset, global_batch_indices, rank_micro_batches
 from sg_distributed.training.evaluation import evaluate_held_out, summary
 from sg_distributed.training.faults import Faults
 from sg_distributed.training.methods import prepare, sparsegrad_config
@@ -365,7 +365,7 @@ class TrainingLoop:
             return KeptEntries(controller)
         if args.graddrop_exchange == "dense":
             return None
-        stage = (resolved or {}).get("zero_optimization", {}).get("stage") if resolved else None
+        stage = resolved.get("zero_optimization", {}).get("stage") if resolved is not None else None
         if resolved is not None and stage != 2:
             if args.graddrop_exchange == "kept":
                 raise SystemExit(f"error: --graddrop_exchange kept runs under DDP or DeepSpeed ZeRO stage 2; this "
@@ -495,7 +495,7 @@ class TrainingLoop:
         if step == 1:
             counter.reset()  # the first step carries one-off set-up traffic
         if self.controller is not None:  # GradDrop --graddrop_resample epoch: the data's epoch of this step
-            self.controller.set_epoch(step // (len(self.train_pairs) // self.global_batch))
+            self.controller.set_epoch(epoch_and_offset(len(self.train_pairs), step, self.global_batch)[0])
         # A step's non-finite check is decided after its last forward, before that micro-batch's backward
         # (and, under DeepSpeed, before the engine.step() that applies the update): one collective and
         # one host read per optimizer step. Earlier micro-batches of the step have already run backward.
