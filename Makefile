@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench clean gpu-wheels gpu-check
+.PHONY: venv demo test bench clean gpu-wheels gpu-check system-deps slurm-up slurm-down
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,25 @@ test: venv
 # Main job: DeepSpeed ZeRO-2 on 2 CPU ranks (gloo). On GPUs drop DS_ACCELERATOR and set --num_gpus.
 demo: venv
 	$(VENV)/bin/deepspeed --num_gpus 2 launch/train_qa.py --ds_config ds_configs/zero2.json --steps 60 $(DEMO_ARGS)
+
+# Debian's Slurm, munge and iproute2 for the real two-node cluster (tests/integrations/test_slurm_cluster.py and
+# benchmarks/bench_network.py); root only, and only what is missing.
+SYSTEM_TOOLS := slurmctld slurmd sbatch munged ip tc nsenter
+system-deps:
+	@missing=0; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || [ -x /usr/sbin/$$t ] || missing=1; done; \
+	if [ $$missing = 0 ]; then echo "system-deps: all present"; \
+	elif [ "$$(id -u)" != 0 ]; then echo "system-deps: not root; the Slurm tests will skip (apt-get install slurmctld slurmd slurm-client munge iproute2)"; \
+	else DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+	     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurmctld slurmd slurm-client munge iproute2 util-linux; fi
+
+# A throwaway two-node Slurm cluster on this host (root): each node in its own network namespace. Then
+# `export SLURM_CONF=/tmp/sg-slurm/slurm.conf` and sbatch as usual; SLURM_RATE=1gbit shapes the link between nodes.
+SLURM_RATE ?= unlimited
+slurm-up: venv system-deps
+	$(PY) -m sg_distributed.tools.local_slurm up --dir /tmp/sg-slurm --rate $(SLURM_RATE)
+
+slurm-down: venv
+	$(PY) -m sg_distributed.tools.local_slurm down --dir /tmp/sg-slurm
 
 bench: venv
 	$(PY) benchmarks/bench_methods.py

@@ -123,6 +123,28 @@ def assert_same_on_all_ranks(value: str, what: str) -> None:
         raise RuntimeError(f"{what} differ across ranks ({detail}); refusing to train on inconsistent state")
 
 
+def replicas_agree(module: nn.Module) -> bool:
+    """Whether every rank holds the same parameters and buffers, by a checksum (per tensor: the float64 sum and
+    sum of squares, on the collective device, no host read). DDP broadcasts every parameter from rank 0 at
+    start-up, frozen ones included (540 MB for SmolLM2 in fp32, 13.5 GB for a 7B model in bf16), though each rank
+    has loaded the same weights: where this says they agree, that broadcast can be skipped (docs/cluster.md)."""
+    if not is_distributed():
+        return True
+    device, sums = collective_device(), []
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            if tensor.numel() == 0 or tensor.is_meta:
+                continue
+            flat = tensor.detach().reshape(-1)
+            if not flat.is_floating_point():  # int8 / packed 4-bit weights
+                flat = flat.to(torch.float64)
+            sums.append(torch.stack([flat.sum(dtype=torch.float64), flat.double().square().sum()]).to(device))
+    local = torch.cat(sums) if sums else torch.zeros(1, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return all(torch.equal(g, gathered[0]) for g in gathered[1:])
+
+
 def all_reduce_mean(values: dict[str, float], weight: float) -> dict[str, float]:
     """Weighted mean of per-rank metrics (weight = number of examples on this rank)."""
     keys = sorted(values)

@@ -76,8 +76,13 @@ class Engine:
             else:
                 self.wrapped = initialize_engine(model, optimizer, ds_config)
         elif is_distributed():
-            # Bases and supports are identical on every rank after calibration: no buffer broadcasts.
-            self.wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            # Bases and supports are identical on every rank after calibration: no buffer broadcasts. Every rank
+            # loaded the same weights: skip DDP's start-up broadcast of all of them when a checksum agrees.
+            from sg_distributed.distributed.process_group import replicas_agree
+
+            self.ddp_init_sync = not replicas_agree(model)
+            self.wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                               init_sync=self.ddp_init_sync)
             if kept_exchange is not None:  # GradDrop: all-reduce only the kept entries (a Python
                 from sg_distributed.integrations.kept_exchange import ddp_comm_hook  # all_reduce: counted)
 

@@ -45,7 +45,7 @@ from sg_distributed.training.methods import prepare, sparsegrad_config
 from sg_distributed.training.metrics_log import MetricsLog
 from sg_distributed.training.model_loading import enable_gradient_checkpointing, load_model_and_tokenizer
 from sg_distributed.training.cli import DEFAULT_LR, DTYPES, check_precision
-from sg_distributed.training.signals import GracefulStop
+from sg_distributed.training.signals import GracefulStop, rearm_sigterm
 
 
 class Stop(SystemExit):
@@ -129,6 +129,7 @@ class TrainingLoop:
         self.start_step = 0
         self.resume_dir: Path | None = None
         self.resume_manifest: dict | None = None
+        rearm_sigterm()
         self.graceful = GracefulStop(enabled=bool(args.save_every))
         self._stop_requested = False
         self._is_setup = False

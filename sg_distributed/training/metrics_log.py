@@ -19,6 +19,20 @@ from typing import Iterable
 from sg_distributed.training.reporting import open_sinks, resolve_report_to
 
 
+def lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of ``path`` at steps <= ``step``. A line that does not parse is dropped: a kill can land
+    mid-write (a torn last line), and nothing a kill leaves behind may stop a resume."""
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+    return kept
+
+
 class MetricsLog:
     """``every`` <= 0 or ``enabled=False`` (ranks other than 0) writes nothing and opens no sink; ``report_to``
     is checked on every rank all the same, so a bad name stops all of them. Usable as a context manager."""
@@ -34,8 +48,7 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if start_step and self.path.exists():  # a resume: keep what happened before the checkpoint
-                kept = [line for line in self.path.read_text().splitlines()
-                        if line.strip() and json.loads(line)["step"] <= start_step]
+                kept = lines_up_to(self.path, start_step)
             self.path.write_text("".join(line + "\n" for line in kept))
             self.sinks = open_sinks(names, self.path.parent, run_config, start_step=start_step)
 

@@ -11,6 +11,14 @@ import signal
 import threading
 
 
+def rearm_sigterm() -> None:
+    """Undo an inherited "ignore SIGTERM". The Slurm scripts start their launchers with SIGTERM ignored so that a
+    launcher outlives its ranks' checkpoint (``launch/slurm/lib.sh``); an ignored disposition survives exec, and a
+    rank must still die on SIGTERM before training starts and stop gracefully once it has."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class GracefulStop:
     """Context manager: while active (and ``enabled``), SIGTERM and SIGINT set ``requested`` to their number."""
 

@@ -51,3 +51,42 @@ def test_init_process_group_sets_the_cuda_device_before_nccl_starts(monkeypatch)
     monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append(("init", backend)))
     assert runtime.init_process_group(use_deepspeed=False) == runtime.DistInfo()  # (the fake init initialises nothing)
     assert calls == [("set_device", 1), ("init", "nccl")]
+
+
+def _replica_worker(rank, port, perturb, results):
+    import os
+
+    from torch import nn
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+        model[1].weight.requires_grad_(False)  # frozen weights count too
+        if perturb and rank == 1:
+            with torch.no_grad():
+                model[1].weight[3] += 1e-6
+        agree = runtime.replicas_agree(model)
+        ddp = nn.parallel.DistributedDataParallel(model, init_sync=not agree)  # what training/engine.py does
+        state = [t.detach().clone() for t in ddp.module.state_dict().values()]
+        gathered = [None, None]
+        dist.all_gather_object(gathered, state)
+        results[rank] = (agree, all(torch.equal(a, b) for a, b in zip(*gathered)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multiprocess
+def test_replicas_agree_lets_ddp_skip_its_startup_broadcast_only_when_ranks_match():
+    """Equal weights on both ranks: agree, DDP skips the broadcast and the replicas stay equal. One frozen entry
+    off by 1e-6 on rank 1: disagree, DDP broadcasts rank 0's weights as it always did, and they end equal."""
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    for perturb in (False, True):
+        with mp.Manager() as manager:
+            results = manager.dict()
+            mp.spawn(_replica_worker, args=(free_port(), perturb, results), nprocs=2)
+            assert dict(results) == {0: (not perturb, True), 1: (not perturb, True)}

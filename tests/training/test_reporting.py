@@ -201,3 +201,18 @@ def test_train_qa_trainer_report_to_tensorboard_end_to_end(tiny_model_dir, tmp_p
     (before, after) = scalars(run, "eval/loss")  # the evaluations before and after training
     assert before == (0, pytest.approx(metrics["before"]["eval_loss"], rel=1e-6))
     assert after == (3, pytest.approx(metrics["after"]["eval_loss"], rel=1e-6))
+
+
+def test_a_torn_last_line_does_not_stop_a_resume(tmp_path):
+    """A kill mid-write leaves half a JSON line: the resume drops it (and every line after its checkpoint) and the
+    log reads as one run again."""
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLog(path, 1) as first:
+        for step in range(1, 5):
+            first.log(step, loss=float(step), lr=0.1, skipped_steps=0)
+    with path.open("a") as handle:
+        handle.write('{"step": 5, "loss": 5.')  # killed here
+    with MetricsLog(path, 1, start_step=3) as resumed:
+        resumed.log(4, loss=40.0, lr=0.1, skipped_steps=0)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
