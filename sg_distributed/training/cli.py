@@ -36,6 +36,9 @@ def build_parser(prog: str | None = None) -> ArgumentParser:
     p.add_argument("--ds_config", help="DeepSpeed JSON config ('auto' values are resolved here)")
     p.add_argument("--fsdp", action="store_true", help="PyTorch FSDP2 (fully_shard per block) instead of DDP, "
                    "under torchrun")
+    p.add_argument("--ddp_comm_hook", choices=["none", "powersgd", "bf16"], default="none",
+                   help="DDP only (no --ds_config / --fsdp): torch's gradient compression hook, PowerSGD (rank 1, "
+                        "error feedback) or bf16 compression; PowerSGD's error memory is not checkpointed")
     p.add_argument("--fsdp_shard_sparse_values", action="store_true",
                    help="FSDP2: shard the k-vectors too (default: replicated, one all-reduce per step)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)),
@@ -118,12 +121,18 @@ def parse_args(argv=None, prog: str | None = None, parser: ArgumentParser | None
     check_data_arguments(p, args)
     if args.resume not in (None, "auto"):
         check_paths(p, args, dirs=("resume",))
+    if args.ddp_comm_hook != "none" and (args.ds_config or args.fsdp):
+        p.error(f"--ddp_comm_hook {args.ddp_comm_hook} is a DDP hook; DeepSpeed and FSDP2 reduce gradients their own "
+                "way (drop --ds_config / --fsdp, or the hook)")
+    if args.ddp_comm_hook != "none" and args.method == "graddrop" and args.graddrop_exchange != "dense":
+        p.error(f"--ddp_comm_hook {args.ddp_comm_hook} and GradDrop's kept-only exchange are both DDP comm hooks; "
+                "use --graddrop_exchange dense with it")
     return args
 
 
 DEFAULT_LR = {"sparsegrad": 1e-3, "sparsegrad_reference": 1e-4, "sparsegrad_dynamic": 1e-4, "meprop": 1e-4,
               "graddrop": 2e-5,
-              "lora": 1e-3, "full": 2e-5}
+              "lora": 1e-3, "shira": 3e-3, "full": 2e-5}
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -35,6 +35,22 @@ def rank_micro_batches(indices: list[int], info: DistInfo, micro_batch: int) -> 
     return [mine[i:i + micro_batch] for i in range(0, len(mine), micro_batch)]
 
 
+def torch_compression_hook(name: str) -> tuple[object, object]:
+    """(state, hook) of torch's DDP gradient compression: PowerSGD (rank 1, error feedback, warm start; plain
+    all-reduce for the first 2 steps, as torch recommends) or bf16 compression."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+
+    if name == "powersgd":
+        return powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1,
+                                           start_powerSGD_iter=2), powerSGD_hook.powerSGD_hook
+    if name == "bf16":  # bf16_compress_hook itself refuses gloo (a CUDA/NCCL version check); same cast-reduce-cast
+        def bf16_cast_hook(process_group, bucket):  # (DDP checks hooks named bf16_compress_hook by name)
+            return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)
+
+        return None, bf16_cast_hook
+    raise ValueError(f"unknown DDP comm hook {name!r}; choose powersgd or bf16")
+
+
 class Engine:
     """A model + optimizer behind DeepSpeed, FSDP2, DDP or nothing.
 
@@ -49,7 +65,7 @@ class Engine:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, accumulation: int,
                  ds_config: dict | None = None, max_grad_norm: float | None = None, comm_counter=None,
                  fsdp: bool | dict = False, autocast: torch.dtype | None = None, loss_scaling: bool = False,
-                 kept_exchange=None, kept_compact: bool = True):
+                 kept_exchange=None, kept_compact: bool = True, ddp_comm_hook: str = "none"):
         self.module, self.optimizer, self.accumulation = model, optimizer, accumulation
         self.max_grad_norm = max_grad_norm
         self.deepspeed = ds_config is not None
@@ -84,12 +100,17 @@ class Engine:
             self.wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
                                                                init_sync=self.ddp_init_sync)
             if kept_exchange is not None:  # GradDrop: all-reduce only the kept entries (a Python
-                from sg_distributed.integrations.kept_exchange import ddp_comm_hook  # all_reduce: counted)
+                from sg_distributed.integrations.kept_exchange import ddp_comm_hook as kept_hook  # all_reduce)
 
-                self.wrapped.register_comm_hook(None, ddp_comm_hook(kept_exchange))
+                self.wrapped.register_comm_hook(None, kept_hook(kept_exchange))
+            elif ddp_comm_hook != "none":  # torch's own compression hooks (their all_reduce calls are counted)
+                self.wrapped.register_comm_hook(*torch_compression_hook(ddp_comm_hook))
             elif comm_counter is not None:  # DDP's reducer calls C++ collectives: count them in its hook
                 self.wrapped.register_comm_hook(None, comm_counter.ddp_hook())
         else:
+            if ddp_comm_hook != "none":
+                raise SystemExit(f"error: --ddp_comm_hook {ddp_comm_hook} compresses the gradient exchange between "
+                                 "ranks; this run has one process (launch 2+ ranks with torchrun)")
             self.wrapped = model
 
     def forward(self, batch: dict) -> torch.Tensor:

@@ -103,7 +103,8 @@ def fingerprint(args, world_size: int, global_batch: int, data_key: str) -> dict
             "load_in_8bit": args.load_in_8bit, "load_in_4bit": args.load_in_4bit, "autocast": args.autocast,
             "model_config_sha256": ckpt.file_digest(Path(args.model) / "config.json"),
             "data": data_key, "init_adapter": args.init_adapter,
-            "fsdp_shard_sparse_values": args.fsdp_shard_sparse_values, "world_size": world_size}
+            "fsdp_shard_sparse_values": args.fsdp_shard_sparse_values, "world_size": world_size,
+            **({"ddp_comm_hook": args.ddp_comm_hook} if args.ddp_comm_hook != "none" else {})}
 
 
 def is_collective_failure(err: BaseException) -> bool:
@@ -288,7 +289,8 @@ class TrainingLoop:
                                                        granularity=args.graddrop_granularity,
                                                        resample=args.graddrop_resample,
                                                        rescale=args.graddrop_rescale),
-                               lora_rank=args.lora_rank, show_progress=self.info.is_main)
+                               lora_rank=args.lora_rank, show_progress=self.info.is_main,
+                               seed=args.seed)
         results["calibration_s"] = time.perf_counter() - t0
         self.prepared, self.model = prepared, prepared.model
         if hasattr(self.model, "support_checksum"):
@@ -344,7 +346,7 @@ class TrainingLoop:
                              fsdp=fsdp if args.fsdp else False,
                              autocast=DTYPES[args.autocast] if args.autocast else None,
                              loss_scaling="fp16" in (args.precision, args.autocast), kept_exchange=kept,
-                             kept_compact=args.graddrop_exchange != "dense")
+                             kept_compact=args.graddrop_exchange != "dense", ddp_comm_hook=args.ddp_comm_hook)
         self.backend = ckpt.backend_name(self.engine)
         info = self.prepared.info
         self.sparse_optimizer = info.get("sparse", {}).get("optimizer")  # SparseStateAdam (dynamic mode)

@@ -8,6 +8,8 @@ Each method trains the same target layers (default: the MLP pair of every select
 * ``meprop``: per-step top-k of |dL/dW| in the original basis (dynamic mode with identity bases).
 * ``graddrop``: dense training of the target weights with stochastically masked gradients.
 * ``lora``: peft LoRA on the same layers, rank matched to SparseGrad's trainable parameters.
+* ``shira``: peft's SHiRA (a fixed random sparse high-rank adapter) on the same layers, r(m+n) trainable entries
+  per matrix with LoRA's matched r; its mask seed is the run's seed, so every rank draws the same mask.
 * ``full``: dense AdamW on the target weights.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from sg_distributed.sparsegrad.wrapper import get_sparsegrad_model
 from sg_distributed.sparsegrad.optim import clear_masks
 from sg_distributed.sparsegrad.targets import find_target_linears
 
-METHODS = ("sparsegrad", "sparsegrad_reference", "sparsegrad_dynamic", "meprop", "graddrop", "lora", "full")
+METHODS = ("sparsegrad", "sparsegrad_reference", "sparsegrad_dynamic", "meprop", "graddrop", "lora", "shira", "full")
 
 
 @dataclass
@@ -98,7 +100,7 @@ def prepared_sparsegrad(method: str, wrapped, weight_decay: float = 0.0) -> Prep
 
 def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration_batches=None,
             loss_fn=None, graddrop: GradDropConfig | None = None, lora_rank: int | None = None,
-            weight_decay: float = 0.0, show_progress: bool = False) -> Prepared:
+            weight_decay: float = 0.0, show_progress: bool = False, seed: int = 0) -> Prepared:
     """Turn a plain model into ``method``'s trainable form (calibrating SparseGrad on the given batches)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -125,6 +127,16 @@ def prepare(method: str, model: nn.Module, config: SparseGradConfig, calibration
         params = lambda: [p for p in peft_model.parameters() if p.requires_grad]
         return Prepared(method, peft_model, lambda lr: torch.optim.AdamW(params(), lr=lr, weight_decay=weight_decay),
                         info={"lora_rank": rank})
+
+    if method == "shira":
+        from peft import ShiraConfig, get_peft_model
+
+        rank = lora_rank or matched_lora_rank(model, config)
+        targets = find_target_linears(model, config.target_modules, config.blocks, config.block_stride)
+        peft_model = get_peft_model(model, ShiraConfig(r=rank, random_seed=seed, target_modules=list(targets)))
+        params = lambda: [p for p in peft_model.parameters() if p.requires_grad]
+        return Prepared(method, peft_model, lambda lr: torch.optim.AdamW(params(), lr=lr, weight_decay=weight_decay),
+                        info={"shira_r": rank})
 
     targets = _dense_targets(model, config)
     params = [m.weight for m in targets.values()]

@@ -6,7 +6,7 @@ it trains and equals one process; a signal checkpoints it at a step boundary and
 bit-identical to an uninterrupted run; a node dying ends it in bounded time and a resubmission resumes it.
 
 Needs root and Debian's Slurm (``.ci/run`` installs it). Elsewhere these tests skip with the reason, unless
-``SG_REQUIRE_SLURM=1`` (set by ``.ci/run``) turns the skip into a failure.
+``SG_REQUIRE_CLUSTER=1`` (set by ``.ci/run``) turns the skip into a failure.
 """
 import json
 import os
@@ -47,8 +47,8 @@ def _why_not() -> str | None:
 def cluster(tmp_path_factory):
     reason = _why_not()
     if reason:
-        if os.environ.get("SG_REQUIRE_SLURM") == "1":
-            pytest.fail(f"SG_REQUIRE_SLURM=1 but the Slurm tests cannot run: {reason}")
+        if os.environ.get("SG_REQUIRE_CLUSTER") == "1":
+            pytest.fail(f"SG_REQUIRE_CLUSTER=1 but the Slurm tests cannot run: {reason}")
         pytest.skip(reason)
     slurm = LocalSlurm(tmp_path_factory.mktemp("slurm"), nodes=2, kill_wait=30)
     try:

@@ -170,3 +170,18 @@ def test_survivor_stops_with_a_clear_error_when_a_rank_dies(tiny_model_dir, tmp_
     assert procs[0].returncode == ckpt.EXIT_COLLECTIVE, err0[-3000:]
     assert "rank 0: a collective failed or timed out" in err0 and "--resume auto" in err0
     assert time.time() - died < 45, f"survivor took {time.time() - died:.0f}s after the death (start {died - t0:.0f}s)"
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--ds_config", "ds_configs/zero2.json"], "is a DDP hook; DeepSpeed and FSDP2 reduce gradients their own way"),
+    (["--fsdp"], "is a DDP hook"),
+    (["--method", "graddrop", "--graddrop_exchange", "kept"], "both DDP comm hooks; use --graddrop_exchange dense"),
+    ([], "this run has one process"),
+])
+def test_ddp_comm_hook_is_refused_where_it_cannot_apply(train_qa, tiny_model_dir, tmp_path, monkeypatch, capsys,
+                                                        extra, message):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as err:
+        train_qa.main(["--model", str(tiny_model_dir), *FAST, "--ddp_comm_hook", "powersgd", *extra, "--output_dir",
+                       str(tmp_path / "out")])
+    assert message in str(err.value) + capsys.readouterr().err

@@ -4,7 +4,7 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("method", ["sparsegrad", "lora", "graddrop"])
+@pytest.mark.parametrize("method", ["sparsegrad", "lora", "shira", "graddrop"])
 def test_single_process_run_trains_and_saves(train_qa, tiny_model_dir, tmp_path, method):
     out = tmp_path / "run"
     results = train_qa.main(["--model", str(tiny_model_dir), "--method", method, "--steps", "12", "--eval_size", "4", "--density", "0.5",
