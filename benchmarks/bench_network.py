@@ -9,13 +9,15 @@ For every engine x method x rate it runs ``launch/train_qa.py`` and reports, fro
 * ``first_step_s``: wall time from launch to the end of the first step (model load, calibration, engine set-up);
 * ``MB/step``: bytes on the link per steady step (both directions), and ``floor_s``: the busier direction's
   bytes / rate, the least time the link needs for them;
-* ``startup_MB``: bytes on the link until the first step ended.
+* ``startup_MB``: bytes on the link until the first step ended; the table shows it less one steady step's bytes
+  (what start-up itself sent: weights checks, calibration's Gram all-reduce, engine set-up).
 
 Needs root (it says so and exits 2 otherwise). Results go to ``--out`` (JSON lines, appended, so an interrupted
 sweep keeps what it measured), a markdown table and a PNG plot (step time against bandwidth, log x)::
 
     python benchmarks/bench_network.py --model smollm2 --engines ddp,zero2 --steps 6
     python benchmarks/bench_network.py --model tiny --engines ddp --methods sparsegrad --rates 1gbit --steps 2
+    python benchmarks/bench_network.py --report     # table and plot again from benchmarks/results/network.jsonl
 """
 from __future__ import annotations
 
@@ -84,10 +86,84 @@ def train_lines(path: Path) -> list[dict]:
     return lines
 
 
+class TorchrunLaunch:
+    """One ``torchrun --nnodes 2 --node_rank i`` per node, started inside the node's namespace."""
+
+    def __init__(self, nodes: Nodes, train: list[str], env: dict, logs: Path):
+        self.logs = logs
+        self.procs = []
+        for i, node in enumerate(nodes):
+            cmd = [*node.exec_prefix(), sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                   "--nproc_per_node", "1", "--node_rank", str(i), "--master_addr", nodes[0].address,
+                   "--master_port", str(PORT), *train]
+            log = open(f"{logs}.node{i + 1}.log", "w")
+            self.procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+
+    def alive(self) -> bool:
+        return any(p.poll() is None for p, _ in self.procs)
+
+    def kill(self) -> None:
+        for p, _ in self.procs:
+            p.kill()
+
+    def finish(self) -> list[int]:
+        for p, log in self.procs:
+            p.wait()
+            log.close()
+        return [p.returncode for p, _ in self.procs]
+
+    def log_tail(self) -> str:
+        return Path(f"{self.logs}.node1.log").read_text(errors="replace")[-1500:]
+
+
+class SlurmLaunch:
+    """``sbatch --nodes=2 launch/slurm/torchrun_multinode.sbatch`` on the local two-node cluster."""
+
+    ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+    def __init__(self, cluster, train: list[str], env: dict, logs: Path):
+        self.cluster, self.logs = cluster, Path(f"{logs}.slurm.out")
+        args = train[1:]  # train_qa.py's flags
+        out = args[args.index("--output_dir") + 1]
+        model = args[args.index("--model") + 1] if "--model" in args else "embedded"
+        ds = args[args.index("--ds_config") + 1] if "--ds_config" in args else ""
+        keep = []
+        skip = {"--output_dir", "--model", "--ds_config"}
+        it = iter(range(len(args)))
+        for i in it:
+            if args[i] in skip:
+                next(it, None)
+                continue
+            keep.append(args[i])
+        job_env = {**env, "MODEL": model, "DS_CONFIG": ds, "CKPT_DIR": out, "LOG_DIR": str(Path(out).parent / "logs"),
+                   "LAUNCH_CPU": "1", "GPUS_PER_NODE": "1", "SAVE_EVERY": "0", "RESUME": "",
+                   "MASTER_PORT": str(PORT), "EXTRA_ARGS": " ".join(keep),
+                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '/usr/bin:/bin')}"}
+        self.job = cluster.sbatch("--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", f"--output={self.logs}",
+                                  "launch/slurm/torchrun_multinode.sbatch", cwd=ROOT, env=job_env)
+        self.state = "PENDING"
+
+    def alive(self) -> bool:
+        self.state = self.cluster.job(self.job).get("JobState", "COMPLETED")
+        return self.state not in self.ENDED
+
+    def kill(self) -> None:
+        self.cluster.run("scancel", str(self.job), check=False)
+
+    def finish(self) -> list[int]:
+        while self.alive():
+            time.sleep(0.5)
+        return [0 if self.state == "COMPLETED" else 1]
+
+    def log_tail(self) -> str:
+        return self.logs.read_text(errors="replace")[-1500:] if self.logs.exists() else ""
+
+
 def run_one(nodes: Nodes, model_args: list[str], method: str, engine: str, rate: str, steps: int, work: Path,
-            timeout: float) -> dict:
+            timeout: float, cluster=None) -> dict:
     flags, _ = METHODS[method]
-    out = work / f"{engine}-{method}-{rate}"
+    out = work / f"{engine}-{method}-{rate}" / "out"
+    out.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     train = ["launch/train_qa.py", *model_args, *flags, *ENGINES[engine], "--steps", str(steps), "--log_every", "1",
@@ -95,32 +171,23 @@ def run_one(nodes: Nodes, model_args: list[str], method: str, engine: str, rate:
     nodes.shape(rate)
     before = link_bytes(nodes)
     t0 = time.monotonic()
-    procs = []
-    for i, node in enumerate(nodes):
-        cmd = [*node.exec_prefix(), sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-               "--nproc_per_node", "1", "--node_rank", str(i), "--master_addr", nodes[0].address,
-               "--master_port", str(PORT), *train]
-        log = open(work / f"{out.name}.node{i + 1}.log", "w")
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    launch = (SlurmLaunch(cluster, train, env, out.parent / "run") if cluster is not None
+              else TorchrunLaunch(nodes, train, env, out.parent / "run"))
     samples: dict[int, tuple[float, list[int]]] = {}  # step -> (wall time, link bytes) when its line appeared
     deadline = t0 + timeout
-    while any(p.poll() is None for p, _ in procs):
+    while launch.alive():
         for record in train_lines(out / "metrics.jsonl"):
             samples.setdefault(record["step"], (time.monotonic() - t0, link_bytes(nodes)))
         if time.monotonic() > deadline:
-            for p, _ in procs:
-                p.kill()
+            launch.kill()
             break
         time.sleep(0.05)
-    for p, log in procs:
-        p.wait()
-        log.close()
-    codes = [p.returncode for p, _ in procs]
-    row = {"engine": engine, "method": method, "rate": rate, "steps": steps, "exit_codes": codes}
+    codes = launch.finish()
+    row = {"engine": engine, "method": method, "rate": rate, "steps": steps, "exit_codes": codes,
+           "via": "slurm" if cluster is not None else "torchrun"}
     lines = train_lines(out / "metrics.jsonl")
     if any(codes) or len(lines) < steps:
-        tail = (work / f"{out.name}.node1.log").read_text(errors="replace")[-1500:]
-        return {**row, "error": f"exit codes {codes}, {len(lines)} of {steps} steps", "log_tail": tail}
+        return {**row, "error": f"exit codes {codes}, {len(lines)} of {steps} steps", "log_tail": launch.log_tail()}
     elapsed = [r["elapsed_s"] for r in lines]
     step_times = [b - a for a, b in zip(elapsed, elapsed[1:])]
     steady = step_times[1:] or step_times  # from step 3 on (step 2 still warms caches and buckets)
@@ -143,18 +210,22 @@ def run_one(nodes: Nodes, model_args: list[str], method: str, engine: str, rate:
 
 
 def table(rows: list[dict]) -> str:
+    def engine(r):  # the launch path is part of the configuration compared
+        return r["engine"] + (" (sbatch)" if r.get("via") == "slurm" else "")
+
     ok = [r for r in rows if "error" not in r]
-    unlimited = {(r["engine"], r["method"]): r["step_s"] for r in ok if r["rate"] == "unlimited"}
+    unlimited = {(engine(r), r["method"]): r["step_s"] for r in ok if r["rate"] == "unlimited"}
     out = ["| engine | method | rate | step s | vs unlimited | MB/step on the link | link floor s | first step s | "
-           "start-up MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+           "start-up MB before step 1 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in ok:
-        ratio = r["step_s"] / unlimited[(r["engine"], r["method"])] if (r["engine"], r["method"]) in unlimited else None
-        out.append(f"| {r['engine']} | {r['method']} | {r['rate']} | {r['step_s']:.2f} | "
-                   f"{'' if ratio is None else f'{ratio:.2f}x'} | {r['MB_per_step']:.1f} | {r['floor_s']:.2f} | "
-                   f"{r['first_step_s']:.1f} | {r['startup_MB']:.1f} |")
+        base = unlimited.get((engine(r), r["method"]))
+        ratio = "" if base is None else f"{r['step_s'] / base:.2f}x"
+        out.append(f"| {engine(r)} | {r['method']} | {r['rate']} | {r['step_s']:.2f} | {ratio} | "
+                   f"{r['MB_per_step']:.1f} | {r['floor_s']:.2f} | {r['first_step_s']:.1f} | "
+                   f"{max(r['startup_MB'] - r['MB_per_step'], 0):.1f} |")
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['engine']} | {r['method']} | {r['rate']} | failed: {r['error']} | | | | | |")
+            out.append(f"| {engine(r)} | {r['method']} | {r['rate']} | failed: {r['error']} | | | | | |")
     return "\n".join(out)
 
 
@@ -163,6 +234,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = [r for r in rows if "error" not in r]
     engines = sorted({r["engine"] for r in ok})
@@ -175,7 +247,11 @@ def plot(rows: list[dict], path: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", label=method)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("link bandwidth, Gbit/s (100 = unlimited)")
+        ax.set_xticks([0.1, 1, 10, 100], ["0.1", "1", "10", "unlimited"])
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("link bandwidth, Gbit/s")
         ax.set_title(f"{engine}: step time vs bandwidth, 2 nodes x 1 rank")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("steady step time, s")
@@ -191,10 +267,21 @@ def main(argv=None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--rates", default=",".join(RATES))
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--via", choices=["torchrun", "slurm"], default="torchrun",
+                   help="torchrun per node by hand, or sbatch of launch/slurm/torchrun_multinode.sbatch on the local "
+                        "two-node Slurm cluster (sg_distributed.tools.local_slurm) over the same shaped link")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run before it is killed")
     p.add_argument("--out", default="benchmarks/results/network.jsonl")
     p.add_argument("--plot", default="benchmarks/results/network.png")
+    p.add_argument("--report", action="store_true", help="run nothing: table and plot from the rows in --out")
     args = p.parse_args(argv)
+    if args.report:
+        rows = [json.loads(line) for line in (ROOT / args.out).read_text().splitlines() if line.strip()]
+        print(table(rows))
+        if args.plot:
+            plot(rows, ROOT / args.plot)
+            print(f"plot: {args.plot}")
+        return 0
     engines, methods, rates = args.engines.split(","), args.methods.split(","), args.rates.split(",")
     for name, given, known in (("engine", engines, ENGINES), ("method", methods, METHODS)):
         bad = [g for g in given if g not in known]
@@ -216,8 +303,16 @@ def main(argv=None) -> int:
         model_args = ["--model", str(tiny_model(work / "tiny"))]
     else:
         model_args = ["--model", args.model]
-    nodes = Nodes(2)
-    nodes.up()
+    cluster = None
+    if args.via == "slurm":
+        from sg_distributed.tools.local_slurm import LocalSlurm
+
+        cluster = LocalSlurm(work / "slurm")
+        cluster.up()  # brings the emulated nodes up too
+        nodes = cluster.nodes
+    else:
+        nodes = Nodes(2)
+        nodes.up()
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -227,14 +322,17 @@ def main(argv=None) -> int:
                 if engine not in METHODS[method][1]:
                     continue
                 for rate in rates:
-                    row = run_one(nodes, model_args, method, engine, rate, args.steps, work, args.timeout)
+                    row = run_one(nodes, model_args, method, engine, rate, args.steps, work, args.timeout, cluster)
                     row["model"] = args.model
                     rows.append(row)
                     with out.open("a") as handle:
                         handle.write(json.dumps(row) + "\n")
                     print(json.dumps({k: v for k, v in row.items() if k != "log_tail"}), flush=True)
     finally:
-        nodes.down()
+        if cluster is not None:
+            cluster.down()
+        else:
+            nodes.down()
     print(table(rows))
     if args.plot and any("error" not in r for r in rows):
         plot(rows, ROOT / args.plot)

@@ -135,10 +135,11 @@ def replicas_agree(module: nn.Module) -> bool:
         for tensor in [*module.parameters(), *module.buffers()]:
             if tensor.numel() == 0 or tensor.is_meta:
                 continue
-            flat = tensor.detach().reshape(-1)
-            if not flat.is_floating_point():  # int8 / packed 4-bit weights
-                flat = flat.to(torch.float64)
-            sums.append(torch.stack([flat.sum(dtype=torch.float64), flat.double().square().sum()]).to(device))
+            total = torch.zeros(2, dtype=torch.float64, device=tensor.device)
+            for chunk in tensor.detach().reshape(-1).split(1 << 24):  # float64 temporaries of 128 MB at most
+                chunk = chunk.double()
+                total += torch.stack([chunk.sum(), chunk.square().sum()])
+            sums.append(total.to(device))
     local = torch.cat(sums) if sums else torch.zeros(1, dtype=torch.float64, device=device)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)

@@ -9,6 +9,7 @@ files. ``deepspeed`` itself is imported lazily: loading and resolving a config d
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 import copy
 import json
 import os
@@ -416,7 +417,17 @@ def initialize_engine(model, optimizer, cfg: Mapping[str, Any]):
     leftover = list(_iter_auto_paths(cfg))
     if leftover:
         raise DeepSpeedConfigError(f"resolve the \"auto\" values first (see resolve_auto): {', '.join(leftover)}")
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(cfg), model_parameters=None)
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from sg_distributed.distributed.process_group import replicas_agree
+
+    # DeepSpeed broadcasts every replicated parameter from rank 0 when the engine is built, frozen ones included
+    # (540 MB for SmolLM2 in fp32), though every rank loaded the same weights: skip it where a checksum agrees
+    # (ZeRO-3's partitioned parameters are never broadcast; see docs/cluster.md, "Start-up traffic").
+    skip = replicas_agree(model)
+    with mock.patch.object(DeepSpeedEngine, "_broadcast_model", lambda self: None) if skip else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=dict(cfg),
+                                               model_parameters=None)
     return engine
 
 

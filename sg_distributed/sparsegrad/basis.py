@@ -40,12 +40,16 @@ def eigenbasis(gram: torch.Tensor, overwrite: bool = False, dtype: torch.dtype |
     rank and across runs, whatever sign LAPACK happens to return.
 
     ``overwrite=True`` symmetrises a contiguous float64 ``gram`` in place: the caller gives it up (pass it
-    without keeping a reference and it is freed as soon as the solver is done with it). Working set: the
-    Gram + the solver's copy + the solver's own workspace (LAPACK syevd: 2 m^2 + 6 m + 1 doubles), then the
-    solver's output + the result (2 m^2); the other temporaries are CHUNK x m. Bit-identical to
+    without keeping a reference and it is freed as soon as the solver is done with it). Bit-identical to
     ``overwrite=False``: every entry gets 0.5 * (g_ij + g_ji) by the same float64 operations (entries a chunk
     already made symmetric give 0.5 * (s + s) = s exactly), and the flip and sign fix only move and negate
     values. ``dtype``: the result's (float64 by default), rounded once from the float64 solution.
+
+    On the host the solver is LAPACK's dsyevr (MRRR, through scipy) working inside the symmetrised Gram: its
+    working set above the Gram is the m x m output and O(m) workspace, and the sign fix, the descending order and
+    the transpose to row-major all happen in that output's memory. torch's ``linalg.eigh`` (syevd, the CUDA path
+    here) needs the Gram, a copy, and 2 m^2 doubles of workspace: at m = 11008 (LLaMA-2-7B's MLP) that is
+    1.94 GB more (docs/cluster.md, "Calibration memory at 7B").
     """
     m = gram.shape[0]
     if overwrite and gram.dtype == torch.float64 and gram.is_contiguous():
@@ -57,19 +61,72 @@ def eigenbasis(gram: torch.Tensor, overwrite: bool = False, dtype: torch.dtype |
             sym[:, start:stop] = part.T
             del part
     else:
-        sym = (0.5 * (gram + gram.T)).double()
+        sym = (0.5 * (gram + gram.T)).double().contiguous()
     del gram
-    _, vectors = torch.linalg.eigh(sym)  # column-major
-    del sym, _
-    pivots = torch.cat([vectors[:, s:s + CHUNK].abs().argmax(dim=0) for s in range(0, m, CHUNK)])
-    signs = torch.sign(vectors[pivots, torch.arange(m, device=vectors.device)])
-    signs[signs == 0] = 1
-    vectors.mul_(signs)
-    # descending eigenvalues: columns reversed, written row-major (collectives send raw storage)
-    result = torch.empty((m, m), dtype=torch.float64, device=vectors.device)
-    torch.index_select(vectors, 1, torch.arange(m - 1, -1, -1, device=vectors.device), out=result)
-    del vectors
+    if sym.device.type == "cpu" and _scipy_eigh() is not None:
+        rows = _host_eigenvectors_as_rows(sym)  # row j: the eigenvector of the j-th smallest eigenvalue
+        del sym
+        _fix_signs_(rows)
+        _reverse_rows_(rows)  # descending eigenvalues
+        _transpose_(rows)  # row-major, eigenvectors as columns (collectives send raw storage)
+        result = rows
+    else:
+        _, vectors = torch.linalg.eigh(sym)  # column-major
+        del sym, _
+        pivots = torch.cat([vectors[:, s:s + CHUNK].abs().argmax(dim=0) for s in range(0, m, CHUNK)])
+        signs = torch.sign(vectors[pivots, torch.arange(m, device=vectors.device)])
+        signs[signs == 0] = 1
+        vectors.mul_(signs)
+        # descending eigenvalues: columns reversed, written row-major (collectives send raw storage)
+        result = torch.empty((m, m), dtype=torch.float64, device=vectors.device)
+        torch.index_select(vectors, 1, torch.arange(m - 1, -1, -1, device=vectors.device), out=result)
+        del vectors
     return result if dtype in (None, torch.float64) else result.to(dtype)
+
+
+def _scipy_eigh():
+    try:
+        from scipy.linalg import eigh
+    except ImportError:  # scipy is pinned in the lock; without it the host falls back to torch's syevd
+        return None
+    return eigh
+
+
+def _host_eigenvectors_as_rows(sym: torch.Tensor) -> torch.Tensor:
+    """dsyevr on ``sym`` (destroyed: LAPACK works in it). A symmetric C-ordered matrix read as Fortran-ordered is
+    itself, so no copy is made; the Fortran-ordered output, read as C-ordered, has the eigenvectors as rows."""
+    eigh = _scipy_eigh()
+    _, vectors = eigh(sym.numpy().T, overwrite_a=True, driver="evr", check_finite=False)
+    return torch.from_numpy(vectors.T)
+
+
+def _fix_signs_(rows: torch.Tensor) -> None:
+    for start in range(0, rows.shape[0], CHUNK):
+        block = rows[start:start + CHUNK]
+        pivot = block.abs().argmax(dim=1, keepdim=True)
+        signs = torch.sign(block.gather(1, pivot))
+        signs[signs == 0] = 1
+        block.mul_(signs)
+
+
+def _reverse_rows_(rows: torch.Tensor) -> None:
+    m = rows.shape[0]
+    for start in range(0, m // 2, CHUNK):
+        stop = min(start + CHUNK, m // 2)
+        top = rows[start:stop].clone()
+        rows[start:stop] = rows[m - stop:m - start].flip(0)
+        rows[m - stop:m - start] = top.flip(0)
+
+
+def _transpose_(square: torch.Tensor) -> None:
+    """In-place transpose of a square matrix, tile by tile (one CHUNK x CHUNK tile of extra memory)."""
+    m = square.shape[0]
+    for i in range(0, m, CHUNK):
+        for j in range(i, m, CHUNK):
+            upper = square[i:i + CHUNK, j:j + CHUNK].clone()
+            if i != j:  # a diagonal tile is its own mirror: only the clone is read
+                square[i:i + CHUNK, j:j + CHUNK] = square[j:j + CHUNK, i:i + CHUNK].T
+            square[j:j + CHUNK, i:i + CHUNK] = upper.T
 
 
 class GramAccumulator:
@@ -135,23 +192,27 @@ class GramAccumulator:
         cuSOLVER builds would round differently (mixed GPU kinds), and the others skip the solve.
         """
         distributed = is_distributed()
-        result = {}
-        for key in sorted(self.out_gram):  # same order on every rank
+        # Smallest Grams first (then key, output side before input side: the same order on every rank): while the
+        # largest is solved, the fewest other Grams are still waiting (docs/cluster.md, "Calibration memory at 7B").
+        jobs = sorted(((grams[key].shape[0], key, side) for key in sorted(self.out_gram)
+                       for side, grams in enumerate((self.out_gram, self.in_gram))))
+        solved: dict[tuple[str, int], torch.Tensor] = {}
+        for _, key, side in jobs:
+            grams = (self.out_gram, self.in_gram)[side]
             out_dtype = (dtype.get(key) if isinstance(dtype, dict) else dtype) or torch.float64
-            sides = []
-            for grams in (self.out_gram, self.in_gram):
-                shape, device = grams[key].shape, grams[key].device
-                if not distributed or dist.get_rank() == 0:  # pop: eigenbasis holds the only reference
-                    basis = eigenbasis(grams.pop(key) if release else grams[key], overwrite=release, dtype=out_dtype)
-                else:
-                    if release:
-                        del grams[key]
-                    basis = torch.empty(shape, dtype=out_dtype, device=device)
-                if distributed:
-                    in_place_collective(basis, lambda t: dist.broadcast(t, src=0))
-                sides.append(basis)
-            P, Q = sides
-            del sides
+            shape, device = grams[key].shape, grams[key].device
+            if not distributed or dist.get_rank() == 0:  # pop: eigenbasis holds the only reference
+                basis = eigenbasis(grams.pop(key) if release else grams[key], overwrite=release, dtype=out_dtype)
+            else:
+                if release:
+                    del grams[key]
+                basis = torch.empty(shape, dtype=out_dtype, device=device)
+            if distributed:
+                in_place_collective(basis, lambda t: dist.broadcast(t, src=0))
+            solved[(key, side)] = basis
+        result = {}
+        for key in sorted({key for _, key, _ in jobs}):
+            P, Q = solved.pop((key, 0)), solved.pop((key, 1))
             R = Q if input_convention == "textbook" else Q.T.contiguous()
             result[key] = Bases(P=P, R=R)
         if release:

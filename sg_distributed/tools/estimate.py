@@ -144,17 +144,24 @@ def _pad(d: int, p: int) -> int:
 EIGH_CHUNK = 1024  # sg_distributed.sparsegrad.basis.CHUNK
 
 
-def eigh_working_set(m: int) -> dict[str, int]:
-    """Bytes ``basis.eigenbasis(gram, overwrite=True)`` holds above its m x m float64 Gram, at its peak (in
-    ``torch.linalg.eigh``): the solver's copy + eigenvalues, and LAPACK syevd's workspace (2 m^2 + 6 m + 1
-    doubles, 5 m + 3 ints; allocated inside the kernel). After the solve the Gram is freed and the output +
-    the result (2 m^2) are below that; the chunked temporaries (CHUNK x m) never meet the solve."""
-    return {"eigh output": 8 * (m * m + m), "eigh workspace (LAPACK syevd)": 8 * (2 * m * m + 6 * m + 1) + 4 * (5 * m + 3)}
+def eigh_working_set(m: int, solver: str = "evr") -> dict[str, int]:
+    """Bytes ``basis.eigenbasis(gram, overwrite=True)`` holds above its m x m float64 Gram, at its peak.
+
+    ``evr`` (the host: LAPACK dsyevr through scipy, working inside the Gram): its output + eigenvalues and an
+    O(m) workspace (26 m doubles, 10 m ints); the reordering happens inside the output. ``syevd`` (CUDA:
+    ``torch.linalg.eigh``): the solver's copy + eigenvalues, and syevd's workspace (2 m^2 + 6 m + 1 doubles,
+    5 m + 3 ints; allocated inside the kernel). The chunked temporaries (CHUNK x m) never meet the solve."""
+    if solver == "evr":
+        return {"eigh output": 8 * (m * m + m), "eigh workspace (LAPACK syevr)": 8 * 26 * m + 4 * 10 * m}
+    if solver == "syevd":
+        return {"eigh output": 8 * (m * m + m),
+                "eigh workspace (LAPACK syevd)": 8 * (2 * m * m + 6 * m + 1) + 4 * (5 * m + 3)}
+    raise ValueError(f"solver must be 'evr' (host) or 'syevd' (CUDA), got {solver!r}")
 
 
 def calibration_phases(shapes: dict[str, tuple[int, int]], keys: dict[str, str], budgets: dict[str, tuple[int, int]],
                        *, b: int, tokens: int, activations: float, basis_bytes: int = 4,
-                       score: bool = True, leading: bool = True) -> dict[str, dict[str, float]]:
+                       score: bool = True, leading: bool = True, solver: str = "evr") -> dict[str, dict[str, float]]:
     """Bytes alive at the peak of each phase of ``calibrate`` (peft model) (see the module docstring).
 
     ``shapes``: (m, n) per converted layer; ``keys``: its basis key; ``budgets``: its (rows, cols) budget;
@@ -178,16 +185,15 @@ def calibration_phases(shapes: dict[str, tuple[int, int]], keys: dict[str, str],
     phases: dict[str, dict[str, float]] = {}
     phases["bases pass"] = {"grams": grams, "activations": activations, "tap inputs": tap,
                             "hook transient": max(gram_hook(m, n) for m, n in shapes.values())}
-    # solve: keys in sorted order, output side then input side; a Gram is freed once its basis is solved
+    # solve: smallest Grams first (GramAccumulator.bases); a Gram is freed once its basis is solved
     remaining, solved, solve_peak = grams, 0, {}
-    for key in sorted(types):
-        for side in types[key]:
-            work = eigh_working_set(side)
-            alive = {"grams": remaining, "bases": solved, **work}
-            if sum(alive.values()) > sum(solve_peak.values()):
-                solve_peak = alive
-            remaining -= 8 * side * side
-            solved += basis_bytes * side * side
+    for side in sorted(side for key in sorted(types) for side in types[key]):
+        work = eigh_working_set(side, solver)
+        alive = {"grams": remaining, "bases": solved, **work}
+        if sum(alive.values()) > sum(solve_peak.values()):
+            solve_peak = alive
+        remaining -= 8 * side * side
+        solved += basis_bytes * side * side
     phases["solve"] = solve_peak
     bases = solved
     if not score:
@@ -227,7 +233,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
              reduce_bucket_size: int | None = None, reselect_every: int = 0,
              persistence_threshold: int | None = None, budget_block: str = DEFAULT_BUDGET_BLOCK,
              drop_prob: float = 0.5, graddrop_exchange: str = "kept",
-             graddrop_granularity: str = "element") -> dict[str, Any]:
+             graddrop_granularity: str = "element", solver: str = "evr") -> dict[str, Any]:
     """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
     from torch import nn
 
@@ -316,7 +322,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     if method in ("sparsegrad", "sparsegrad_dynamic"):
         keys = assign_basis_keys(targets, cfg.basis_sharing)  # what calibration solves: one basis per key
         budgets = {n: cfg.block_budget(o, i) for n, (o, i) in shapes.items()}
-        calibration = calibration_phases(shapes, keys, budgets, b=b, tokens=micro_batch_size * seq,
+        calibration = calibration_phases(shapes, keys, budgets, b=b, tokens=micro_batch_size * seq, solver=solver,
                                          activations=activations, basis_bytes=4 if method == "sparsegrad" else 8,
                                          score=method == "sparsegrad", leading=cfg.budget_block == "leading")
     calibration_peak = max(calibration, key=lambda ph: sum(calibration[ph].values())) if calibration else None
@@ -410,6 +416,9 @@ def main(argv=None) -> int:
                     help="graddrop: only the kept entries travel (ZeRO-2) or the dense, zero-filled gradient")
     ap.add_argument("--graddrop_granularity", choices=GRADDROP_GRANULARITIES, default="element",
                     help="graddrop: element or whole-row masks (same expected kept fraction 1 - p)")
+    ap.add_argument("--solver", choices=["evr", "syevd"], default="evr",
+                    help="calibration's eigensolver: evr where the Grams live on the host (the library's CPU path), "
+                         "syevd where they live on a GPU (torch.linalg.eigh / cuSOLVER: +2 m^2 doubles of workspace)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -428,7 +437,7 @@ def main(argv=None) -> int:
     rows = [estimate(model, m, p=p, zero=args.zero, dtype=args.dtype, micro_batch_size=args.micro_batch_size,
                      seq=args.seq, exchange=args.exchange, lora_rank=args.lora_rank, reselect_every=args.reselect_every,
                      drop_prob=args.drop_prob, graddrop_exchange=args.graddrop_exchange,
-                     graddrop_granularity=args.graddrop_granularity, **kw) for m in methods]
+                     graddrop_granularity=args.graddrop_granularity, solver=args.solver, **kw) for m in methods]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

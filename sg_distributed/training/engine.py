@@ -41,8 +41,20 @@ def torch_compression_hook(name: str) -> tuple[object, object]:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if name == "powersgd":
-        return powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1,
-                                           start_powerSGD_iter=2), powerSGD_hook.powerSGD_hook
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=2)
+        if dist.get_backend() != "gloo":
+            return state, powerSGD_hook.powerSGD_hook
+
+        def powersgd_one_bucket_at_a_time(state, bucket):
+            # PowerSGD issues its second all-reduce from the first one's completion callback; gloo runs that on
+            # its own thread while autograd issues the next bucket's first all-reduce, so two ranks can order the
+            # collectives differently and wait on each other for ever (seen: SmolLM2, 2 ranks, step 3). Waiting
+            # here keeps one order on every rank, at the cost of overlapping the exchange with the backward.
+            future = powerSGD_hook.powerSGD_hook(state, bucket)
+            future.wait()
+            return future
+
+        return state, powersgd_one_bucket_at_a_time
     if name == "bf16":  # bf16_compress_hook itself refuses gloo (a CUDA/NCCL version check); same cast-reduce-cast
         def bf16_cast_hook(process_group, bucket):  # (DDP checks hooks named bf16_compress_hook by name)
             return default_hooks._compress_hook(torch.bfloat16, process_group, bucket)

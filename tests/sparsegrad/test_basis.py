@@ -1,4 +1,5 @@
 """Streamed Gram bases equal the HOSVD factors of the explicitly stacked gradients."""
+import pytest
 import torch
 
 from sg_distributed.sparsegrad.basis import GramAccumulator, eigenbasis
@@ -86,3 +87,19 @@ def test_calibration_tap_streams_the_true_weight_gradients():
         stacked = torch.stack(stack)
         torch.testing.assert_close(acc.out_gram[key], torch.einsum("smn,skn->mk", stacked, stacked), rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(acc.in_gram[key], torch.einsum("smn,smk->nk", stacked, stacked), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("m", [1, 5, 1023, 1025, 2049])  # around the in-place transpose's tile size
+def test_host_solver_in_place_equals_torch_eigh(m, monkeypatch):
+    """The host path (LAPACK dsyevr through scipy, then the sign fix, the descending order and the transpose in
+    the solver's own output) gives torch.linalg.eigh's basis (syevd, the CUDA path) to float64 rounding."""
+    from sg_distributed.sparsegrad import basis as basis_module
+
+    g = torch.randn(m, m + 7, dtype=torch.float64, generator=torch.Generator().manual_seed(m))
+    gram = g @ g.T
+    host = basis_module.eigenbasis(gram.clone(), overwrite=True)
+    monkeypatch.setattr(basis_module, "_scipy_eigh", lambda: None)
+    reference = basis_module.eigenbasis(gram.clone(), overwrite=True)
+    assert host.is_contiguous() and host.dtype == torch.float64
+    torch.testing.assert_close(host, reference, atol=1e-9, rtol=0)
+    torch.testing.assert_close(host.T @ host, torch.eye(m, dtype=torch.float64), atol=1e-10, rtol=0)

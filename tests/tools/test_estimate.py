@@ -327,7 +327,7 @@ def test_calibration_memory_matches_a_measured_calibrate(monkeypatch):
 
     est = estimate(make_tiny_llama(layers=layers, hidden=hidden, intermediate=inter), "sparsegrad", p=1,
                    dtype="fp32", density=DENSITY, micro_batch_size=batch, seq=seq)
-    phases = {name: sum(v for k, v in terms.items() if k not in ("activations", "eigh workspace (LAPACK syevd)"))
+    phases = {name: sum(v for k, v in terms.items() if k != "activations" and not k.startswith("eigh workspace"))
               + (backward.peak if "activations" in terms else 0) for name, terms in est["calibration_phases"].items()}
     expected = max(phases.values())
     print(f"\nmeasured calibrate peak {measured.peak:,} B; plain backward peak {backward.peak:,} B; "
@@ -337,4 +337,5 @@ def test_calibration_memory_matches_a_measured_calibrate(monkeypatch):
     assert measured.peak == pytest.approx(expected, rel=0.10)
     for phase, value in phases.items():  # and each phase's own peak
         assert measured.phases[phase] == pytest.approx(value, rel=0.10), phase
-    assert est["calibration_memory"] >= expected
+    # the estimator's own figure differs only by its rough activations formula (and dsyevr's O(m) workspace)
+    assert est["calibration_memory"] == pytest.approx(expected, rel=0.10)
