@@ -32,9 +32,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # random token batches: the suite's lm_batches
 
 from sg_distributed import SparseGradConfig, get_sparsegrad_model  # noqa: E402
 from sg_distributed.tools.estimate import build_meta_model, estimate  # noqa: E402
+
+from conftest import lm_batches  # noqa: E402
 
 GB = 1e9
 
@@ -66,15 +69,6 @@ def materialise(meta_model, dtype: torch.dtype, seed: int = 0):
     return model
 
 
-def batches(n: int, batch: int, seq: int, vocab: int, seed: int = 1) -> list[dict]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
-
-
 def run(model_name: str, steps: int, calibration_steps: int, micro_batch: int, seq: int, solver: str) -> dict:
     meta, overrides = build_meta_model(model_name)
     predicted = estimate(meta, "sparsegrad", p=1, zero=2, dtype="bf16", micro_batch_size=micro_batch, seq=seq,
@@ -99,7 +93,7 @@ def run(model_name: str, steps: int, calibration_steps: int, micro_batch: int, s
     loaded = rss_bytes()
     reset_peak()
     t0 = time.perf_counter()
-    peft_model.calibrate(batches(calibration_steps, micro_batch, seq, vocab), show_progress=True)
+    peft_model.calibrate(lm_batches(calibration_steps, micro_batch, seq, vocab), show_progress=True)
     row["calibrate_s"] = time.perf_counter() - t0
     row["calibrate_peak_above_weights_GB"] = (rss_bytes("VmHWM") - loaded) / GB
     row["calibrate_predicted_GB"] = predicted["calibration_memory"] / GB
@@ -113,7 +107,7 @@ def run(model_name: str, steps: int, calibration_steps: int, micro_batch: int, s
     calibrated = rss_bytes()
     reset_peak()
     times = []
-    for batch in batches(steps, micro_batch, seq, vocab, seed=2):
+    for batch in lm_batches(steps, micro_batch, seq, vocab, seed=2):
         t0 = time.perf_counter()
         peft_model(**batch).loss.backward()
         optimizer.step()
@@ -150,7 +144,6 @@ def main(argv=None) -> int:
         from sg_distributed.sparsegrad import basis
 
         basis._scipy_eigh = lambda: None
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     row = run(args.model, args.steps, args.calibration_steps, args.micro_batch_size, args.seq, args.solver)
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
