@@ -2,8 +2,8 @@
 
 The HOSVD factor matrices of the stack {G_s} (s over layers of one type and calibration steps) are the
 eigenvectors of the mode Grams  sum_s G_s G_s^T  (output side, P) and  sum_s G_s^T G_s  (input side, Q).
-Accumulating those Grams needs O(m^2 + n^2) memory instead of the O(S*m*n) stack, and ranks combine
-them with one all-reduce.
+Accumulating those Grams needs O(m^2 + n^2) memory instead of the O(S*m*n) stack (half of it: only their
+upper triangles are kept, ``UpperGram``), and ranks combine them with one all-reduce.
 """
 from __future__ import annotations
 
@@ -64,24 +64,110 @@ def eigenbasis(gram: torch.Tensor, overwrite: bool = False, dtype: torch.dtype |
         sym = (0.5 * (gram + gram.T)).double().contiguous()
     del gram
     if sym.device.type == "cpu" and _scipy_eigh() is not None:
-        rows = _host_eigenvectors_as_rows(sym)  # row j: the eigenvector of the j-th smallest eigenvalue
+        holder = [sym]
         del sym
-        _fix_signs_(rows)
-        _reverse_rows_(rows)  # descending eigenvalues
-        _transpose_(rows)  # row-major, eigenvectors as columns (collectives send raw storage)
-        result = rows
-    else:
-        _, vectors = torch.linalg.eigh(sym)  # column-major
-        del sym, _
-        pivots = torch.cat([vectors[:, s:s + CHUNK].abs().argmax(dim=0) for s in range(0, m, CHUNK)])
-        signs = torch.sign(vectors[pivots, torch.arange(m, device=vectors.device)])
-        signs[signs == 0] = 1
-        vectors.mul_(signs)
-        # descending eigenvalues: columns reversed, written row-major (collectives send raw storage)
-        result = torch.empty((m, m), dtype=torch.float64, device=vectors.device)
-        torch.index_select(vectors, 1, torch.arange(m - 1, -1, -1, device=vectors.device), out=result)
-        del vectors
+        return _host_eigenbasis(holder, dtype)
+    _, vectors = torch.linalg.eigh(sym)  # column-major
+    del sym, _
+    pivots = torch.cat([vectors[:, s:s + CHUNK].abs().argmax(dim=0) for s in range(0, m, CHUNK)])
+    signs = torch.sign(vectors[pivots, torch.arange(m, device=vectors.device)])
+    signs[signs == 0] = 1
+    vectors.mul_(signs)
+    # descending eigenvalues: columns reversed, written row-major (collectives send raw storage)
+    result = torch.empty((m, m), dtype=torch.float64, device=vectors.device)
+    torch.index_select(vectors, 1, torch.arange(m - 1, -1, -1, device=vectors.device), out=result)
+    del vectors
     return result if dtype in (None, torch.float64) else result.to(dtype)
+
+
+def host_solver_available(device: torch.device) -> bool:
+    """Whether Grams on ``device`` are solved by the host path (dsyevr), which reads one triangle only."""
+    return torch.device(device).type == "cpu" and _scipy_eigh() is not None
+
+
+class UpperGram:
+    """A symmetric m x m Gram kept as its upper triangle, in row blocks: block b holds rows [s, s + CHUNK) and
+    columns [s, m), about m^2 / 2 values (+ CHUNK m / 2 below the diagonal of the diagonal tiles).
+
+    A mode Gram (G G^T, G^T G) is symmetric, so its upper triangle is the whole of it: accumulating just that
+    halves the memory and the flops of the bases pass and the bytes of its all-reduce, and it is exactly what
+    LAPACK reads of a symmetric matrix (``uplo``). The host solve copies the blocks into the upper triangle of
+    an m x m matrix, whose lower triangle is never written nor read (most of its pages are never touched), and
+    the CUDA solve (``full``) mirrors it (docs/cluster.md, "Calibration memory at 7B").
+    """
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
+        self.size = size
+        self.blocks = [torch.zeros(min(CHUNK, size - s), size - s, dtype=dtype, device=device)
+                       for s in range(0, size, CHUNK)]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.size, self.size
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].dtype
+
+    def add_product_(self, left: torch.Tensor, right: torch.Tensor) -> None:
+        """+= left @ right, a product known to be symmetric: only its upper row blocks are computed. The product
+        is never whole, nor is the float64 copy that ``add_`` makes on the CPU when the Gram is wider than it (at
+        7B a whole 11008 x 11008 product is 0.48 GB and its copy 0.97 GB)."""
+        for start, block in zip(range(0, self.size, CHUNK), self.blocks):
+            block.add_(left[start:start + CHUNK] @ right[:, start:])
+
+    def all_reduce(self) -> None:
+        for block in self.blocks:
+            in_place_collective(block, dist.all_reduce)
+
+    def _drain(self, release: bool):
+        """(start, block) in order; with ``release`` each block is dropped once the caller has copied it."""
+        for index, start in enumerate(range(0, self.size, CHUNK)):
+            yield start, self.blocks[index]
+            if release:
+                self.blocks[index] = None
+
+    def full(self, release: bool = False) -> torch.Tensor:
+        """The symmetric m x m matrix, the lower triangle mirrored from the upper."""
+        m = self.size
+        full = torch.empty((m, m), dtype=self.dtype, device=self.device)
+        for start, block in self._drain(release):
+            stop = start + block.shape[0]
+            full[start:stop, start:] = block
+            full[stop:, start:stop] = block[:, stop - start:].T
+            tile = full[start:stop, start:stop]
+            tile.copy_(torch.triu(tile) + torch.triu(tile, 1).T)
+        del block, tile  # the loop variables would keep the last block alive through the solve
+        return full
+
+    def eigenbasis(self, dtype: torch.dtype | None = None, release: bool = False) -> torch.Tensor:
+        """``eigenbasis`` of the Gram; ``release``: give the blocks up as they are copied into the solver's matrix."""
+        if not host_solver_available(self.device):
+            return eigenbasis(self.full(release), overwrite=True, dtype=dtype)
+        upper = torch.empty((self.size, self.size), dtype=torch.float64)  # the lower triangle stays untouched
+        for start, block in self._drain(release):
+            upper[start:start + block.shape[0], start:] = block
+        holder = [upper]
+        del block, upper  # no reference here may outlive the solve: the solver's output is reordered without it
+        return _host_eigenbasis(holder, dtype)
+
+
+def _host_eigenbasis(holder: list[torch.Tensor], dtype: torch.dtype | None) -> torch.Tensor:
+    """dsyevr on the upper triangle of the matrix in ``holder`` (row-major; destroyed), reordered inside the
+    solver's output. The matrix comes in a list that this function empties: an argument passed directly stays
+    referenced by the caller's frame until the call returns, and the Gram (0.97 GB at 7B) would then outlive
+    its solve, through the reordering and the rounding to ``dtype``."""
+    sym = holder.pop()
+    rows = _host_eigenvectors_as_rows(sym)  # row j: the eigenvector of the j-th smallest eigenvalue
+    del sym
+    _fix_signs_(rows)
+    _reverse_rows_(rows)  # descending eigenvalues
+    transpose_(rows)  # row-major, eigenvectors as columns (collectives send raw storage)
+    return rows if dtype in (None, torch.float64) else rows.to(dtype)
 
 
 def _scipy_eigh():
@@ -93,8 +179,10 @@ def _scipy_eigh():
 
 
 def _host_eigenvectors_as_rows(sym: torch.Tensor) -> torch.Tensor:
-    """dsyevr on ``sym`` (destroyed: LAPACK works in it). A symmetric C-ordered matrix read as Fortran-ordered is
-    itself, so no copy is made; the Fortran-ordered output, read as C-ordered, has the eigenvectors as rows."""
+    """dsyevr on ``sym`` (destroyed: LAPACK works in it). A C-ordered matrix read as Fortran-ordered is its
+    transpose, so no copy is made, and LAPACK's lower triangle (scipy's default ``lower=True``) is the C-ordered
+    upper triangle: the only part read. The Fortran-ordered output, read as C-ordered, has the eigenvectors as
+    rows."""
     eigh = _scipy_eigh()
     _, vectors = eigh(sym.numpy().T, overwrite_a=True, driver="evr", check_finite=False)
     return torch.from_numpy(vectors.T)
@@ -118,7 +206,7 @@ def _reverse_rows_(rows: torch.Tensor) -> None:
         rows[m - stop:m - start] = top.flip(0)
 
 
-def _transpose_(square: torch.Tensor) -> None:
+def transpose_(square: torch.Tensor) -> None:
     """In-place transpose of a square matrix, tile by tile (one CHUNK x CHUNK tile of extra memory)."""
     m = square.shape[0]
     for i in range(0, m, CHUNK):
@@ -139,22 +227,25 @@ class GramAccumulator:
 
     def __init__(self, dtype: torch.dtype = torch.float64):
         self.dtype = dtype
-        self.out_gram: dict[str, torch.Tensor] = {}
-        self.in_gram: dict[str, torch.Tensor] = {}
+        self.out_gram: dict[str, UpperGram] = {}
+        self.in_gram: dict[str, UpperGram] = {}
         self.count: dict[str, int] = {}
 
-    def _accumulate(self, key: str, out_part: torch.Tensor, in_part: torch.Tensor) -> None:
+    def _accumulate(self, key: str, out_factors: tuple[torch.Tensor, torch.Tensor],
+                    in_factors: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Add left @ right of each side's factors to its Gram."""
+        (out_left, out_right), (in_left, in_right) = out_factors, in_factors
         if key not in self.out_gram:
-            self.out_gram[key] = torch.zeros(out_part.shape, dtype=self.dtype, device=out_part.device)
-            self.in_gram[key] = torch.zeros(in_part.shape, dtype=self.dtype, device=in_part.device)
+            self.out_gram[key] = UpperGram(out_left.shape[0], self.dtype, out_left.device)
+            self.in_gram[key] = UpperGram(in_left.shape[0], self.dtype, in_left.device)
             self.count[key] = 0
-        self.out_gram[key].add_(out_part)
-        self.in_gram[key].add_(in_part)
+        self.out_gram[key].add_product_(out_left, out_right)
+        self.in_gram[key].add_product_(in_left, in_right)
         self.count[key] += 1
 
     def add(self, key: str, grad: torch.Tensor) -> None:
         g = grad.detach().to(compute_dtype(grad.dtype))
-        self._accumulate(key, g @ g.T, g.T @ g)
+        self._accumulate(key, (g, g.T), (g.T, g))
 
     def add_factors(self, key: str, dy: torch.Tensor, x: torch.Tensor) -> None:
         """Add G = dY^T X given its factors (T x m, T x n); cheaper than ``add`` when T < min(m, n).
@@ -168,15 +259,15 @@ class GramAccumulator:
         if T >= min(m, n):
             self.add(key, dy.T @ x)
             return
-        self._accumulate(key, dy.T @ ((x @ x.T) @ dy), x.T @ ((dy @ dy.T) @ x))
+        self._accumulate(key, (dy.T, (x @ x.T) @ dy), (x.T, (dy @ dy.T) @ x))
 
     def all_reduce(self) -> None:
         """Sum the Grams over all ranks (no-op without an initialised process group)."""
         if not is_distributed():
             return
         for key in sorted(self.out_gram):  # same order on every rank
-            in_place_collective(self.out_gram[key], dist.all_reduce)
-            in_place_collective(self.in_gram[key], dist.all_reduce)
+            self.out_gram[key].all_reduce()
+            self.in_gram[key].all_reduce()
 
     def bases(self, input_convention: str = "textbook", dtype: torch.dtype | dict[str, torch.dtype] | None = None,
               release: bool = False) -> dict[str, Bases]:
@@ -184,8 +275,11 @@ class GramAccumulator:
 
         ``dtype`` (one for all keys, or per key; float64 by default): the bases' precision, each rounded once
         from its float64 solution as soon as it is solved. ``release=True`` consumes the accumulator: each
-        Gram is symmetrised in place and dropped once its eigenbasis is solved, so the Grams not yet solved,
-        the bases solved so far and one solve's working set are all that is alive (same bits as without).
+        Gram's blocks are freed as they are copied into its solve's matrix, so the Grams not yet solved, the
+        bases solved so far and one solve's working set are all that is alive (same bits as without).
+
+        The Grams are upper triangles (``UpperGram``): at LLaMA-2-7B's MLP the 11008 x 11008 Gram that waits
+        while the other is solved holds 0.53 GB instead of 0.97 GB.
 
         In a process group rank 0 solves the eigenproblems and broadcasts the bases (on the Grams'
         device, so NCCL can carry them): every rank gets rank 0's bits, even where ranks' LAPACK /
@@ -196,14 +290,15 @@ class GramAccumulator:
         # largest is solved, the fewest other Grams are still waiting (docs/cluster.md, "Calibration memory at 7B").
         jobs = sorted(((grams[key].shape[0], key, side) for key in sorted(self.out_gram)
                        for side, grams in enumerate((self.out_gram, self.in_gram))))
+        solving = not distributed or dist.get_rank() == 0
         solved: dict[tuple[str, int], torch.Tensor] = {}
         for _, key, side in jobs:
             grams = (self.out_gram, self.in_gram)[side]
             out_dtype = (dtype.get(key) if isinstance(dtype, dict) else dtype) or torch.float64
-            shape, device = grams[key].shape, grams[key].device
-            if not distributed or dist.get_rank() == 0:  # pop: eigenbasis holds the only reference
-                basis = eigenbasis(grams.pop(key) if release else grams[key], overwrite=release, dtype=out_dtype)
+            if solving:  # released: popped, so its blocks are freed as the solver's matrix is filled
+                basis = (grams.pop(key) if release else grams[key]).eigenbasis(out_dtype, release=release)
             else:
+                shape, device = grams[key].shape, grams[key].device
                 if release:
                     del grams[key]
                 basis = torch.empty(shape, dtype=out_dtype, device=device)

@@ -30,6 +30,7 @@ from torch import nn
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..quant import dequantized_weight, is_quantized
+from sg_distributed.sparsegrad.basis import transpose_
 from sg_distributed.sparsegrad.selection import Support
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -91,10 +92,12 @@ class SharedBasis:
     ``fn`` to every module).
     """
 
-    def __init__(self, P: torch.Tensor, R: torch.Tensor, dtype: torch.dtype | None = None):
+    def __init__(self, P: torch.Tensor, R: torch.Tensor, dtype: torch.dtype | None = None, consume: bool = False):
+        """``consume=True``: the caller gives P and R up (calibration's fresh bases), so a host matrix already in
+        the master's dtype is transposed in place instead of copied (at 7B: 1.1 GB less while installing)."""
         dtype = master_dtype(dtype or P.dtype)
-        self.Pt = P.detach().T.to("cpu", dtype).contiguous()  # m x m, row i = column i of P
-        self.Rt = R.detach().T.to("cpu", dtype).contiguous()  # n x n
+        self.Pt = _master_transpose(P, dtype, consume)  # m x m, row i = column i of P
+        self.Rt = _master_transpose(R, dtype, consume)  # n x n
         self._compute: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._applied_fn = None
 
@@ -137,6 +140,16 @@ class SharedBasis:
 
     def __getstate__(self):  # the remembered fn is a closure: not picklable, and only meaningful in-process
         return {**self.__dict__, "_applied_fn": None, "_compute": {}}
+
+
+def _master_transpose(matrix: torch.Tensor, dtype: torch.dtype, consume: bool) -> torch.Tensor:
+    """``matrix.T`` as a contiguous host tensor of ``dtype``: in ``matrix``'s own memory when it may be consumed."""
+    matrix = matrix.detach()
+    if (consume and matrix.device.type == "cpu" and matrix.dtype == dtype and matrix.is_contiguous()
+            and matrix.dim() == 2 and matrix.shape[0] == matrix.shape[1]):
+        transpose_(matrix)
+        return matrix
+    return matrix.T.to("cpu", dtype).contiguous()
 
 
 def _gather_rows(full: torch.Tensor, index: torch.Tensor | int | None) -> torch.Tensor:

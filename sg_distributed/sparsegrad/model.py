@@ -130,7 +130,7 @@ class SparseGradTuner(BaseTuner):
             for p in trainable:
                 p.requires_grad_(True)
         for name, layer in layers.items():
-            basis = self._shared_basis(keys[name], bases[keys[name]], layer.base_layer)
+            basis = self._shared_basis(keys[name], bases[keys[name]], layer.base_layer, consume=True)
             layer.install(supports[name], basis=basis, block=supports[name].block)
 
     def support_checksum(self) -> str:
@@ -158,9 +158,11 @@ class SparseGradTuner(BaseTuner):
         return SupportReselector(self.sparsegrad_layers(), config.reselect_every, config.reselect_fraction,
                                  square=config.score == "square", optimizer=optimizer)
 
-    def _shared_basis(self, key: str, bases: Bases, base_layer: nn.Module) -> SharedBasis:
+    def _shared_basis(self, key: str, bases: Bases, base_layer: nn.Module, consume: bool = False) -> SharedBasis:
+        """The key's SharedBasis, made from ``bases`` at its first use; ``consume``: the caller gives ``bases`` up
+        (calibration's fresh ones), so the master may take their memory."""
         if key not in self.shared_bases:
-            self.shared_bases[key] = SharedBasis(bases.P, bases.R, compute_dtype_of(base_layer))
+            self.shared_bases[key] = SharedBasis(bases.P, bases.R, compute_dtype_of(base_layer), consume=consume)
         return self.shared_bases[key]
 
     def forward(self, *args, **kwargs):

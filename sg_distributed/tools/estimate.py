@@ -23,7 +23,8 @@ converted matrices; every trainable tensor is what the library trains, see READM
   ``lora`` adds its D adapter values; ``sparsegrad_dynamic`` moves the targets into unpartitioned
   buffers W~ (replicated on every rank even under ZeRO-3).
 * bases/buffers: ``sparsegrad`` keeps P (m x m) and R (n x n) once per layer type, in b bytes (the
-  layers share them and gather their P_I / R_C slices at each use), plus per converted layer int64 flat
+  layers share them and gather their P_I / R_C slices at each use; their float32 masters, 4 B per value of
+  ``bases_numel``, stay on the host and are not counted), plus per converted layer int64 flat
   indices (8 B x k) and the used row/col indices (r = min(max_rows x m, k), c = min(max_cols x n, k): an
   upper bound, the layer keeps the rows/cols its support touches, which is the budget when k >> m, n as in
   the presets); ``sparsegrad_dynamic`` keeps
@@ -47,16 +48,22 @@ converted matrices; every trainable tensor is what the library trains, see READM
   loaded weights, the same on every rank): the peak over the phases of ``calibrate`` (peft model), each
   the sum of what is alive at its own peak (``calibration_phases``; T = micro-batch x seq tokens):
 
-  - bases pass: the float64 mode Grams, 8 (m^2 + n^2) per basis key (layer type); the activations above;
-    the inputs ``gradient_tap`` keeps from each converted layer's forward to its backward, T x n x b per
-    layer (all alive when the backward starts); the largest hook transient, ``add_factors``'s two float32
-    mode products 4 (m^2 + n^2 + T^2 + T max(m, n)) (4 (mn + m^2 + n^2) when T >= min(m, n)), plus the
-    float32 casts of the factors 4 T (m + n) when b < 4.
-  - solve (no activations: between passes): keys in sorted order, output side then input side, each Gram
-    freed once solved (``GramAccumulator.bases(release=True)``): the Grams not yet freed + the bases solved
-    so far + ``eigenbasis``'s working set at its peak, inside ``torch.linalg.eigh``: its output 8 (m^2 + m)
-    and LAPACK syevd's workspace 8 (2 m^2 + 6 m + 1) + 4 (5 m + 3) (CPU LAPACK's figure, used for cuSOLVER
-    too; not measured by the tests: it is allocated inside the kernel).
+  - bases pass: the float64 mode Grams, kept as upper triangles in row blocks of CHUNK (``UpperGram``:
+    8 (m^2 + CHUNK m) / 2 each, two per basis key); the activations above; the inputs ``gradient_tap`` keeps
+    from each converted layer's forward to its backward, T x n x b per layer (all alive when the backward
+    starts); the largest hook transient of ``add_factors``: its T-side factors 4 (T^2 + T (m + n)) (the dense
+    G, 4 m n, when T >= min(m, n)), one row block of a mode product in float32, 4 min(CHUNK, m) m for the
+    wider side, and the float64 copy ``add_`` makes of it on the CPU (8 min(CHUNK, m) m: inside the kernel),
+    plus the float32 casts of the factors 4 T (m + n) when b < 4.
+  - solve (no activations: between passes; ``GramAccumulator.bases(release=True)``), smallest Grams first:
+    each is copied into an m x m float64 matrix and solved while the others wait: the Grams not yet solved +
+    the bases solved so far + that matrix + ``eigenbasis``'s working set (``eigh_working_set``), then, that
+    matrix freed, the float64 eigenvectors and their rounding to the bases' dtype (float32). On the host
+    (``solver='evr'``: dsyevr, its output 8 (m^2 + m) and O(m) workspace) only the matrix's upper triangle
+    is ever touched, 8 m (m + 1) / 2 resident (with 4 KiB pages; under transparent huge pages 'always' the
+    other half would be resident too). With ``solver='syevd'`` (CUDA) the matrix is the mirrored m x m one
+    and syevd adds its output and 8 (2 m^2 + 6 m + 1) + 4 (5 m + 3) of workspace (CPU LAPACK's figure, used
+    for cuSOLVER too; not measured by the tests: it is allocated inside the kernel).
   - scores pass: the bases, 4 B per value (``sparsegrad``: float32 for bf16/fp16/fp32 models, see
     ``Calibrator.basis_dtypes``; 8 B for ``sparsegrad_dynamic``, which has no scoring);
     row/column sums 8 (m + n) per budgeted layer; 8 m n per layer without a budget; activations; tapped
@@ -144,6 +151,30 @@ def _pad(d: int, p: int) -> int:
 EIGH_CHUNK = 1024  # sg_distributed.sparsegrad.basis.CHUNK
 
 
+def quantized_linears(model) -> dict[str, tuple[int, int]]:
+    """(out, in) of the linears a bitsandbytes config quantises: every nn.Linear but the output head."""
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {name: (module.out_features, module.in_features) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module is not head}
+
+
+def quantized_weight_bytes(out_features: int, in_features: int, quant: str, shards: int = 1) -> float:
+    """Bytes of one bitsandbytes weight: int8 codes + a float32 scale per row (8bit); nf4 codes packed two per
+    byte + a float32 absmax per block of 64 values and the 16-entry code table (4bit, no double quantisation:
+    transformers' default). ``shards``: the packed codes split over that many ranks, the scales whole."""
+    n = out_features * in_features
+    if quant == "8bit":
+        return n / shards + 4 * out_features
+    return n / 2 / shards + 4 * math.ceil(n / 64) + 4 * 16
+
+
+def upper_gram_bytes(m: int) -> int:
+    """Bytes of a float64 ``UpperGram``: rows [s, s + CHUNK) x columns [s, m) per row block."""
+    return 8 * sum(min(EIGH_CHUNK, m - s) * (m - s) for s in range(0, m, EIGH_CHUNK))
+
+
 def eigh_working_set(m: int, solver: str = "evr") -> dict[str, int]:
     """Bytes ``basis.eigenbasis(gram, overwrite=True)`` holds above its m x m float64 Gram, at its peak.
 
@@ -175,24 +206,31 @@ def calibration_phases(shapes: dict[str, tuple[int, int]], keys: dict[str, str],
     T = tokens
     cast = 4 if b < 4 else 0  # bf16 / fp16 factors are cast to float32 for every product
     tap = sum(T * n * b for m, n in shapes.values())  # gradient_tap keeps every layer's X until its backward
-    grams = sum(8 * (m * m + n * n) for m, n in types.values())
+    grams = sum(upper_gram_bytes(m) + upper_gram_bytes(n) for m, n in types.values())
 
-    def gram_hook(m, n):  # GramAccumulator.add_factors: both float32 mode products (+ the T x T / T x side ones)
-        if T >= min(m, n):
-            return 4 * (m * n + m * m + n * n) + cast * T * (m + n)
-        return 4 * (m * m + n * n + T * T + T * max(m, n)) + cast * T * (m + n)
+    def gram_hook(m, n):  # GramAccumulator.add_factors: the T-side factors (or the dense G), and one row block
+        # of a mode product (float32, up to CHUNK x m) with the float64 copy add_ makes of it on the CPU
+        block = max(min(EIGH_CHUNK, side) * side for side in (m, n))
+        factors = 4 * m * n if T >= min(m, n) else 4 * (T * T + T * (m + n))
+        return {"hook transient": factors + 4 * block + cast * T * (m + n), "hook float64 copy (inside add_)": 8 * block}
 
     phases: dict[str, dict[str, float]] = {}
-    phases["bases pass"] = {"grams": grams, "activations": activations, "tap inputs": tap,
-                            "hook transient": max(gram_hook(m, n) for m, n in shapes.values())}
-    # solve: smallest Grams first (GramAccumulator.bases); a Gram is freed once its basis is solved
+    hook = max((gram_hook(m, n) for m, n in shapes.values()), key=lambda terms: sum(terms.values()))
+    phases["bases pass"] = {"grams": grams, "activations": activations, "tap inputs": tap, **hook}
+    # solve (GramAccumulator.bases): smallest first, each Gram copied into an m x m matrix (its blocks freed as they
+    # are copied) and solved while the others wait; the solved bases are kept. On the host (evr) only the upper
+    # triangle of that matrix is ever touched; syevd (CUDA) gets the mirrored full matrix.
     remaining, solved, solve_peak = grams, 0, {}
     for side in sorted(side for key in sorted(types) for side in types[key]):
-        work = eigh_working_set(side, solver)
-        alive = {"grams": remaining, "bases": solved, **work}
-        if sum(alive.values()) > sum(solve_peak.values()):
-            solve_peak = alive
-        remaining -= 8 * side * side
+        remaining -= upper_gram_bytes(side)
+        matrix = 8 * (side * (side + 1) // 2) if solver == "evr" else 8 * side * side
+        during = {"grams": remaining, "bases": solved, "solved gram": matrix, **eigh_working_set(side, solver)}
+        # then, the Gram freed: the float64 eigenvectors and their rounding to the bases' dtype
+        rounding = {"grams": remaining, "bases": solved, "eigh output": 8 * (side * side + side),
+                    "rounded basis": basis_bytes * side * side if basis_bytes != 8 else 0}
+        for alive in (during, rounding):
+            if sum(alive.values()) > sum(solve_peak.values()):
+                solve_peak = alive
         solved += basis_bytes * side * side
     phases["solve"] = solve_peak
     bases = solved
@@ -233,8 +271,14 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
              reduce_bucket_size: int | None = None, reselect_every: int = 0,
              persistence_threshold: int | None = None, budget_block: str = DEFAULT_BUDGET_BLOCK,
              drop_prob: float = 0.5, graddrop_exchange: str = "kept",
-             graddrop_granularity: str = "element", solver: str = "evr") -> dict[str, Any]:
-    """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring)."""
+             graddrop_granularity: str = "element", solver: str = "evr", base_quant: str | None = None,
+             shard_quantized: bool = False) -> dict[str, Any]:
+    """Every figure of one (method, p, zero, dtype) as a dict of bytes (see the module docstring).
+
+    ``base_quant`` ("8bit" / "4bit"): the frozen linears bitsandbytes quantises (every nn.Linear but the output
+    head, as transformers does) weigh ``quantized_weight_bytes`` each instead of b per value, whole on every rank;
+    ``shard_quantized``: their packed words are split over the p ranks (FSDP2 with a bf16-stored 4-bit base,
+    ``integrations.fsdp``), their scales stay whole."""
     from torch import nn
 
     from sg_distributed.sparsegrad.config import SparseGradConfig
@@ -271,11 +315,19 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     a = mcfg.num_attention_heads
     inter = getattr(mcfg, "intermediate_size", 4 * h)
 
-    tensor_numels = [q.numel() for q in model.parameters()]  # ZeRO-3 decides persistence per tensor
+    if base_quant not in (None, "8bit", "4bit"):
+        raise ValueError(f"base_quant must be None, '8bit' or '4bit', got {base_quant!r}")
+    quantized = quantized_linears(model) if base_quant else {}
+    quantized_bytes = sum(quantized_weight_bytes(o, i, base_quant, p if shard_quantized else 1)
+                          for o, i in quantized.values())
+    quantized_ids = {id(model.get_submodule(name).weight) for name in quantized}
+    # ZeRO-3 decides persistence per tensor; quantised weights are counted apart
+    tensor_numels = [q.numel() for q in model.parameters() if id(q) not in quantized_ids]
     buffers = 0
     extra_state_note = ""
     rank_used = None
     score_block = 0  # sum of r x c over layers: re-selection's float32 score blocks
+    bases_numel = 0  # values of the shared bases (sparsegrad): b bytes each per device, + a float32 master on the host
     if method == "sparsegrad":
         D = K
         shared: dict[tuple, int] = {}  # P, R of each layer type (and shape), shared by its layers
@@ -285,7 +337,8 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
             shared[layer_type(n), o, i] = o * o + i * i
             buffers += 8 * ks[n] + 8 * (r + c)
             score_block += r * c
-        buffers += b * sum(shared.values())
+        bases_numel = sum(shared.values())
+        buffers += b * bases_numel
         if reselect_every:
             buffers += 4 * score_block
         tensor_numels += list(ks.values())
@@ -309,6 +362,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     partitioned = sum(tensor_numels) - persistent  # parameters DeepSpeed ZeRO-3 would partition
     Dp = _pad(D, p) if p > 1 else D
     weights = b * (partitioned / p + persistent if zero == 3 else partitioned)  # dynamic: W~ are in buffers
+    weights += quantized_bytes
     bucket = min(D, reduce_bucket_size if reduce_bucket_size is not None else h * h) * b if p > 1 else 0
     grads = b * Dp / p + bucket
     per_entry = 8 + (4 if b < 4 else 0)
@@ -362,6 +416,7 @@ def estimate(model, method: str, *, p: int = 1, zero: int = 2, dtype: str = "bf1
     return {"method": method, "p": p, "zero": zero, "dtype": dtype, "matrices": len(shapes), "N_targets": N_t,
             "k_total": K, "trainable": D, "trainable_padded": Dp, "lora_rank": rank_used, "model_params": n_params,
             "weights": weights, "buffers": buffers, "gradients": grads, "optimizer": optimizer,
+            "bases_numel": bases_numel,
             "activations": activations, "total_memory": total_mem, "comm": comm,
             "comm_total": sum(comm.values()), "note": extra_state_note,
             "persistence_threshold": persistence_threshold if zero == 3 else None, "persistent": persistent,

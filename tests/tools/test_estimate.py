@@ -12,6 +12,7 @@
 * the presets: the estimator's counts equal sg_distributed.tools.presets' (DESIGN §2) for LLaMA-2-7B.
 """
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -327,7 +328,18 @@ def test_calibration_memory_matches_a_measured_calibrate(monkeypatch):
 
     est = estimate(make_tiny_llama(layers=layers, hidden=hidden, intermediate=inter), "sparsegrad", p=1,
                    dtype="fp32", density=DENSITY, micro_batch_size=batch, seq=seq)
-    phases = {name: sum(v for k, v in terms.items() if k != "activations" and not k.startswith("eigh workspace"))
+    def allocated(term, value):
+        """What a dispatch mode sees of one estimator term: nothing of what kernels allocate inside (LAPACK's
+        workspace, add_'s float64 copy), and the whole m x m allocation of the solved Gram, of which the host
+        solve touches (and the estimator counts) the upper triangle, 4 m (m + 1) bytes."""
+        if term.startswith("eigh workspace") or term.startswith("hook float64 copy"):
+            return 0
+        if term == "solved gram":
+            m = round((-1 + math.sqrt(1 + value)) / 2)
+            return 8 * m * m
+        return value
+
+    phases = {name: sum(allocated(k, v) for k, v in terms.items() if k != "activations")
               + (backward.peak if "activations" in terms else 0) for name, terms in est["calibration_phases"].items()}
     expected = max(phases.values())
     print(f"\nmeasured calibrate peak {measured.peak:,} B; plain backward peak {backward.peak:,} B; "
@@ -337,5 +349,7 @@ def test_calibration_memory_matches_a_measured_calibrate(monkeypatch):
     assert measured.peak == pytest.approx(expected, rel=0.10)
     for phase, value in phases.items():  # and each phase's own peak
         assert measured.phases[phase] == pytest.approx(value, rel=0.10), phase
-    # the estimator's own figure differs only by its rough activations formula (and dsyevr's O(m) workspace)
-    assert est["calibration_memory"] == pytest.approx(expected, rel=0.10)
+    # the estimator's own figure differs only by its rough activations formula and what kernels allocate inside
+    own = max(sum(v for k, v in terms.items() if k != "activations") + (backward.peak if "activations" in terms else 0)
+              for terms in est["calibration_phases"].values())
+    assert est["calibration_memory"] == pytest.approx(own, rel=0.10)
