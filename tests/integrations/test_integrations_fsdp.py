@@ -173,6 +173,9 @@ def test_quantized_base_under_fsdp2_trains_and_stays_bit_identical(bits, tiny_mo
     assert metrics["quantized_base_digest_before"] is not None
     assert metrics["quantized_base_digest_after"] == metrics["quantized_base_digest_before"]
     assert metrics["after"]["answer_loss"] < metrics["before"]["answer_loss"] - 0.05
+    # --fsdp loads a 4-bit base packed into bf16 words, which FSDP2 shards; int8 stays whole on every rank
+    sharded = metrics["quantized_base_bytes_per_rank"] / metrics["quantized_base_bytes"]
+    assert sharded == (0.5 if bits == 4 else 1.0), sharded
 
 
 def _quantized_peft_llama(bits: int, quant_storage=torch.uint8):
