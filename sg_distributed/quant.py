@@ -73,18 +73,72 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if kind == "Linear4bit":
         import bitsandbytes.functional as bnbf
 
-        if getattr(weight, "quant_state", None) is None:
-            return weight.data.float()
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        packed = whole_weight(module)
+        quant_state = quant_state_of(module)
+        if quant_state is None:
+            return packed.float()
+        return bnbf.dequantize_4bit(packed, quant_state).float()
     return weight.data
 
 
+def quant_state_of(module: nn.Module):
+    """A 4-bit layer's QuantState: on its weight, or on the module once FSDP2 has put a DTensor (or the plain
+    all-gathered tensor) in the weight's place."""
+    state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else getattr(module, "quant_state", None)
+
+
+def whole_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight.data``, all-gathered first when FSDP2 shards it (a float-stored 4-bit weight outside
+    forward is a DTensor holding this rank's rows; its quant_state stays on the module): then a collective
+    that every rank must call."""
+    from torch.distributed.tensor import DTensor
+
+    weight = module.weight
+    return weight.detach().full_tensor() if isinstance(weight, DTensor) else weight.data
+
+
 def quantized_weights_digest(model) -> str | None:
-    """SHA-256 of every bitsandbytes weight: proves the frozen int8/nf4 base is untouched by training."""
+    """SHA-256 of every bitsandbytes weight: proves the frozen int8/nf4 base is untouched by training.
+
+    Hashes the raw bytes, so a 4-bit weight packed into bf16 words (``bnb_4bit_quant_storage``) hashes like
+    the same packing in uint8. A collective when FSDP2 shards such weights (``whole_weight``)."""
     digest, found = hashlib.sha256(), False
     for name, module in model.named_modules():
         if is_quantized(module):
             found = True
             digest.update(name.removesuffix(".base_layer").encode())  # SparseGradLinear wraps the base as `.base_layer`
-            digest.update(module.weight.data.cpu().numpy().tobytes())
+            digest.update(whole_weight(module).cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest() if found else None
+
+
+def quantized_storage_bytes(model: nn.Module, scales: bool = False) -> int:
+    """Bytes of frozen bitsandbytes weights held by this rank: the local rows of each weight FSDP2 shards (a
+    float-stored 4-bit weight), the whole of every other int8 / nf4 weight (kept whole on every rank).
+
+    scales: also count the dequantisation state, which stays whole on every rank (nf4: absmax, its nested
+    absmax and the two 256-entry code tables; int8: the per-row SCB).
+    """
+    from torch.distributed.tensor import DTensor
+
+    def nbytes(t: torch.Tensor | None) -> int:
+        if isinstance(t, DTensor):
+            t = t.to_local()
+        return 0 if t is None else t.numel() * t.element_size()
+
+    total = 0
+    for module in model.modules():
+        if not is_quantized(module):
+            continue
+        total += nbytes(module.weight)
+        if not scales:
+            continue
+        if type(module).__name__ == "Linear8bitLt":
+            scb = getattr(module.weight, "SCB", None)
+            total += nbytes(scb if scb is not None else module.state.SCB)
+        else:
+            state = quant_state_of(module)
+            for part in (state, getattr(state, "state2", None)):
+                if part is not None:
+                    total += nbytes(part.absmax) + nbytes(part.code)
+    return total

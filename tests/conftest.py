@@ -114,8 +114,9 @@ def tiny_bert():
     return make_tiny_bert()
 
 
-def quantize_linears(model, names, bits=8):
-    """Swap the named nn.Linear layers for bitsandbytes 8-bit (or 4-bit nf4) layers, quantised on CPU."""
+def quantize_linears(model, names, bits=8, quant_storage=torch.uint8):
+    """Swap the named nn.Linear layers for bitsandbytes 8-bit (or 4-bit nf4, packed into ``quant_storage``
+    words) layers, quantised on CPU."""
     import bitsandbytes as bnb
 
     for name in names:
@@ -124,7 +125,7 @@ def quantize_linears(model, names, bits=8):
             new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None, has_fp16_weights=False)
         else:
             new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
-                                    quant_type="nf4", compute_dtype=torch.float32)
+                                    quant_type="nf4", compute_dtype=torch.float32, quant_storage=quant_storage)
         new.load_state_dict(old.state_dict())
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new.to("cpu"))

@@ -2,9 +2,22 @@
 
 ``apply_fsdp2(model)`` shards every decoder block and then the root, so the frozen float base weights
 (attention, MLP, embeddings, norms) are sharded across ranks and all-gathered block by block in forward
-(and again in backward when ``reshard_after_forward``). Frozen bitsandbytes int8 / nf4 weights (and any
-non-floating parameter) cannot be sharded -- ``fully_shard`` makes them DTensors and bnb's kernels then
-fail -- so they are passed to ``fully_shard`` as ``ignored_params`` and stay whole on every rank.
+(and again in backward when ``reshard_after_forward``).
+
+Quantised bases
+===============
+A 4-bit (nf4 / fp4) base packed into a float storage dtype -- ``BitsAndBytesConfig(load_in_4bit=True,
+bnb_4bit_quant_storage=torch.bfloat16)``, or ``Linear4bit(..., quant_storage=torch.bfloat16)`` -- is sharded
+like any float weight (FSDP-QLoRA): FSDP2 splits the packed words along dim 0 and all-gathers them per block
+before forward. The gathered weight is a plain ``nn.Parameter`` without the bnb ``quant_state``, so
+``apply_fsdp2`` keeps that (small, whole) state on the ``Linear4bit`` module, where bitsandbytes' own forward
+(``fix_4bit_weight_quant_state_from_module``) looks for it when the weight has lost it. FSDP2 never casts
+the packed words: a ``param_dtype`` other than their storage dtype is refused (a float round trip could
+change NaN bit patterns, i.e. the nf4 codes).
+Other frozen bitsandbytes weights are passed to ``fully_shard`` as ``ignored_params`` and stay whole on
+every rank: int8 (``Int8Params``: sharding loses its CB/SCB state and ``Linear8bitLt`` fails), 4-bit in the
+default uint8 storage (only the float storage of FSDP-QLoRA is sharded here: the convention HF / accelerate
+use, and the tested path), and any other non-floating parameter.
 
 The k-vectors
 =============
@@ -61,7 +74,8 @@ from torch import nn
 
 from sg_distributed.distributed.process_group import is_distributed
 
-__all__ = ["FSDPSetupError", "apply_fsdp2", "find_blocks", "quantized_params", "sync_replicated_grads",
+__all__ = ["FSDPSetupError", "apply_fsdp2", "find_blocks", "quantized_params", "shardable_4bit_weights",
+           "sync_replicated_grads",
            "gathered_full_params", "set_gradient_sync", "is_fsdp_model", "find_root"]
 
 # Names of repeated blocks: model.layers.3 (Llama/Mistral/Qwen), transformer.h.3 (GPT-2),
@@ -86,6 +100,30 @@ def quantized_params(model: nn.Module) -> set[nn.Parameter]:
         if type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
             out.update(module.parameters(recurse=False))  # bnb may rewrite bias.data in its forward
     return out
+
+
+def shardable_4bit_weights(model: nn.Module) -> set[nn.Parameter]:
+    """The packed weights of the quantised ``Linear4bit`` layers whose storage dtype is a float
+    (``bnb_4bit_quant_storage=torch.bfloat16``): the quantised weights FSDP2 can shard."""
+    return {m.weight for m in model.modules() if type(m).__name__ == "Linear4bit"
+            and type(m.weight).__name__ == "Params4bit" and m.weight.dtype.is_floating_point
+            and m.weight.bnb_quantized}
+
+
+def _prepare_sharded_4bit(model: nn.Module, weights: set[nn.Parameter], param_dtype: torch.dtype | None) -> None:
+    """Make each ``Linear4bit`` whose packed weight FSDP2 will shard work on the gathered plain tensor."""
+    for name, module in model.named_modules():
+        if type(module).__name__ != "Linear4bit" or module.weight not in weights:
+            continue
+        if param_dtype is not None and module.weight.dtype != param_dtype:
+            raise FSDPSetupError(
+                f"apply_fsdp2: {name}.weight packs 4-bit codes into {module.weight.dtype} words, which "
+                f"param_dtype={param_dtype} would cast (and could corrupt); load the base with "
+                f"bnb_4bit_quant_storage={param_dtype} (or param_dtype=None), or pass the weight in ignored_params")
+        # FSDP2 drops the Params4bit subclass with its quant_state; bnb's forward restores it from here
+        module.quant_state = module.weight.quant_state
+        # bnb's CPU eval fast path would repack the gathered buffer in place into another shape
+        module.support_avx512bf16_for_cpu = False
 
 
 def find_blocks(model: nn.Module, pattern: str = BLOCK_PATTERN) -> list[nn.Module]:
@@ -134,8 +172,10 @@ def apply_fsdp2(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
         one gradient all-reduce per step by ``sync_replicated_grads``; True makes them sharded FSDP
         params. See the module docstring for the measurements behind the default.
     ignored_params: more parameters to keep out of FSDP (replicated, never synchronised by FSDP).
-    ignore_quantized: keep bitsandbytes / non-floating weights out of FSDP (they cannot be sharded);
-        with False, any such weight not in ``ignored_params`` raises ``FSDPSetupError`` (strict mode).
+    ignore_quantized: keep the bitsandbytes / non-floating weights not sharded here (int8, uint8-stored
+        4-bit) out of FSDP, whole on every rank; with False, any such weight not in ``ignored_params`` raises
+        ``FSDPSetupError`` (strict mode). 4-bit weights in a float storage dtype (``shardable_4bit_weights``)
+        are sharded either way unless they are in ``ignored_params``.
     optimizer: an optimizer built on the model's parameters *before* sharding (state still empty); its
         parameter groups are re-pointed at the parameters FSDP2 puts in their place.
     param_dtype: mixed precision (``MixedPrecisionPolicy``): blocks all-gather and compute in this dtype
@@ -159,26 +199,32 @@ def apply_fsdp2(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
         if any(p.device != device for p in model.parameters() if p.dtype.is_floating_point):
             model.to(device)
     replicated = [] if shard_sparse_values else _sparse_values(model)
-    ignored = set(ignored_params) | set(replicated) | (quantized_params(model) if ignore_quantized else set())
+    sharded_4bit = shardable_4bit_weights(model) - set(ignored_params)
+    whole_quantized = quantized_params(model) - sharded_4bit
+    ignored = set(ignored_params) | set(replicated) | (whole_quantized if ignore_quantized else set())
     if optimizer is not None and any(optimizer.state.values()):
         raise FSDPSetupError("apply_fsdp2(optimizer=...): the optimizer has already stepped; build it before "
                              "training (or after sharding) so its parameters can be re-pointed")
     old_names = {id(p): n for n, p in model.named_parameters()}
 
-    unshardable = [n for n, p in model.named_parameters() if _is_quantized_param(p) and p not in ignored]
+    unshardable = [n for n, p in model.named_parameters()
+                   if _is_quantized_param(p) and p not in ignored and p not in sharded_4bit]
     if unshardable:
-        # fully_shard itself accepts them, but turns each into a plain DTensor shard: bnb's state (int8 CB/SCB,
-        # nf4 quant_state) is lost and Linear8bitLt fails at the first forward ("'Parameter' object has no
-        # attribute 'CB'"). Refuse here, where the cause is still visible.
+        # fully_shard itself accepts them, but turns each into a plain DTensor shard: bnb's int8 state (CB/SCB)
+        # is lost and Linear8bitLt fails at the first forward ("'Parameter' object has no attribute 'CB'").
+        # Refuse here, where the cause is still visible.
         p = model.get_parameter(unshardable[0])
         raise FSDPSetupError(
-            f"apply_fsdp2: {len(unshardable)} quantised / non-floating parameter(s) cannot be sharded by FSDP2 "
-            f"(e.g. {unshardable[0]}: {type(p).__name__}, {p.dtype}); bitsandbytes int8 / 4-bit weights must stay "
-            f"whole on every rank. Keep ignore_quantized=True (the default) or pass them in ignored_params.")
+            f"apply_fsdp2: {len(unshardable)} quantised / non-floating parameter(s) are not sharded by apply_fsdp2 "
+            f"(e.g. {unshardable[0]}: {type(p).__name__}, {p.dtype}): bitsandbytes int8 weights cannot be, and "
+            f"4-bit weights only in a float storage dtype (load with BitsAndBytesConfig(load_in_4bit=True, "
+            f"bnb_4bit_quant_storage=torch.bfloat16)). Keep ignore_quantized=True (the default: whole on every "
+            f"rank) or pass them in ignored_params.")
     blocks = find_blocks(model, block_pattern)
     if not blocks:
         raise FSDPSetupError(f"apply_fsdp2: no block matches {block_pattern!r} in {type(model).__name__}; "
                              f"pass block_pattern= (a regex on module names such as 'model.layers.3')")
+    _prepare_sharded_4bit(model, sharded_4bit, param_dtype)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored,

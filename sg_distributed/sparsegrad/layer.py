@@ -696,8 +696,9 @@ def _apply_keeping_precision(module: nn.Module, fn, recurse: bool, names: tuple[
 
 
 def compute_dtype_of(base: nn.Module) -> torch.dtype:
-    """Dtype activations flow in: the float weight's dtype, or the bnb layer's compute dtype."""
+    """Dtype activations flow in: the float weight's dtype, or the bnb layer's compute dtype. A 4-bit weight's
+    dtype is only its packing's storage (``bnb_4bit_quant_storage=torch.bfloat16`` packs nf4 into bf16 words)."""
     weight = base.weight
-    if weight.dtype.is_floating_point and weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+    if type(base).__name__ != "Linear4bit" and weight.dtype.is_floating_point and weight.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
         return weight.dtype
     return getattr(base, "compute_dtype", None) or torch.float32

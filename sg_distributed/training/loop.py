@@ -35,7 +35,7 @@ from sg_distributed.distributed.comm import CommCounter
 from sg_distributed.distributed.process_group import (
     assert_same_on_all_ranks, barrier, in_place_collective, init_process_group)
 from sg_distributed.graddrop import GradDropConfig
-from sg_distributed.quant import quantized_weights_digest
+from sg_distributed.quant import quantized_storage_bytes, quantized_weights_digest
 from sg_distributed.sparsegrad.config import SparseGradConfig
 from sg_distributed.training import checkpoint as ckpt
 from sg_distributed.training.engine import Engine, epoch_and_offset, global_batch_indices, rank_micro_batches
@@ -224,7 +224,8 @@ class TrainingLoop:
         args, info = self.args, self.info
         try:
             self.base_model, self.tokenizer = load_model_and_tokenizer(args.model, args.load_in_8bit,
-                                                                       args.load_in_4bit, DTYPES[args.precision])
+                                                                       args.load_in_4bit, DTYPES[args.precision],
+                                                                       fsdp=args.fsdp)
         except (OSError, ValueError) as err:
             raise SystemExit(f"error: cannot load the model from {args.model}: {err}")
         if args.gradient_checkpointing:
@@ -239,7 +240,8 @@ class TrainingLoop:
                        else torch.device("cpu"))
         self.results = {"method": args.method, "world_size": info.world_size, "deepspeed": args.ds_config,
                         "fsdp": args.fsdp, **self.results,
-                        "quantized_base_digest_before": quantized_weights_digest(self.base_model)}
+                        "quantized_base_digest_before": quantized_weights_digest(self.base_model),
+                        "quantized_base_bytes": quantized_storage_bytes(self.base_model)}
         if not args.no_eval_before and self.resume_dir is None:
             self.results["before"] = evaluate_held_out(self.base_model, self.tokenizer, self.heldout, info,
                                                        args.max_length, "before")
@@ -348,6 +350,8 @@ class TrainingLoop:
                              loss_scaling="fp16" in (args.precision, args.autocast), kept_exchange=kept,
                              kept_compact=args.graddrop_exchange != "dense", ddp_comm_hook=args.ddp_comm_hook)
         self.backend = ckpt.backend_name(self.engine)
+        # what each rank holds of the frozen bnb weights once the engine is built (FSDP2 shards a bf16-stored nf4 base)
+        self.results["quantized_base_bytes_per_rank"] = quantized_storage_bytes(self.base_model)
         info = self.prepared.info
         self.sparse_optimizer = info.get("sparse", {}).get("optimizer")  # SparseStateAdam (dynamic mode)
         self.controller = info.get("controller")  # GradDrop masks

@@ -17,7 +17,10 @@ def enable_gradient_checkpointing(model, mode: str) -> None:
 
 
 def load_model_and_tokenizer(path: str, load_in_8bit: bool = False, load_in_4bit: bool = False,
-                             dtype: torch.dtype = torch.float32):
+                             dtype: torch.dtype = torch.float32, fsdp: bool = False):
+    """fsdp: a 4-bit base is packed into bf16 words (``bnb_4bit_quant_storage``) so that FSDP2 shards it
+    (``integrations.fsdp``); bf16 whatever ``dtype`` is, because FSDP2 all-gathers mixed dtypes as bytes and a
+    bf16 ``MixedPrecisionPolicy`` (``--precision bf16`` or ``--autocast bf16``) then has nothing to cast."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -28,8 +31,10 @@ def load_model_and_tokenizer(path: str, load_in_8bit: bool = False, load_in_4bit
         from sg_distributed.quant import log_bnb_casts_once
 
         log_bnb_casts_once()
+        storage = torch.bfloat16 if fsdp and load_in_4bit else torch.uint8
         quantization = BitsAndBytesConfig(load_in_8bit=load_in_8bit, load_in_4bit=load_in_4bit,
-                                          bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+                                          bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                                          bnb_4bit_quant_storage=storage)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quantization)
     if quantization is not None:
         from sg_distributed.quant import keep_cpu_nf4_trainable
