@@ -22,13 +22,16 @@ Not in CI (too long). Never run two 7B-shaped jobs at once on a 24 GB machine.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +48,14 @@ GB = 1e9
 
 def rss_bytes(field: str = "VmRSS") -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def release_free_heap() -> int:
+    """glibc's malloc_trim(0): give the free heap pages back to the kernel; the RSS after it."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return rss_bytes()
 
 
 def reset_peak() -> None:
@@ -106,15 +117,31 @@ def _quantized_linear(linear: nn.Linear, dtype: torch.dtype, quantize: str, quan
     return layer
 
 
+def zero3_config(model, micro_batch: int) -> dict:
+    """ds_configs/zero3.json with its "auto" values filled for this model, bf16, one micro-batch per step."""
+    from sg_distributed.integrations.deepspeed import load_ds_config, resolve_auto
+
+    return resolve_auto(load_ds_config(ROOT / "ds_configs" / "zero3.json"), world_size=dist.get_world_size(),
+                        micro_batch_size=micro_batch, gradient_accumulation_steps=1, max_grad_norm=None,
+                        hidden_size=model.config.hidden_size, precision="bf16", model=model)
+
+
 def run(model_name: str, steps: int, calibration_steps: int, micro_batch: int, seq: int, solver: str,
-        quantize: str | None = None) -> dict:
+        quantize: str | None = None, engine: str = "none") -> dict:
+    """One rank's figures (each rank of a torchrun group measures its own process)."""
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
     meta, overrides = build_meta_model(model_name)
-    predicted = estimate(meta, "sparsegrad", p=1, zero=2, dtype="bf16", micro_batch_size=micro_batch, seq=seq,
-                         solver=solver, base_quant=quantize, **overrides)
+    sharded = engine in ("zero3", "fsdp2")
+    predicted = estimate(meta, "sparsegrad", p=world, zero=3 if sharded else 2, dtype="bf16",
+                         micro_batch_size=micro_batch, seq=seq, solver=solver, base_quant=quantize,
+                         shard_quantized=engine == "fsdp2" and quantize == "4bit",
+                         persistence_threshold=0 if engine == "fsdp2" else None, **overrides)
     vocab = meta.config.vocab_size
     row = {"model": model_name, "params": predicted["model_params"], "matrices": predicted["matrices"],
            "k_total": predicted["k_total"], "micro_batch": micro_batch, "seq": seq, "base": quantize or "bf16",
-           "calibration_steps": calibration_steps, "steps": steps, "solver": solver}
+           "engine": engine, "ranks": world, "rank": rank, "calibration_steps": calibration_steps, "steps": steps,
+           "solver": solver}
+    say = print if rank == 0 else (lambda *a, **k: None)
     if quantize:
         from sg_distributed.quant import log_bnb_casts_once
 
@@ -123,40 +150,76 @@ def run(model_name: str, steps: int, calibration_steps: int, micro_batch: int, s
     reset_peak()
     t0 = time.perf_counter()
     base = rss_bytes()
-    model = materialise(meta, torch.bfloat16, quantize=quantize)
+    if engine == "zero3":  # each module partitioned as soon as it is built: no rank ever holds the whole model
+        import deepspeed
+
+        from transformers import AutoModelForCausalLM
+
+        with deepspeed.zero.Init(config_dict_or_path=zero3_config(meta, micro_batch), dtype=torch.bfloat16):
+            model = AutoModelForCausalLM.from_config(meta.config, dtype=torch.bfloat16)  # torch's default init
+    else:  # FSDP2 shards a 4-bit base packed into bf16 words (FSDP-QLoRA); each rank first builds it whole
+        model = materialise(meta, torch.bfloat16, quantize=quantize,
+                            quant_storage=torch.bfloat16 if engine == "fsdp2" else torch.uint8)
     row["load_s"] = time.perf_counter() - t0
     row["load_peak_GB"] = (rss_bytes("VmHWM") - base) / GB
     row["load_predicted_GB"] = predicted["weights"] / GB
-    print(f"load: {row['load_s']:.0f}s, peak {row['load_peak_GB']:.2f} GB above the start "
-          f"(estimator: weights {row['load_predicted_GB']:.2f} GB)", flush=True)
+    say(f"load: {row['load_s']:.0f}s, peak {row['load_peak_GB']:.2f} GB above the start on rank 0 "
+        f"(estimator: weights per rank {row['load_predicted_GB']:.2f} GB)", flush=True)
 
     config = SparseGradConfig(calibration_steps=calibration_steps, **overrides)
     peft_model = get_sparsegrad_model(model, config)
+    optimizer = torch.optim.AdamW(peft_model.trainable_parameters(), lr=1e-3)
+    wrapped = peft_model
+    if engine == "zero3":
+        from sg_distributed.integrations.deepspeed import initialize_engine
+
+        # resolved again on the adapter model: its k-vectors stay whole on every rank (persistence threshold >= k)
+        wrapped = initialize_engine(peft_model, optimizer, zero3_config(peft_model, micro_batch))
+    elif engine == "fsdp2":
+        from sg_distributed.integrations.fsdp import apply_fsdp2
+
+        apply_fsdp2(peft_model, optimizer=optimizer)
+    gc.collect()
     loaded = rss_bytes()
+    row["weights_held_GB"] = (loaded - base) / GB  # what the rank keeps once its engine holds its shard
+    if engine != "none":
+        say(f"{engine}: rank 0 holds {row['weights_held_GB']:.2f} GB after sharding", flush=True)
+
     reset_peak()
     t0 = time.perf_counter()
-    peft_model.calibrate(lm_batches(calibration_steps, micro_batch, seq, vocab), show_progress=True)
+    batches = lm_batches(calibration_steps, micro_batch, seq, vocab)[rank::world]  # the ranks share the batches
+    peft_model.calibrate(batches, steps=len(batches), show_progress=rank == 0)
     row["calibrate_s"] = time.perf_counter() - t0
     row["calibrate_peak_above_weights_GB"] = (rss_bytes("VmHWM") - loaded) / GB
     row["calibrate_predicted_GB"] = predicted["calibration_memory"] / GB
     row["calibrate_predicted_phase"] = predicted["calibration_peak_phase"]
-    print(f"calibrate: {row['calibrate_s']:.0f}s, peak {row['calibrate_peak_above_weights_GB']:.2f} GB above the "
-          f"loaded model (estimator: {row['calibrate_predicted_GB']:.2f} GB, peak in its "
-          f"'{row['calibrate_predicted_phase']}' phase)", flush=True)
+    say(f"calibrate: {row['calibrate_s']:.0f}s, peak {row['calibrate_peak_above_weights_GB']:.2f} GB above the "
+        f"loaded model on rank 0 (estimator: {row['calibrate_predicted_GB']:.2f} GB, peak in its "
+        f"'{row['calibrate_predicted_phase']}' phase)", flush=True)
 
     params = peft_model.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    calibrated_before_trim = rss_bytes()
+    row["buffers_after_malloc_trim_GB"] = (release_free_heap() - loaded) / GB  # how much of it is freed heap
     calibrated = rss_bytes()
     reset_peak()
     times = []
-    for batch in lm_batches(steps, micro_batch, seq, vocab, seed=2):
+    for batch in lm_batches(steps * world, micro_batch, seq, vocab, seed=2)[rank::world]:
         t0 = time.perf_counter()
-        peft_model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = wrapped(**batch).loss
+        if engine == "zero3":
+            wrapped.backward(loss)
+            wrapped.step()
+        else:
+            loss.backward()
+            if engine == "fsdp2":
+                from sg_distributed.integrations.fsdp import sync_replicated_grads
+
+                sync_replicated_grads(peft_model)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     row["step_s"] = sorted(times)[len(times) // 2]
-    row["s_per_token"] = row["step_s"] / (micro_batch * seq)
+    row["s_per_token"] = row["step_s"] / (micro_batch * seq * world)
     row["step_peak_above_calibrated_GB"] = (rss_bytes("VmHWM") - calibrated) / GB
     # on the host the estimator's per-device figures move: the bases' float32 masters are kept from calibration
     # on, and their compute copy (b bytes per value) is made at the first step's forward
@@ -164,13 +227,14 @@ def run(model_name: str, steps: int, calibration_steps: int, micro_batch: int, s
     row["step_predicted_GB"] = (predicted["gradients"] + predicted["optimizer"] + predicted["activations"]
                                 + compute_copy) / GB
     row["trainable"] = sum(p.numel() for p in params)
-    row["buffers_GB"] = (calibrated - loaded) / GB
+    row["buffers_GB"] = (calibrated_before_trim - loaded) / GB
     row["buffers_predicted_GB"] = (predicted["buffers"] - compute_copy + 4 * predicted["bases_numel"]) / GB
-    print(f"step: {row['step_s']:.2f}s median of {steps} ({row['s_per_token'] * 1e3:.1f} ms/token), peak "
-          f"{row['step_peak_above_calibrated_GB']:.2f} GB above the calibrated model (estimator: gradients + "
-          f"optimizer + activations + the bases' bf16 copy {row['step_predicted_GB']:.2f} GB); bases and supports kept "
-          f"after calibration {row['buffers_GB']:.2f} GB (estimator: buffers with the bases as float32 masters "
-          f"{row['buffers_predicted_GB']:.2f} GB)", flush=True)
+    say(f"step: {row['step_s']:.2f}s median of {steps} ({row['s_per_token'] * 1e3:.1f} ms/token), peak "
+        f"{row['step_peak_above_calibrated_GB']:.2f} GB above the calibrated model on rank 0 (estimator: gradients + "
+        f"optimizer + activations + the bases' bf16 copy {row['step_predicted_GB']:.2f} GB); bases and supports "
+        f"kept after calibration {row['buffers_GB']:.2f} GB, {row['buffers_after_malloc_trim_GB']:.2f} GB once glibc "
+        f"returned its free heap (estimator: buffers with the bases as float32 masters "
+        f"{row['buffers_predicted_GB']:.2f} GB)", flush=True)
     return row
 
 
@@ -187,19 +251,44 @@ def main(argv=None) -> int:
     p.add_argument("--solver", choices=["evr", "syevd"], default="evr",
                    help="host eigensolver of calibration: evr (the library's: LAPACK dsyevr in the Gram's memory) or "
                         "syevd (torch.linalg.eigh, what it used before and uses on CUDA), for a side-by-side")
+    p.add_argument("--engine", choices=["none", "zero3", "fsdp2"], default="none",
+                   help="zero3: DeepSpeed ZeRO-3, the bf16 base partitioned at build (zero.Init); fsdp2: FSDP2 over a "
+                        "--quantize 4bit base packed into bf16 words, sharded. Both under torchrun, one rank per "
+                        "process (gloo), each rank measuring its own memory")
     p.add_argument("--out", default="benchmarks/results/scale.jsonl")
     args = p.parse_args(argv)
     if args.solver == "syevd":
         from sg_distributed.sparsegrad import basis
 
         basis._scipy_eigh = lambda: None
+    if args.engine != "none":
+        if "WORLD_SIZE" not in os.environ:
+            p.error(f"--engine {args.engine} runs one process per rank: launch it with torchrun --nproc_per_node 2")
+        if args.engine == "fsdp2" and args.quantize == "8bit":
+            p.error("--engine fsdp2 --quantize 8bit: FSDP2 keeps int8 weights whole on every rank (only a 4-bit base "
+                    "packed into bf16 words is sharded): use --quantize 4bit")
+        if args.engine == "zero3" and args.quantize:
+            p.error("--engine zero3 builds a bf16 base partitioned by zero.Init; a quantised base is not partitioned")
+        from sg_distributed.integrations.deepspeed import init_distributed
+
+        init_distributed("gloo")
     row = run(args.model, args.steps, args.calibration_steps, args.micro_batch_size, args.seq, args.solver,
-              args.quantize)
-    out = ROOT / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
-    print(json.dumps(row))
+              args.quantize, args.engine)
+    rows = [row]
+    if dist.is_initialized():
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, row)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        out = ROOT / args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as handle:
+            for each in rows:
+                handle.write(json.dumps(each) + "\n")
+        for each in rows:
+            print(json.dumps(each))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
