@@ -116,6 +116,14 @@ class TorchrunLaunch:
         return Path(f"{self.logs}.node1.log").read_text(errors="replace")[-1500:]
 
 
+def take_flag(args: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """(the value of ``flag value`` in ``args`` or None, the other arguments)."""
+    if flag not in args:
+        return None, list(args)
+    i = args.index(flag)
+    return args[i + 1], args[:i] + args[i + 2:]
+
+
 class SlurmLaunch:
     """``sbatch --nodes=2 launch/slurm/torchrun_multinode.sbatch`` on the local two-node cluster."""
 
@@ -123,18 +131,11 @@ class SlurmLaunch:
 
     def __init__(self, cluster, train: list[str], env: dict, logs: Path):
         self.cluster, self.logs = cluster, Path(f"{logs}.slurm.out")
-        args = train[1:]  # train_qa.py's flags
-        out = args[args.index("--output_dir") + 1]
-        model = args[args.index("--model") + 1] if "--model" in args else "embedded"
-        ds = args[args.index("--ds_config") + 1] if "--ds_config" in args else ""
-        keep = []
-        skip = {"--output_dir", "--model", "--ds_config"}
-        it = iter(range(len(args)))
-        for i in it:
-            if args[i] in skip:
-                next(it, None)
-                continue
-            keep.append(args[i])
+        # the batch script takes the model, DeepSpeed config and output dir as variables, the rest as EXTRA_ARGS
+        out, args = take_flag(train[1:], "--output_dir")
+        model, args = take_flag(args, "--model")
+        ds, keep = take_flag(args, "--ds_config")
+        model, ds = model or "embedded", ds or ""
         job_env = {**env, "MODEL": model, "DS_CONFIG": ds, "CKPT_DIR": out, "LOG_DIR": str(Path(out).parent / "logs"),
                    "LAUNCH_CPU": "1", "GPUS_PER_NODE": "1", "SAVE_EVERY": "0", "RESUME": "",
                    "MASTER_PORT": str(PORT), "EXTRA_ARGS": " ".join(keep),

@@ -9,12 +9,12 @@ files. ``deepspeed`` itself is imported lazily: loading and resolving a config d
 from __future__ import annotations
 
 import contextlib
-from unittest import mock
 import copy
 import json
 import os
 import warnings
 from typing import Any, Iterator, Mapping
+from unittest import mock
 
 __all__ = [
     "DeepSpeedConfigError",

@@ -127,6 +127,9 @@ def parse_args(argv=None, prog: str | None = None, parser: ArgumentParser | None
     if args.ddp_comm_hook != "none" and args.method == "graddrop" and args.graddrop_exchange != "dense":
         p.error(f"--ddp_comm_hook {args.ddp_comm_hook} and GradDrop's kept-only exchange are both DDP comm hooks; "
                 "use --graddrop_exchange dense with it")
+    if args.ddp_comm_hook != "none" and int(os.environ.get("WORLD_SIZE", "1")) < 2:  # set by every launcher
+        p.error(f"--ddp_comm_hook {args.ddp_comm_hook} compresses the gradient exchange between ranks; this run has "
+                "one process (launch 2+ ranks with torchrun)")
     return args
 
 

@@ -108,9 +108,8 @@ class Engine:
             # loaded the same weights: skip DDP's start-up broadcast of all of them when a checksum agrees.
             from sg_distributed.distributed.process_group import replicas_agree
 
-            self.ddp_init_sync = not replicas_agree(model)
             self.wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
-                                                               init_sync=self.ddp_init_sync)
+                                                               init_sync=not replicas_agree(model))
             if kept_exchange is not None:  # GradDrop: all-reduce only the kept entries (a Python
                 from sg_distributed.integrations.kept_exchange import ddp_comm_hook as kept_hook  # all_reduce)
 
@@ -119,10 +118,7 @@ class Engine:
                 self.wrapped.register_comm_hook(*torch_compression_hook(ddp_comm_hook))
             elif comm_counter is not None:  # DDP's reducer calls C++ collectives: count them in its hook
                 self.wrapped.register_comm_hook(None, comm_counter.ddp_hook())
-        else:
-            if ddp_comm_hook != "none":
-                raise SystemExit(f"error: --ddp_comm_hook {ddp_comm_hook} compresses the gradient exchange between "
-                                 "ranks; this run has one process (launch 2+ ranks with torchrun)")
+        else:  # one process (cli.parse_args refuses --ddp_comm_hook here)
             self.wrapped = model
 
     def forward(self, batch: dict) -> torch.Tensor:
