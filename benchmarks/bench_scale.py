@@ -197,10 +197,11 @@ def run(model_name: str, steps: int, calibration_steps: int, micro_batch: int, s
 
         apply_fsdp2(peft_model, optimizer=optimizer)
     gc.collect()
-    loaded = rss_bytes()
-    row["weights_held_GB"] = (loaded - base) / GB  # what the rank keeps once its engine holds its shard
-    if engine != "none":
-        say(f"{engine}: rank 0 holds {row['weights_held_GB']:.2f} GB after sharding", flush=True)
+    row["weights_held_GB"] = (rss_bytes() - base) / GB  # what the rank keeps once its engine holds its shard
+    loaded = release_free_heap()  # the quantisation's temporaries leave freed heap behind: not the weights'
+    row["weights_held_after_malloc_trim_GB"] = (loaded - base) / GB
+    say(f"{'after sharding, ' if engine != 'none' else ''}rank 0 holds {row['weights_held_GB']:.2f} GB, "
+        f"{row['weights_held_after_malloc_trim_GB']:.2f} GB once glibc returned its free heap", flush=True)
 
     batches = lm_batches(calibration_steps, micro_batch, seq, vocab)[rank::world]  # the ranks share the batches
     warm_up(peft_model, batches[0])
