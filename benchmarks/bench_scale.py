@@ -117,6 +117,12 @@ def _quantized_linear(linear: nn.Linear, dtype: torch.dtype, quantize: str, quan
     return layer
 
 
+def with_adapter(model, calibration_steps: int, overrides: dict):
+    """The SparseGrad peft model of ``model`` (the preset's layers and k) and AdamW on its k-vectors."""
+    peft_model = get_sparsegrad_model(model, SparseGradConfig(calibration_steps=calibration_steps, **overrides))
+    return peft_model, torch.optim.AdamW(peft_model.trainable_parameters(), lr=1e-3)
+
+
 def warm_up(peft_model, batch) -> None:
     """One forward/backward as calibration runs it (frozen model, adapters passed through, no hooks): what it
     leaves resident (freed activations glibc keeps, kernels' caches) is the floor of every later phase, which a
@@ -175,27 +181,36 @@ def run(model_name: str, steps: int, calibration_steps: int, micro_batch: int, s
         with deepspeed.zero.Init(config_dict_or_path=zero3_config(meta, micro_batch), dtype=torch.bfloat16):
             model = AutoModelForCausalLM.from_config(meta.config, dtype=torch.bfloat16)  # torch's default init
     else:  # FSDP2 shards a 4-bit base packed into bf16 words (FSDP-QLoRA); each rank first builds it whole
-        model = materialise(meta, torch.bfloat16, quantize=quantize,
-                            quant_storage=torch.bfloat16 if engine == "fsdp2" else torch.uint8)
-    row["load_s"] = time.perf_counter() - t0
-    row["load_peak_GB"] = (rss_bytes("VmHWM") - base) / GB
+        # (one rank at a time under FSDP2: two whole 13B nf4 builds with their temporaries do not fit in 24 GB)
+        for turn in range(world if engine == "fsdp2" else 1):
+            if turn == rank or engine != "fsdp2":
+                model = materialise(meta, torch.bfloat16, quantize=quantize,
+                                    quant_storage=torch.bfloat16 if engine == "fsdp2" else torch.uint8)
+                row["load_s"] = time.perf_counter() - t0
+                row["load_peak_GB"] = (rss_bytes("VmHWM") - base) / GB
+                peft_model, optimizer = with_adapter(model, calibration_steps, overrides)
+                if engine == "fsdp2":
+                    from sg_distributed.integrations.fsdp import apply_fsdp2
+
+                    apply_fsdp2(peft_model, optimizer=optimizer)
+                    gc.collect()
+                    release_free_heap()
+            if engine == "fsdp2":
+                dist.barrier()
+    row.setdefault("load_s", time.perf_counter() - t0)
+    row.setdefault("load_peak_GB", (rss_bytes("VmHWM") - base) / GB)
     row["load_predicted_GB"] = predicted["weights"] / GB
     say(f"load: {row['load_s']:.0f}s, peak {row['load_peak_GB']:.2f} GB above the start on rank 0 "
         f"(estimator: weights per rank {row['load_predicted_GB']:.2f} GB)", flush=True)
 
-    config = SparseGradConfig(calibration_steps=calibration_steps, **overrides)
-    peft_model = get_sparsegrad_model(model, config)
-    optimizer = torch.optim.AdamW(peft_model.trainable_parameters(), lr=1e-3)
-    wrapped = peft_model
     if engine == "zero3":
         from sg_distributed.integrations.deepspeed import initialize_engine
 
+        peft_model, optimizer = with_adapter(model, calibration_steps, overrides)
         # resolved again on the adapter model: its k-vectors stay whole on every rank (persistence threshold >= k)
         wrapped = initialize_engine(peft_model, optimizer, zero3_config(peft_model, micro_batch))
-    elif engine == "fsdp2":
-        from sg_distributed.integrations.fsdp import apply_fsdp2
-
-        apply_fsdp2(peft_model, optimizer=optimizer)
+    else:
+        wrapped = peft_model
     gc.collect()
     row["weights_held_GB"] = (rss_bytes() - base) / GB  # what the rank keeps once its engine holds its shard
     loaded = release_free_heap()  # the quantisation's temporaries leave freed heap behind: not the weights'
