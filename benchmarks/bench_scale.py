@@ -243,8 +243,8 @@ def run(model_name: str, steps: int, calibration_steps: int, micro_batch: int, s
 
     params = peft_model.trainable_parameters()
     calibrated_before_trim = rss_bytes()
-    row["buffers_after_malloc_trim_GB"] = (release_free_heap() - loaded) / GB  # how much of it is freed heap
-    calibrated = rss_bytes()
+    calibrated = release_free_heap()
+    row["buffers_after_malloc_trim_GB"] = (calibrated - loaded) / GB  # how much of it is freed heap
     reset_peak()
     times = []
     for batch in lm_batches(steps * world, micro_batch, seq, vocab, seed=2)[rank::world]:

@@ -63,7 +63,7 @@ def eigenbasis(gram: torch.Tensor, overwrite: bool = False, dtype: torch.dtype |
     else:
         sym = (0.5 * (gram + gram.T)).double().contiguous()
     del gram
-    if sym.device.type == "cpu" and _scipy_eigh() is not None:
+    if host_solver_available(sym.device):
         holder = [sym]
         del sym
         return _host_eigenbasis(holder, dtype)
